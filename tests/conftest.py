@@ -1,0 +1,75 @@
+"""Shared fixtures: a real S3 server (moto over HTTP), scratch env for ultralytics.
+
+Module-specific fixtures (generated slides and so on) live in the test modules
+or in ``tests/helpers.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+# Nothing in the tests may reach the network or write to $HOME.
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("YOLO_OFFLINE", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+
+S3_BUCKET = "slides"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _yolo_config_dir(tmp_path_factory: pytest.TempPathFactory) -> None:
+    os.environ.setdefault("YOLO_CONFIG_DIR", str(tmp_path_factory.mktemp("yolo-config")))
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
+    """A moto S3 server on loopback for the whole session; yields its endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    # The standard AWS chain reads these; the tests never pass credentials explicitly.
+    os.environ["AWS_ACCESS_KEY_ID"] = "testing"
+    os.environ["AWS_SECRET_ACCESS_KEY"] = "testing"
+    os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture()
+def s3(s3_server: str) -> Iterator[dict[str, Any]]:
+    """A fresh S3 state with one empty bucket ``slides``.
+
+    Yields ``{"endpoint": url, "bucket": name, "fs": s3fs.S3FileSystem,
+    "storage_options": dict}``; ``storage_options`` is what a user passes to
+    ``open_slide`` (endpoint only: credentials come from the environment).
+    """
+    import requests
+    import s3fs
+
+    requests.post(f"{s3_server}/moto-api/reset", timeout=10)
+    storage_options = {"client_kwargs": {"endpoint_url": s3_server}}
+    s3fs.S3FileSystem.clear_instance_cache()
+    fs = s3fs.S3FileSystem(**storage_options)
+    fs.mkdir(S3_BUCKET)
+    yield {"endpoint": s3_server, "bucket": S3_BUCKET, "fs": fs, "storage_options": storage_options}
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture()
+def out_dir(tmp_path: Path) -> Path:
+    return tmp_path
