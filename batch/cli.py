@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -65,7 +66,9 @@ def _cmd_thumbnail(args: argparse.Namespace) -> int:
         thumb = slide.thumbnail(args.size)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     if not cv2.imwrite(str(args.out), cv2.cvtColor(thumb, cv2.COLOR_RGB2BGR)):
-        raise HemarayError(f"could not write {args.out}: use a .png or .jpg path in a writable folder")
+        raise HemarayError(
+            f"could not write {args.out}: use a .png or .jpg path in a writable folder"
+        )
     print(args.out)
     return 0
 
@@ -80,7 +83,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     with open_slide(
         args.uri, storage_options=_storage_options(args), max_pixels=config.slides.max_pixels
     ) as slide:
-        plan = plan_tiles(slide, config.tiling, slide_id=Path(str(args.uri)).stem, target_mpp=args.target_mpp)
+        plan = plan_tiles(
+            slide, config.tiling, slide_id=Path(str(args.uri)).stem, target_mpp=args.target_mpp
+        )
         if args.png:
             plot_plan(slide, plan, args.png)
     _print_json(
@@ -98,10 +103,53 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_bench(args: argparse.Namespace) -> int:
-    from batch.bench import bench_io
+def _init_ray(address: str | None) -> None:
+    import ray
 
-    result = bench_io(regions=args.regions, seed=args.seed, width=args.width, height=args.width)
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        # The embedded default: a local Ray instance on this machine.
+        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from batch.config import load_config
+    from batch.inputs import resolve_inputs
+    from batch.pipeline import EXIT_RUN_FAILED, run_pipeline, summary_lines
+
+    sets = list(args.set)
+    if args.mpp is not None:
+        sets.append(f"mpp={args.mpp}")
+    if args.endpoint_url:
+        sets.append(f"storage.endpoint_url={args.endpoint_url}")
+    config = load_config(args.config, sets)
+    slides = resolve_inputs(args.slides, storage_options=config.storage.storage_options())
+    if not slides:
+        print("hemaray: error: no slides found in " + " ".join(args.slides), file=sys.stderr)
+        return EXIT_RUN_FAILED
+    print(f"hemaray run: {len(slides)} slide(s) -> {args.out}", file=sys.stderr)
+    _init_ray(args.address)
+    result = run_pipeline(slides, args.out, config, overwrite=args.overwrite)
+    for line in summary_lines(result):
+        print(line)
+    return result.exit_code
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from batch.bench import bench_io
+    from batch.synth import synth_slides
+
+    with tempfile.TemporaryDirectory(prefix="hemaray-bench-") as tmp:
+        # The slide under test is a synthetic smear (realistic JPEG tiles), generated here.
+        print(f"generating a {args.width} x {args.height} synthetic smear ...", file=sys.stderr)
+        (slide,) = synth_slides(tmp, slides=1, width=args.width, height=args.height, seed=args.seed)
+        result = bench_io(slide_path=slide, regions=args.regions, seed=args.seed, workdir=tmp)
     if args.json:
         _print_json(result)
     else:
@@ -151,18 +199,56 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="plan detector tiles for a slide; print counts as JSON")
     add_uri(pl)
     pl.add_argument("--config", help="YAML config")
-    pl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
-    pl.add_argument("--target-mpp", type=float, default=None, help="detector mpp (default: level 0)")
+    pl.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="config override"
+    )
+    pl.add_argument(
+        "--target-mpp", type=float, default=None, help="detector mpp (default: level 0)"
+    )
     pl.add_argument("--png", help="write an overlay of the tiles (kept / skipped) on a thumbnail")
     pl.set_defaults(func=_cmd_plan)
 
-    b = sub.add_parser("bench", help="benchmarks; the last line of --json output is one JSON object")
+    r = sub.add_parser(
+        "run",
+        help="process slides into per-cell Parquet (local Ray, or a cluster with --address)",
+        description="Exit code: 0 all slides committed, 2 some slides failed, 1 the run itself failed.",
+    )
+    r.add_argument(
+        "slides",
+        nargs="+",
+        help="paths, globs, folders, s3:// prefixes or a manifest (.csv/.parquet with slide_uri)",
+    )
+    r.add_argument("--out", required=True, help="output folder or s3:// prefix")
+    r.add_argument("--config", help="YAML config")
+    r.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override, e.g. detect.batch_size=16",
+    )
+    r.add_argument("--address", help="Ray cluster address (default: start local Ray)")
+    r.add_argument("--mpp", type=float, help="level-0 mpp for images whose files carry none")
+    r.add_argument(
+        "--endpoint-url", help="S3-compatible endpoint; credentials come from the AWS chain"
+    )
+    r.add_argument(
+        "--overwrite", action="store_true", help="reprocess slides already committed in OUT"
+    )
+    r.set_defaults(func=_cmd_run)
+
+    b = sub.add_parser(
+        "bench", help="benchmarks; the last line of --json output is one JSON object"
+    )
     bsub = b.add_subparsers(dest="bench", required=True)
-    bio = bsub.add_parser("io", help="region reads: S3 over-read, GETs per region, speed vs tifffile")
+    bio = bsub.add_parser(
+        "io", help="region reads: S3 over-read, GETs per region, speed vs tifffile"
+    )
     bio.add_argument("--json", action="store_true")
     bio.add_argument("--regions", type=int, default=60)
     bio.add_argument("--seed", type=int, default=0)
-    bio.add_argument("--width", type=int, default=16384, help="side of the generated test slide")
+    bio.add_argument("--width", type=int, default=16384, help="width of the generated smear")
+    bio.add_argument("--height", type=int, default=16384, help="height of the generated smear")
     bio.set_defaults(func=_cmd_bench)
     return p
 

@@ -18,7 +18,18 @@ import yaml
 
 from batch.errors import ConfigError
 
-__all__ = ["Config", "TilingConfig", "StorageConfig", "SlideConfig", "load_config"]
+__all__ = [
+    "Config",
+    "TilingConfig",
+    "StorageConfig",
+    "SlideConfig",
+    "DetectConfig",
+    "ClassifierSpec",
+    "SegmentationConfig",
+    "ExecutionConfig",
+    "ExportConfig",
+    "load_config",
+]
 
 #: Default overlap between tiles in microns: >= the largest cell we expect whole
 #: (monocytes reach ~30 um, MORPHOLOGY.md); 128 px at 0.25 um/px.
@@ -87,8 +98,12 @@ class StorageConfig:
     endpoint_url: str | None = None
 
     def validate(self) -> None:
-        if self.endpoint_url is not None and not self.endpoint_url.startswith(("http://", "https://")):
-            raise ConfigError(f"storage.endpoint_url must be an http(s) URL, got {self.endpoint_url!r}")
+        if self.endpoint_url is not None and not self.endpoint_url.startswith(
+            ("http://", "https://")
+        ):
+            raise ConfigError(
+                f"storage.endpoint_url must be an http(s) URL, got {self.endpoint_url!r}"
+            )
 
     def storage_options(self) -> dict[str, Any]:
         """fsspec/s3fs options for this storage (no credentials)."""
@@ -98,16 +113,136 @@ class StorageConfig:
 
 
 @dataclass
+class DetectConfig:
+    """The cell detector and how it runs."""
+
+    #: Local path or s3:// URL of an ultralytics detection .pt; None: the shipped detector.
+    model: str | None = None
+    conf: float = 0.25
+    iou: float = 0.6
+    #: Boxes kept per tile; ultralytics' default of 300 is too low for dense smear tiles.
+    max_det: int = 1000
+    #: Tiles per forward pass.
+    batch_size: int = 8
+    #: Detector actors; 0: one per GPU, or one on a CPU-only cluster.
+    actors: int = 0
+    #: GPUs per detector actor when the cluster has GPUs.
+    gpus_per_actor: float = 1.0
+    device: str = "auto"
+
+    def validate(self) -> None:
+        if not 0 <= self.conf <= 1 or not 0 < self.iou <= 1:
+            raise ConfigError(
+                f"detect.conf must be in [0,1] and detect.iou in (0,1]; got {self.conf}, {self.iou}"
+            )
+        if self.max_det < 1 or self.batch_size < 1 or self.actors < 0:
+            raise ConfigError(
+                "detect.max_det and detect.batch_size must be >= 1, detect.actors >= 0"
+            )
+
+
+@dataclass
+class ClassifierSpec:
+    """One WBC classifier; it adds NAME_label, NAME_confidence, NAME_probs, NAME_version columns."""
+
+    name: str = "all_subtype"
+    #: Local path or s3:// URL; a bare shipped name (wbc_type, all_subtype) means the shipped weights.
+    model: str = "all_subtype"
+    #: mask, crop or dual; None: what the model card says.
+    input_mode: str | None = None
+
+    def validate(self) -> None:
+        if not self.name.isidentifier():
+            raise ConfigError(
+                f"classifiers: name must be an identifier (it names columns), got {self.name!r}"
+            )
+        if self.input_mode not in (None, "mask", "crop", "dual"):
+            raise ConfigError(f"classifiers.{self.name}.input_mode must be mask, crop or dual")
+
+
+def _default_classifiers() -> list[ClassifierSpec]:
+    return [ClassifierSpec("wbc_type", "wbc_type"), ClassifierSpec("all_subtype", "all_subtype")]
+
+
+@dataclass
+class SegmentationConfig:
+    """WBC cropping and nucleus segmentation."""
+
+    #: Crop margin as a fraction of the box size on each side.
+    crop_margin: float = 0.15
+    #: Minimum nucleus area kept, um^2.
+    min_nucleus_um2: float = 6.0
+    #: Optional ultralytics -seg model instead of the LAB/k-means method.
+    model: str | None = None
+
+    def validate(self) -> None:
+        if not 0 <= self.crop_margin <= 1:
+            raise ConfigError(f"segmentation.crop_margin must be in [0, 1], got {self.crop_margin}")
+
+
+@dataclass
+class ExecutionConfig:
+    """Ray Data placement: concurrency and batch sizes (0 = derive from the cluster)."""
+
+    #: Concurrent tile-read tasks; 0: the cluster's CPU count.
+    read_concurrency: int = 0
+    #: Tiles per read task batch.
+    read_batch_size: int = 4
+    #: CPUs reserved per read / segment task (fractions let them share cores with the detector).
+    cpu_per_task: float = 0.5
+    #: CPUs reserved per detector / classifier actor on CPU-only clusters.
+    cpu_per_actor: float = 1.0
+    #: Classifier actors; 0: one per GPU, or one on a CPU-only cluster.
+    classify_actors: int = 0
+    classify_batch_size: int = 16
+    gpus_per_classifier: float = 0.25
+    #: Torch threads in each CPU actor; 0: all the node's cores.
+    torch_threads: int = 0
+
+    def validate(self) -> None:
+        if self.read_batch_size < 1 or self.classify_batch_size < 1:
+            raise ConfigError("execution batch sizes must be >= 1")
+        if self.cpu_per_task <= 0 or self.cpu_per_actor <= 0:
+            raise ConfigError("execution.cpu_per_task and cpu_per_actor must be > 0")
+
+
+@dataclass
+class ExportConfig:
+    """Optional heavy columns for annotation export."""
+
+    #: Store each WBC's crop and nucleus mask as PNG bytes in the cells table.
+    crops: bool = False
+
+    def validate(self) -> None:
+        return None
+
+
+@dataclass
 class Config:
     """Everything a run needs to know; saved as ``config.yaml`` with the run."""
 
     tiling: TilingConfig = field(default_factory=TilingConfig)
     slides: SlideConfig = field(default_factory=SlideConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    detect: DetectConfig = field(default_factory=DetectConfig)
+    classifiers: list[ClassifierSpec] = field(default_factory=_default_classifiers)
+    segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
+    execution: ExecutionConfig = field(default_factory=ExecutionConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    #: Level-0 mpp for slides whose files carry none (JPEG/PNG fields); None: estimate.
+    mpp: float | None = None
 
     def validate(self) -> Config:
         for f in dataclasses.fields(self):
-            getattr(self, f.name).validate()
+            value = getattr(self, f.name)
+            for item in value if isinstance(value, list) else [value]:
+                if hasattr(item, "validate"):
+                    item.validate()
+        names = [c.name for c in self.classifiers]
+        if len(names) != len(set(names)):
+            raise ConfigError(f"classifiers: names must be unique, got {names}")
+        if self.mpp is not None and self.mpp <= 0:
+            raise ConfigError(f"mpp must be > 0, got {self.mpp}")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -155,7 +290,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}") from e
     if tp is str:
         return str(value)
-    if origin in (list, dict) or tp is Any:
+    if origin is list:
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is Any:
         return value
     raise ConfigError(f"{where}: unsupported field type {tp}")
 

@@ -40,3 +40,73 @@ def test_choose_level_picks_coarsest_fine_enough() -> None:
     # Scanner rounding: 0.2525 um/px at level 1 still counts as 0.5.
     assert choose_level(ds, 0.2525 / 2 * 2, 0.5)[0] == 1
     assert np.isclose(choose_level(ds, 0.26, 0.5)[1], 1.0)
+
+
+# --- on generated slides, against their exact ground truth -------------------
+
+from pathlib import Path  # noqa: E402
+
+import pandas as pd  # noqa: E402
+
+from batch.config import TilingConfig  # noqa: E402
+from batch.slides import open_slide  # noqa: E402
+from batch.synth import synth_slides  # noqa: E402
+from batch.tiling import plan_tiles  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def smear(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, pd.DataFrame]:
+    out = tmp_path_factory.mktemp("smear")
+    paths = synth_slides(out, slides=1, width=3000, height=2200, seed=11, blank_fraction=0.4)
+    truth = pd.read_parquet(out / "ground_truth.parquet")
+    return paths[0], truth[truth.slide_id == paths[0].stem]
+
+
+@pytest.mark.parametrize(
+    ("target_mpp", "tile_size"), [(None, 640), (0.25, 512), (0.5, 640), (0.4, 320)]
+)
+def test_every_cell_owned_once_and_whole(
+    smear: tuple[Path, pd.DataFrame], target_mpp: float | None, tile_size: int
+) -> None:
+    path, truth = smear
+    assert len(truth) > 100
+    with open_slide(path) as slide:
+        plan = plan_tiles(slide, TilingConfig(tile_size=tile_size), slide_id=path.stem, target_mpp=target_mpp)
+    tasks = list(plan.all_tasks())
+    cx, cy = truth.cx.to_numpy(), truth.cy.to_numpy()
+    owners = np.stack([t.owns(cx, cy) for t in tasks])
+    # Exactly one owner per cell centre, and it agrees with the vectorised lookup.
+    assert (owners.sum(axis=0) == 1).all()
+    row, col = plan.owner(cx, cy)
+    by_pos = {(t.row, t.col): i for i, t in enumerate(tasks)}
+    idx = np.array([by_pos[(r, c)] for r, c in zip(row, col, strict=True)])
+    assert (owners.argmax(axis=0) == idx).all()
+    # The owner's read region holds the whole box (boxes are smaller than the overlap).
+    ds = plan.downsample
+    for j, i in enumerate(idx):
+        t = tasks[i]
+        x0, y0, x1, y1 = truth.iloc[j][["x0", "y0", "x1", "y1"]]
+        assert t.x * ds <= x0 and x1 <= (t.x + t.w) * ds, (t, x0, x1)
+        assert t.y * ds <= y0 and y1 <= (t.y + t.h) * ds, (t, y0, y1)
+
+
+def test_background_skip_loses_no_cells(smear: tuple[Path, pd.DataFrame]) -> None:
+    path, truth = smear
+    with open_slide(path) as slide:
+        plan = plan_tiles(slide, TilingConfig(), slide_id=path.stem)
+    assert 0.1 < plan.skip_fraction < 0.9, plan.skip_fraction
+    kept = {(t.row, t.col) for t in plan.tasks}
+    row, col = plan.owner(truth.cx.to_numpy(), truth.cy.to_numpy())
+    owned_by_skipped = [(r, c) for r, c in zip(row, col, strict=True) if (r, c) not in kept]
+    assert owned_by_skipped == []
+
+
+def test_level_choice_and_scale_on_pyramid(smear: tuple[Path, pd.DataFrame]) -> None:
+    path, _ = smear
+    with open_slide(path) as slide:
+        plan = plan_tiles(slide, TilingConfig(tile_size=640), slide_id=path.stem, target_mpp=0.5)
+        assert plan.level == 1 and plan.scale == 1.0
+        plan = plan_tiles(slide, TilingConfig(tile_size=640), slide_id=path.stem, target_mpp=0.4)
+        assert plan.level == 0 and plan.scale == pytest.approx(0.625)
+        # The detector sees tile_size px: read regions are tile_size / scale level pixels.
+        assert plan.tasks[0].w == round(640 / 0.625)

@@ -1,0 +1,417 @@
+"""Load model files (local or object storage), hash them, and read their model cards.
+
+A model file is an ultralytics ``.pt`` checkpoint. Its *model card* says what
+it is: the task, the class names, the microns per pixel (mpp) it was trained
+at, its data sources and licences, its validation metrics and how to
+reproduce it. The card lives in two places, and the loader reads the first
+it finds:
+
+1. a sidecar JSON next to the weights with the same stem
+   (``detector.pt`` -> ``detector.json``), human-readable and shipped with
+   the package;
+2. the key ``CARD_KEY`` inside the checkpoint dict (``torch.save`` of a
+   dict; ultralytics ignores keys it does not know), so a ``.pt`` copied on
+   its own still knows its scale.
+
+Remote weights (``s3://...`` or any fsspec URL) are copied once into a local
+cache directory (``HEMARAY_CACHE_DIR``, default ``~/.cache/hemaray/models``)
+keyed by the URL, with their sidecar card when there is one. Nothing is ever
+downloaded from the internet implicitly: a model is a file the user names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from batch.errors import HemarayError
+
+if TYPE_CHECKING:
+    from batch.stages.detect import CellDetector
+
+__all__ = [
+    "CARD_KEY",
+    "DEFAULT_DETECTOR",
+    "INTENDED_USE",
+    "MODELS_DIR",
+    "ModelCard",
+    "ModelLoadError",
+    "card_path_for",
+    "file_sha256",
+    "load_detector",
+    "model_cache_dir",
+    "read_model_card",
+    "render_card_markdown",
+    "resolve_model",
+    "write_model_card",
+]
+
+#: Directory of the weights shipped inside the package.
+MODELS_DIR = Path(__file__).resolve().parent / "models"
+#: The default detector (YOLOv8n, RBC / WBC / platelet).
+DEFAULT_DETECTOR = MODELS_DIR / "detector.pt"
+#: Key under which the card is stored inside an ultralytics checkpoint dict.
+CARD_KEY = "hemaray_card"
+#: Environment variable naming the cache directory for remote model files.
+CACHE_ENV = "HEMARAY_CACHE_DIR"
+#: Stated on every card.
+INTENDED_USE = "Research use only; not for clinical diagnosis."
+#: Bytes read at a time when hashing or copying.
+CHUNK_BYTES = 1 << 20
+#: Characters of the URL hash used to name a cache entry.
+CACHE_KEY_CHARS = 16
+
+
+class ModelLoadError(HemarayError):
+    """A model file could not be found, fetched, verified or read."""
+
+
+@dataclass
+class ModelCard:
+    """What a model file is, how it was made and how well it does.
+
+    Attributes
+    ----------
+    name
+        Short name (``"detector"``).
+    task
+        ``"detect"`` or ``"classify"``.
+    class_names
+        Class names in the model's id order (normalised, e.g. ``"platelet"``).
+    trained_mpp
+        Microns per pixel of the training images; inputs are resampled to it.
+        None: unknown, inputs are used as given.
+    architecture
+        The ultralytics model yaml or base weights it was built from.
+    imgsz
+        Training image size in pixels.
+    data_sources
+        One mapping per dataset: name, path, licence, images used per split.
+    metrics
+        Validation metrics, one mapping per evaluated set.
+    training_command, reproduce_command
+        The command that was run, and the one that reproduces it from a
+        clean checkout.
+    training_time_s
+        Wall-clock training time in seconds.
+    created
+        ISO-8601 UTC time the card was written.
+    intended_use
+        Always states research use, not clinical diagnosis.
+    notes
+        Free-text caveats (known gaps, dataset flaws).
+    extra
+        Anything else (hyper-parameters, dedupe report, ...).
+    """
+
+    name: str
+    task: str
+    class_names: list[str]
+    trained_mpp: float | None = None
+    architecture: str = ""
+    imgsz: int | None = None
+    data_sources: list[dict[str, Any]] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    training_command: str = ""
+    reproduce_command: str = ""
+    training_time_s: float | None = None
+    created: str = field(
+        default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    )
+    intended_use: str = INTENDED_USE
+    notes: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The card as plain JSON-serialisable data."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelCard:
+        """Build a card from ``to_dict`` output; unknown keys go to ``extra``."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        known = {k: v for k, v in data.items() if k in names}
+        unknown = {k: v for k, v in data.items() if k not in names}
+        if "name" not in known or "task" not in known or "class_names" not in known:
+            raise ModelLoadError(
+                f"model card needs 'name', 'task' and 'class_names'; got keys {sorted(data)}"
+            )
+        card = cls(**known)
+        card.extra.update(unknown)
+        if card.trained_mpp is not None:
+            card.trained_mpp = float(card.trained_mpp)
+        return card
+
+
+def model_cache_dir() -> Path:
+    """Directory where remote model files are cached (``$HEMARAY_CACHE_DIR`` or ``~/.cache``)."""
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return Path(env)
+    return Path.home() / ".cache" / "hemaray" / "models"
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 hex digest of a local file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def card_path_for(weights: str | Path) -> Path:
+    """The sidecar card path of a weights file: same stem, ``.json``."""
+    return Path(weights).with_suffix(".json")
+
+
+def _is_remote(uri: str) -> bool:
+    return "://" in uri and not uri.startswith("file://")
+
+
+def _fetch(uri: str, dest: Path, storage_options: dict[str, Any] | None) -> bool:
+    """Copy a remote object to ``dest`` atomically; False if it does not exist."""
+    import fsspec
+
+    fs, fs_path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    if not fs.exists(fs_path):
+        return False
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name, suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as out, fs.open(fs_path, "rb") as src:
+            while chunk := src.read(CHUNK_BYTES):
+                out.write(chunk)
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return True
+
+
+def resolve_model(
+    uri: str | Path | None = None,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    cache_dir: str | Path | None = None,
+    sha256: str | None = None,
+    refresh: bool = False,
+) -> Path:
+    """Turn a model location into a local file path.
+
+    Parameters
+    ----------
+    uri
+        Local path, ``file://`` URL, or any fsspec URL (``s3://bucket/key.pt``).
+        None: the shipped detector ``DEFAULT_DETECTOR``.
+    storage_options
+        fsspec options for remote URLs (e.g. ``{"client_kwargs":
+        {"endpoint_url": ...}}``); credentials come from the environment.
+    cache_dir
+        Where remote files are cached; default ``model_cache_dir()``.
+    sha256
+        Expected SHA-256 hex digest; a mismatch raises.
+    refresh
+        Fetch a remote file again even if it is cached.
+
+    Returns
+    -------
+    Path
+        A local file. For remote URLs the sidecar card (same stem, ``.json``)
+        is fetched next to it when it exists.
+
+    Raises
+    ------
+    ModelLoadError
+        If the file does not exist, cannot be fetched, or fails the hash check.
+    """
+    if uri is None:
+        uri = DEFAULT_DETECTOR
+    text = str(uri)
+    if _is_remote(text):
+        key = hashlib.sha256(text.encode()).hexdigest()[:CACHE_KEY_CHARS]
+        name = text.rstrip("/").rsplit("/", 1)[-1]
+        local = Path(cache_dir or model_cache_dir()) / key / name
+        if refresh or not local.exists():
+            try:
+                found = _fetch(text, local, storage_options)
+                if found:
+                    card_uri = text.rsplit(".", 1)[0] + ".json"
+                    _fetch(card_uri, card_path_for(local), storage_options)
+            except Exception as e:  # fsspec raises many types; name the model and chain
+                raise ModelLoadError(
+                    f"could not fetch model {text!r}: {e}; check the URL, the endpoint "
+                    "(storage.endpoint_url) and the credentials in the environment"
+                ) from e
+            if not found:
+                raise ModelLoadError(f"model {text!r} does not exist; check the URL")
+    else:
+        local = Path(text[len("file://") :] if text.startswith("file://") else text).expanduser()
+        if not local.is_file():
+            hint = (
+                " (the shipped detector is missing: reinstall the package or pass a model path)"
+                if local == DEFAULT_DETECTOR
+                else ""
+            )
+            raise ModelLoadError(f"model file {str(local)!r} does not exist{hint}")
+    if sha256 is not None:
+        actual = file_sha256(local)
+        if actual.lower() != sha256.lower():
+            raise ModelLoadError(
+                f"model {text!r}: SHA-256 is {actual}, expected {sha256}; the file changed "
+                "or the expected hash is wrong"
+            )
+    return local
+
+
+def read_model_card(weights: str | Path) -> ModelCard | None:
+    """Read a local weights file's model card: sidecar JSON first, then the checkpoint key.
+
+    Returns None when the file has neither (e.g. a plain ultralytics ``.pt``).
+    """
+    sidecar = card_path_for(weights)
+    if sidecar.is_file():
+        try:
+            data = json.loads(sidecar.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ModelLoadError(f"model card {str(sidecar)!r} is not valid JSON: {e}") from e
+        return ModelCard.from_dict(data)
+    if Path(weights).suffix != ".pt":
+        return None
+    import torch
+
+    try:
+        ckpt = torch.load(str(weights), map_location="cpu", weights_only=False)
+    except Exception as e:  # torch raises many types for bad files
+        raise ModelLoadError(f"could not read checkpoint {str(weights)!r}: {e}") from e
+    if isinstance(ckpt, dict) and isinstance(ckpt.get(CARD_KEY), dict):
+        return ModelCard.from_dict(ckpt[CARD_KEY])
+    return None
+
+
+def render_card_markdown(card: ModelCard) -> str:
+    """A human-readable model card (markdown) from a ``ModelCard``."""
+    lines = [
+        f"# Model card: {card.name}",
+        "",
+        f"**{card.intended_use}**",
+        "",
+        f"- Task: {card.task}",
+        f"- Classes: {', '.join(card.class_names)}",
+        f"- Architecture: {card.architecture or 'unknown'}",
+        f"- Trained at: {card.trained_mpp} um/px"
+        + (f", image size {card.imgsz} px" if card.imgsz else ""),
+    ]
+    if card.training_time_s is not None:
+        lines.append(f"- Training time: {card.training_time_s / 60:.1f} min")
+    lines.append(f"- Created: {card.created}")
+    if card.data_sources:
+        lines += ["", "## Data sources", ""]
+        for src in card.data_sources:
+            used = src.get("images", {})
+            lines.append(
+                f"- **{src.get('name', '?')}** ({src.get('url', '')}), licence: "
+                f"{src.get('licence', 'unknown')}; images used: {used}"
+            )
+    if card.metrics:
+        lines += ["", "## Validation metrics", ""]
+        for set_name, m in card.metrics.items():
+            if not isinstance(m, dict) or "map50" not in m:
+                continue
+            lines += [
+                f"### {set_name} ({m.get('n_images', '?')} images, split {m.get('split', '?')})",
+                "",
+                "| class | precision | recall | F1 | AP50 | AP50-95 |",
+                "| - | - | - | - | - | - |",
+                f"| all | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | "
+                f"{m['map50']:.3f} | {m['map50_95']:.3f} |",
+            ]
+            for cls, c in m.get("per_class", {}).items():
+                lines.append(
+                    f"| {cls} | {c['precision']:.3f} | {c['recall']:.3f} | {c['f1']:.3f} | "
+                    f"{c['ap50']:.3f} | {c['ap50_95']:.3f} |"
+                )
+            lines.append("")
+    if card.training_command:
+        lines += ["", "## Training command", "", "```", card.training_command, "```"]
+    if card.reproduce_command:
+        lines += ["", "## Reproduce", "", "```", card.reproduce_command, "```"]
+    if card.notes:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in card.notes]
+    return "\n".join(lines) + "\n"
+
+
+def write_model_card(
+    card: ModelCard, weights: str | Path, *, embed: bool = True, markdown: bool = True
+) -> Path:
+    """Write the card next to the weights (JSON, optional markdown) and optionally into them.
+
+    Parameters
+    ----------
+    card
+        The card to write.
+    weights
+        The ``.pt`` file it describes.
+    embed
+        Also store the card under ``CARD_KEY`` inside the checkpoint.
+    markdown
+        Also write ``<stem>.md``.
+
+    Returns
+    -------
+    Path
+        The sidecar JSON path.
+    """
+    weights = Path(weights)
+    data = card.to_dict()
+    data["sha256"] = None  # filled below once the checkpoint bytes are final
+    if embed:
+        import torch
+
+        ckpt = torch.load(str(weights), map_location="cpu", weights_only=False)
+        if not isinstance(ckpt, dict):
+            raise ModelLoadError(f"{str(weights)!r} is not a checkpoint dict; cannot embed a card")
+        ckpt[CARD_KEY] = card.to_dict()
+        tmp = weights.with_suffix(".pt.part")
+        torch.save(ckpt, str(tmp))
+        os.replace(tmp, weights)
+    data["sha256"] = file_sha256(weights)
+    sidecar = card_path_for(weights)
+    sidecar.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    if markdown:
+        md = render_card_markdown(card) + f"\nSHA-256 of `{weights.name}`: `{data['sha256']}`\n"
+        weights.with_suffix(".md").write_text(md)
+    return sidecar
+
+
+def load_detector(
+    path: str | Path | None = None,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    sha256: str | None = None,
+    **kwargs: Any,
+) -> CellDetector:
+    """Load a cell detector; default: the shipped ``batch/models/detector.pt``.
+
+    Parameters
+    ----------
+    path
+        Local path or fsspec URL of an ultralytics ``.pt``; None: the shipped one.
+    storage_options
+        fsspec options for remote URLs.
+    sha256
+        Expected SHA-256 of the weights.
+    **kwargs
+        Passed to ``CellDetector`` (``device``, ``conf``, ``max_det``, ...).
+    """
+    from batch.stages.detect import CellDetector
+
+    local = resolve_model(path, storage_options=storage_options, sha256=sha256)
+    return CellDetector(local, **kwargs)

@@ -1,0 +1,414 @@
+"""The Ray Data pipeline: slides in, per-cell Parquet out. Wiring and placement only.
+
+    slides -> plan (flat_map, CPU) -> read/decode (map_batches, CPU tasks)
+           -> detect (actor pool; num_gpus when the cluster has GPUs)
+           -> crop + segment (CPU tasks) -> classify (actor pool)
+           -> driver: per-slide writers, atomic commit per slide (batch.sink)
+
+All image logic lives in ``batch.stages``; this module chooses resources and
+keeps the books: a slide commits when all its planned tiles have come back,
+and fails (a ``failures`` row, nothing in ``cells``) on its first error.
+Many slides stream through one dataset, so actors never wait at a slide
+boundary; Ray Data provides backpressure, retries and progress bars.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+import schemas
+from batch import __version__
+from batch.calls import SlideTally
+from batch.config import Config
+from batch.inputs import SlideInput
+from batch.sink import OutputStore, SlideWriter
+from batch.stages.cells import (
+    ClassifyStage,
+    DetectStage,
+    PlanStage,
+    local_hashes,
+    model_files,
+    read_tiles,
+    segment_tiles,
+    unpack,
+)
+
+__all__ = ["RunResult", "run_pipeline", "Resources", "cluster_resources"]
+
+log = logging.getLogger(__name__)
+
+#: Exit codes of ``hemaray run``.
+EXIT_OK, EXIT_RUN_FAILED, EXIT_PARTIAL = 0, 1, 2
+
+
+@dataclass
+class Resources:
+    """What the cluster offers, read once at the start of a run."""
+
+    cpus: float
+    gpus: float
+
+
+def cluster_resources() -> Resources:
+    import ray
+
+    res = ray.cluster_resources()
+    return Resources(cpus=float(res.get("CPU", 1)), gpus=float(res.get("GPU", 0)))
+
+
+@dataclass
+class RunResult:
+    """What a run did (also written as the run manifest)."""
+
+    run_id: str
+    out: str
+    committed: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    cells_by_class: dict[str, int] = field(default_factory=dict)
+    wbc_types: dict[str, int] = field(default_factory=dict)
+    tiles: int = 0
+    seconds: float = 0.0
+    manifest_uri: str = ""
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_PARTIAL if self.failed else EXIT_OK
+
+    @property
+    def tiles_per_s(self) -> float:
+        return self.tiles / self.seconds if self.seconds else 0.0
+
+
+@dataclass
+class _SlideState:
+    uri: str
+    metadata: dict[str, Any]
+    writer: SlideWriter | None = None
+    tally: SlideTally = field(default_factory=SlideTally)
+    n_tiles: int | None = None
+    done: int = 0
+    started: float = field(default_factory=time.time)
+    failed: bool = False
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _cells_schema(label_sets: dict[str, list[str]], export_crops: bool) -> pa.Schema:
+    """The cells file schema: schemas/cells plus one column group per configured classifier."""
+    base = schemas.load("cells")
+    fields = [
+        f
+        for f in base
+        if not f.name.startswith(("wbc_type_", "all_subtype_", "crop_png", "mask_png"))
+    ]
+    for name, labels in label_sets.items():
+        fields += [
+            pa.field(f"{name}_label", pa.string(), metadata={"unit": "", "doc": f"classifier {name}: one of {labels}"}),
+            pa.field(f"{name}_confidence", pa.float32(), metadata={"unit": "probability [0,1]", "doc": f"classifier {name}: top-1 probability"}),
+            pa.field(f"{name}_probs", pa.list_(pa.float32()), metadata={"unit": "probability [0,1]", "doc": f"classifier {name}: probabilities in the order {labels}"}),
+            pa.field(f"{name}_version", pa.string(), metadata={"unit": "", "doc": f"classifier {name}: first 12 hex of the weights' SHA-256"}),
+        ]  # fmt: skip
+    if export_crops:
+        fields += [base.field("crop_png"), base.field("mask_png")]
+    return pa.schema(fields, metadata=base.metadata)
+
+
+def _label_sets(config: Config) -> dict[str, list[str]]:
+    """Read each classifier's label set from its model file (without keeping the models)."""
+    return ClassifyStage(config).label_sets()
+
+
+def _trained_mpp(config: Config) -> tuple[float | None, str]:
+    from batch.models import DEFAULT_DETECTOR, read_model_card, resolve_model
+
+    local = resolve_model(config.detect.model, storage_options=config.storage.storage_options())
+    card = read_model_card(local)
+    return (card.trained_mpp if card else None), str(
+        local if config.detect.model else DEFAULT_DETECTOR
+    )
+
+
+def run_pipeline(
+    slides: list[SlideInput],
+    out: str,
+    config: Config,
+    *,
+    overwrite: bool = False,
+    echo: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
+) -> RunResult:
+    """Process ``slides`` into ``out`` on the current Ray cluster (``ray.init`` done by the caller).
+
+    Returns the run's result; slides that failed are in ``result.failed`` and
+    the ``failures`` table. Already committed slides are skipped unless
+    ``overwrite``.
+    """
+    import ray
+
+    t0 = time.time()
+    started_at = datetime.now(UTC)
+    run_id = started_at.strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+    store = OutputStore(out, storage_options=config.storage.storage_options())
+    result = RunResult(run_id=run_id, out=store.uri)
+    repaired = store.repair_slide_rows()
+    if repaired:
+        echo(f"repaired slides rows of {len(repaired)} committed slide(s)")
+    committed = set() if overwrite else store.committed()
+    todo = [s for s in slides if s.slide_id not in committed]
+    result.skipped = sorted(s.slide_id for s in slides if s.slide_id in committed)
+    if result.skipped:
+        echo(f"skipping {len(result.skipped)} slide(s) already committed in {store.uri}")
+
+    trained_mpp, detector_file = _trained_mpp(config)
+    label_sets = _label_sets(config)
+    schema = _cells_schema(label_sets, config.export.crops)
+    files = model_files(config)
+    manifest: dict[str, Any] = {
+        "run_id": run_id,
+        "package": "hemaray",
+        "version": __version__,
+        "started_at": started_at.isoformat(),
+        "inputs": len(slides),
+        "out": store.uri,
+        "ray": ray.__version__,
+        "models": {k: {"file": v, "sha256": h} for (k, v), h in zip(files.items(), local_hashes(files).values(), strict=True)},
+        "detector_trained_mpp": trained_mpp,
+        "label_sets": label_sets,
+        "config": config.to_dict(),
+    }  # fmt: skip
+
+    states = {s.slide_id: _SlideState(s.uri, s.metadata) for s in todo}
+    if todo:
+        ds = _build_dataset(todo, config, trained_mpp)
+        for batch in ds.iter_batches(batch_format="numpy", batch_size=None, prefetch_batches=2):
+            _consume(batch, states, store, schema, result, echo)
+    # Slides that never returned a row cannot happen unless the dataset was cut short: record them.
+    for sid, st in states.items():
+        if not st.failed and sid not in result.committed:
+            err = RuntimeError(
+                f"slide returned {st.done} of {st.n_tiles} tiles; the run ended early"
+            )
+            _fail(sid, st, "run", err, store, result, echo)
+
+    result.seconds = time.time() - t0
+    manifest.update(
+        finished_at=datetime.now(UTC).isoformat(),
+        seconds=round(result.seconds, 3),
+        committed=result.committed,
+        skipped=result.skipped,
+        failed=result.failed,
+        tiles=result.tiles,
+        cells_by_class=result.cells_by_class,
+    )
+    import yaml
+
+    result.manifest_uri = store.write_manifest(
+        run_id, manifest, yaml.safe_dump(config.to_dict(), sort_keys=False)
+    )
+    return result
+
+
+def _build_dataset(todo: list[SlideInput], config: Config, trained_mpp: float | None) -> Any:
+    import ray
+
+    res = cluster_resources()
+    ex = config.execution
+    use_gpu = res.gpus > 0 and config.detect.device != "cpu"
+    det_actors = config.detect.actors or (
+        max(1, int(res.gpus / config.detect.gpus_per_actor)) if use_gpu else 1
+    )
+    cls_actors = ex.classify_actors or (max(1, int(res.gpus)) if use_gpu else 1)
+    threads = ex.torch_threads or (os.cpu_count() or 1)
+    read_conc = ex.read_concurrency or max(1, int(res.cpus))
+    rows = [
+        {
+            "slide_id": s.slide_id,
+            "slide_uri": s.uri,
+            "mpp": s.mpp,
+            "mpp_source": "manifest" if s.mpp is not None else None,
+            "metadata_json": json.dumps(s.metadata, default=str),
+        }
+        for s in todo
+    ]
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = sys.stderr.isatty()
+    ds: Any = ray.data.from_items(rows, override_num_blocks=min(len(rows), 200))
+    ds = ds.flat_map(
+        PlanStage,
+        fn_constructor_args=(config, trained_mpp),
+        concurrency=1,
+        num_cpus=ex.cpu_per_task,
+    )
+    ds = ds.map_batches(
+        read_tiles, fn_kwargs={"config": config}, batch_size=ex.read_batch_size,
+        num_cpus=ex.cpu_per_task, concurrency=read_conc, batch_format="numpy",
+    )  # fmt: skip
+    det_res: dict[str, Any] = (
+        {"num_gpus": config.detect.gpus_per_actor} if use_gpu else {"num_cpus": ex.cpu_per_actor}
+    )
+    ds = ds.map_batches(
+        DetectStage, fn_constructor_args=(config, 0 if use_gpu else threads),
+        batch_size=config.detect.batch_size, concurrency=det_actors, batch_format="numpy", **det_res,
+    )  # fmt: skip
+    ds = ds.map_batches(
+        segment_tiles, fn_kwargs={"config": config}, batch_size=config.detect.batch_size,
+        num_cpus=ex.cpu_per_task, batch_format="numpy",
+    )  # fmt: skip
+    cls_res: dict[str, Any] = (
+        {"num_gpus": ex.gpus_per_classifier} if use_gpu else {"num_cpus": ex.cpu_per_task}
+    )
+    ds = ds.map_batches(
+        ClassifyStage, fn_constructor_args=(config, 0 if use_gpu else threads),
+        batch_size=config.detect.batch_size, concurrency=cls_actors, batch_format="numpy", **cls_res,
+    )  # fmt: skip
+    return ds
+
+
+def _fail(
+    sid: str, st: _SlideState, stage: str, error: BaseException | dict[str, Any],
+    store: OutputStore, result: RunResult, echo: Callable[[str], None],
+) -> None:  # fmt: skip
+    st.failed = True
+    if st.writer is not None:
+        st.writer.discard()
+        st.writer = None
+    if isinstance(error, dict):
+        exc: BaseException = _RemoteError(error["error_type"], error["error_message"])
+        tile = error.get("error_tile")
+    else:
+        exc, tile = error, None
+    store.write_failure(sid, st.uri, stage=stage, error=exc, tile=tile)
+    info = st.info or {}
+    store.write_slide_row(
+        {
+            "slide_id": sid, "slide_uri": st.uri, "status": "failed", "error": str(exc),
+            **{k: info.get(k) for k in ("format", "width", "height", "levels", "mpp", "mpp_source")},
+            "started_at": datetime.fromtimestamp(st.started, UTC),
+            "seconds": time.time() - st.started,
+        },
+        _metadata_columns(st.metadata),
+    )  # fmt: skip
+    result.failed[sid] = (
+        f"{exc.__class__.__name__ if not isinstance(error, dict) else error['error_type']}: {exc}"
+    )
+    echo(f"FAILED {sid} at {stage}: {exc}")
+
+
+class _RemoteError(Exception):
+    """An error raised in a worker, carried back as type name and message."""
+
+    def __init__(self, type_name: str, message: str) -> None:
+        super().__init__(message)
+        self.type_name = type_name
+
+
+def _metadata_columns(meta: dict[str, Any]) -> dict[str, Any]:
+    reserved = set(schemas.load("slides").names)
+    return {
+        k: (None if v is None else str(v))
+        for k, v in meta.items()
+        if k not in reserved and k != "mpp"
+    }
+
+
+def _consume(
+    batch: dict[str, np.ndarray], states: dict[str, _SlideState], store: OutputStore,
+    schema: pa.Schema, result: RunResult, echo: Callable[[str], None],
+) -> None:  # fmt: skip
+    for i in range(len(batch["kind"])):
+        sid = str(batch["slide_id"][i])
+        st = states[sid]
+        if st.failed:
+            continue
+        if batch["slide_json"][i] is not None and not st.info:
+            st.info = json.loads(batch["slide_json"][i])
+        kind = batch["kind"][i]
+        if kind == "error":
+            row = {k: batch[k][i] for k in ("error_type", "error_message", "error_tile")}
+            _fail(sid, st, str(batch["error_stage"][i]), row, store, result, echo)
+            continue
+        st.n_tiles = int(batch["n_tiles"][i])
+        if kind == "tile":
+            cells = unpack(batch["cells"][i])
+            if st.writer is None:
+                st.writer = store.slide_writer(sid, schema)
+            try:
+                st.writer.write(_conform(cells, schema))
+            except Exception as e:
+                _fail(sid, st, "write", e, store, result, echo)
+                continue
+            st.tally.add(cells)
+            st.done += 1
+            result.tiles += 1
+        if st.done >= st.n_tiles:
+            _commit(sid, st, store, schema, result, echo)
+
+
+def _conform(cells: pa.Table, schema: pa.Schema) -> pa.Table:
+    cols = []
+    for f in schema:
+        if f.name in cells.column_names:
+            cols.append(cells.column(f.name).cast(f.type))
+        else:
+            cols.append(pa.nulls(cells.num_rows, f.type))
+    return pa.Table.from_arrays(cols, schema=schema)
+
+
+def _commit(
+    sid: str, st: _SlideState, store: OutputStore, schema: pa.Schema,
+    result: RunResult, echo: Callable[[str], None],
+) -> None:  # fmt: skip
+    writer = st.writer or store.slide_writer(sid, schema)
+    info = st.info
+    summary = st.tally.summary(info.get("analysed_um2"))
+    row = {
+        "slide_id": sid, "slide_uri": st.uri, "status": "committed",
+        **{k: info.get(k) for k in ("format", "width", "height", "levels", "mpp", "mpp_source", "level_used", "tiles_planned", "tiles_skipped")},
+        "tiles_done": st.done, **summary,
+        "started_at": datetime.fromtimestamp(st.started, UTC),
+        "seconds": time.time() - st.started,
+    }  # fmt: skip
+    try:
+        writer.commit(row, _metadata_columns(st.metadata))
+    except Exception as e:
+        _fail(sid, st, "write", e, store, result, echo)
+        return
+    st.writer = None
+    result.committed.append(sid)
+    for cls, n in st.tally.classes.items():
+        result.cells_by_class[cls] = result.cells_by_class.get(cls, 0) + n
+    for lab, n in st.tally.wbc_type.items():
+        result.wbc_types[lab] = result.wbc_types.get(lab, 0) + n
+    echo(
+        f"committed {sid}: {st.done} tiles, {summary['n_rbc']} RBC, {summary['n_wbc']} WBC, "
+        f"{summary['n_platelet']} platelets, call {summary['all_subtype_call']}"
+    )
+
+
+def summary_lines(result: RunResult) -> Iterable[str]:
+    """The end-of-run table people read."""
+    yield f"run {result.run_id}: {len(result.committed)} committed, {len(result.skipped)} skipped, {len(result.failed)} failed"
+    for sid, msg in result.failed.items():
+        yield f"  failed {sid}: {msg}"
+    total = sum(result.cells_by_class.values())
+    yield f"cells: {total} ({', '.join(f'{k} {v}' for k, v in sorted(result.cells_by_class.items()))})"
+    n_wbc = sum(result.wbc_types.values())
+    if n_wbc:
+        diff = ", ".join(
+            f"{k} {v / n_wbc:.0%}"
+            for k, v in sorted(result.wbc_types.items(), key=lambda kv: -kv[1])
+        )
+        yield f"WBC differential: {diff}"
+    yield f"tiles: {result.tiles} in {result.seconds:.1f} s ({result.tiles_per_s:.2f} tiles/s)"
+    yield f"output: {result.out} (cells/, slides/, failures/, manifest {result.manifest_uri})"

@@ -1,0 +1,213 @@
+"""Parquet output and the per-slide commit protocol.
+
+Layout under ``OUT`` (local path, ``file://`` or ``s3://``)::
+
+    cells/slide_id=<id>/part-0.parquet   one file per committed slide (hive partition)
+    slides/<id>.parquet                  one row per slide
+    failures/<id>.<attempt>.parquet      one row per failed attempt
+    runs/<run_id>/manifest.json          provenance of each run (+ config.yaml)
+
+Commit guarantee: a slide's cells become visible all at once or not at all.
+Rows are streamed to a local temporary Parquet file (memory stays bounded by
+the rows in flight), and the slide is committed by one atomic step: an
+``os.replace`` of a hidden temporary file locally, a single object PUT on S3
+(objects appear whole or not at all). Readers (pyarrow, pandas, DuckDB, Spark)
+skip names starting with ``.`` or ``_``. The cells file is the commit marker:
+a rerun skips every slide whose cells file exists, so a retried task, a killed
+worker or a rerun job never leaves duplicates or half a slide. The slide's
+summary row rides in the cells file's metadata, so a crash between the cells
+commit and the ``slides`` row is repaired on the next run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+import schemas
+
+__all__ = ["OutputStore", "SlideWriter", "CELLS_FILE", "SUMMARY_KEY", "PARTITION_KEY", "read_table"]
+
+CELLS_FILE = "part-0.parquet"
+#: Key of the slide summary (one JSON row) in the cells file's Parquet metadata.
+SUMMARY_KEY = b"hemaray.slide_summary"
+#: Parquet row group size: bounded memory for readers of big slides.
+ROW_GROUP_ROWS = 65_536
+#: Hive partition column of ``cells``: carried by the folder name, not stored in the files
+#: (pandas/pyarrow refuse a column that is both in the file and in the path).
+PARTITION_KEY = "slide_id"
+
+
+class OutputStore:
+    """The output dataset of one or many runs, on any fsspec filesystem."""
+
+    def __init__(self, out: str, *, storage_options: dict[str, Any] | None = None) -> None:
+        self.uri = out.rstrip("/")
+        fs, root = fsspec.core.url_to_fs(self.uri, **(storage_options or {}))
+        self.fs: fsspec.AbstractFileSystem = fs
+        self.root = root.rstrip("/")
+        self.is_local = isinstance(fs, fsspec.implementations.local.LocalFileSystem)
+        for sub in ("cells", "slides", "failures", "runs"):
+            self.fs.makedirs(f"{self.root}/{sub}", exist_ok=True)
+
+    # -- paths ---------------------------------------------------------------
+    def cells_path(self, slide_id: str) -> str:
+        return f"{self.root}/cells/slide_id={slide_id}/{CELLS_FILE}"
+
+    def slides_path(self, slide_id: str) -> str:
+        return f"{self.root}/slides/{slide_id}.parquet"
+
+    # -- state -----------------------------------------------------------------
+    def committed(self) -> set[str]:
+        """Slide ids whose cells file exists (committed by any run)."""
+        self.fs.invalidate_cache()
+        found = self.fs.glob(f"{self.root}/cells/slide_id=*/{CELLS_FILE}")
+        return {p.rstrip("/").split("/")[-2].split("=", 1)[1] for p in found}
+
+    def failure_attempts(self, slide_id: str) -> int:
+        self.fs.invalidate_cache()
+        return len(self.fs.glob(f"{self.root}/failures/{slide_id}.*.parquet"))
+
+    # -- writing ---------------------------------------------------------------
+    def _put_atomic(self, local: str, remote: str) -> None:
+        """Make ``local``'s content appear at ``remote`` in one step."""
+        if self.is_local:
+            Path(remote).parent.mkdir(parents=True, exist_ok=True)
+            hidden = str(Path(remote).parent / f".{Path(remote).name}.{uuid.uuid4().hex}.tmp")
+            shutil.copyfile(local, hidden)
+            os.replace(hidden, remote)
+        else:
+            self.fs.put_file(local, remote)
+
+    def write_table(self, table: pa.Table, remote: str) -> None:
+        """Write one small table atomically (slides and failures rows)."""
+        with tempfile.TemporaryDirectory(prefix="hemaray-") as tmp:
+            local = f"{tmp}/t.parquet"
+            pq.write_table(table, local)
+            self._put_atomic(local, remote)
+
+    def write_slide_row(self, row: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
+        table = pa.Table.from_pylist([{**row, **(extra or {})}])
+        self.write_table(schemas.conform(table, "slides"), self.slides_path(row["slide_id"]))
+
+    def write_failure(
+        self,
+        slide_id: str,
+        slide_uri: str,
+        *,
+        stage: str,
+        error: BaseException,
+        tile: str | None = None,
+    ) -> None:
+        attempt = self.failure_attempts(slide_id) + 1
+        row = {
+            "slide_id": slide_id,
+            "slide_uri": slide_uri,
+            "stage": stage,
+            "error_type": type(error).__name__,
+            "message": str(error),
+            "tile": tile if tile is not None else getattr(error, "tile", None),
+            "attempt": attempt,
+            "failed_at": datetime.now(UTC),
+        }
+        table = schemas.conform(pa.Table.from_pylist([row]), "failures")
+        self.write_table(table, f"{self.root}/failures/{slide_id}.{attempt}.parquet")
+
+    def repair_slide_rows(self) -> list[str]:
+        """Rewrite missing ``slides`` rows from committed cells files; returns the ids repaired."""
+        self.fs.invalidate_cache()
+        have = {
+            p.rsplit("/", 1)[-1][: -len(".parquet")]
+            for p in self.fs.glob(f"{self.root}/slides/*.parquet")
+        }
+        repaired = []
+        for sid in sorted(self.committed() - have):
+            with self.fs.open(self.cells_path(sid), "rb") as f:
+                meta = pq.read_schema(f).metadata or {}
+            if SUMMARY_KEY in meta:
+                summary = json.loads(meta[SUMMARY_KEY])
+                self.write_slide_row(summary["row"], summary.get("extra"))
+                repaired.append(sid)
+        return repaired
+
+    def write_manifest(self, run_id: str, manifest: dict[str, Any], config_yaml: str) -> str:
+        base = f"{self.root}/runs/{run_id}"
+        self.fs.makedirs(base, exist_ok=True)
+        with self.fs.open(f"{base}/manifest.json", "w") as f:
+            f.write(json.dumps(manifest, indent=2, default=str))
+        with self.fs.open(f"{base}/config.yaml", "w") as f:
+            f.write(config_yaml)
+        return f"{self.uri}/runs/{run_id}/manifest.json"
+
+    def slide_writer(self, slide_id: str, schema: pa.Schema) -> SlideWriter:
+        return SlideWriter(self, slide_id, schema)
+
+
+class SlideWriter:
+    """Streams one slide's cell rows to a local temp file; :meth:`commit` publishes them at once."""
+
+    def __init__(self, store: OutputStore, slide_id: str, schema: pa.Schema) -> None:
+        self.store = store
+        self.slide_id = slide_id
+        # The partition key lives in the folder name only.
+        self.schema = (
+            schema.remove(schema.get_field_index(PARTITION_KEY))
+            if PARTITION_KEY in schema.names
+            else schema
+        )
+        self._tmpdir = tempfile.mkdtemp(prefix=f"hemaray-{slide_id[:32]}-")
+        self._path = f"{self._tmpdir}/{CELLS_FILE}"
+        self._writer: pq.ParquetWriter | None = None
+        self.rows = 0
+
+    def write(self, batch: pa.Table | pa.RecordBatch) -> None:
+        if self._writer is None:
+            self._writer = pq.ParquetWriter(self._path, self.schema)
+        table = batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch])
+        self._writer.write_table(
+            table.select(self.schema.names).cast(self.schema), row_group_size=ROW_GROUP_ROWS
+        )
+        self.rows += table.num_rows
+
+    def commit(self, summary_row: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
+        """Publish the cells file (the commit point), then the slide's summary row."""
+        summary = json.dumps({"row": summary_row, "extra": extra or {}}, default=str).encode()
+        if self._writer is None:
+            self._writer = pq.ParquetWriter(self._path, self.schema)
+        self._writer.add_key_value_metadata({SUMMARY_KEY: summary})
+        self._writer.close()
+        self._writer = None
+        try:
+            self.store._put_atomic(self._path, self.store.cells_path(self.slide_id))
+        finally:
+            self.discard()
+        self.store.write_slide_row(summary_row, extra)
+
+    def discard(self) -> None:
+        """Drop everything staged for this slide (nothing becomes visible)."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        shutil.rmtree(self._tmpdir, ignore_errors=True)
+
+
+def read_table(out: str, table: str, *, storage_options: dict[str, Any] | None = None) -> pa.Table:
+    """Read one output table (``cells``, ``slides`` or ``failures``) as Arrow."""
+    import pyarrow.dataset as ds
+
+    fs, root = fsspec.core.url_to_fs(out.rstrip("/"), **(storage_options or {}))
+    path = f"{root.rstrip('/')}/{table}"
+    partitioning = "hive" if table == "cells" else None
+    if not fs.exists(path) or not fs.ls(path):
+        return schemas.load(table).empty_table()
+    return ds.dataset(path, filesystem=fs, format="parquet", partitioning=partitioning).to_table()

@@ -1,0 +1,515 @@
+"""Per-tile stage logic between the detector and the writer, as plain callables over batches.
+
+A *tile batch* is a dict of numpy arrays (Ray Data's ``numpy`` batch format),
+one row per tile. Every stage keeps one row per tile so the driver can count
+tiles done per slide; the cells of a tile travel packed as Arrow IPC bytes in
+the ``cells`` column. None of this imports Ray: the pipeline module places
+these callables on Ray resources, and the tests call them directly.
+
+Row ``kind``: ``tile`` (process it), ``empty`` (a slide with no tile to
+process; commits with zero cells) or ``error`` (the slide failed at
+``error_stage``; the driver records it and drops the slide).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+import pyarrow as pa
+
+from batch.config import ClassifierSpec, Config
+from batch.ids import cell_ids
+from batch.tiling import TileTask, plan_tiles
+
+__all__ = [
+    "Batch",
+    "pack",
+    "unpack",
+    "PlanStage",
+    "read_tiles",
+    "DetectStage",
+    "segment_tiles",
+    "ClassifyStage",
+    "error_fields",
+    "shipped_or_path",
+    "TILE_COLUMNS",
+]
+
+Batch = dict[str, npt.NDArray[Any]]
+
+#: Columns of a planned tile row (besides the image, added by the reader).
+TILE_COLUMNS = (
+    "slide_id", "slide_uri", "kind", "n_tiles", "level", "downsample", "row", "col",
+    "x", "y", "w", "h", "core_x0", "core_y0", "core_x1", "core_y1", "scale", "mpp",
+    "slide_json", "error_stage", "error_type", "error_message", "error_tile",
+)  # fmt: skip
+#: Columns only used between stages (tile-pixel boxes for cropping); dropped before writing.
+TILE_BOX_COLUMNS = ("tx0", "ty0", "tx1", "ty1")
+#: Open slides kept per worker process (reads of one slide's tiles reuse the header parse).
+SLIDE_CACHE_SIZE = 8
+#: Centre region (detector pixels) used to estimate an unknown mpp from RBC sizes.
+MPP_PROBE_SIDE = 1024
+#: Resize factors tried when estimating an unknown mpp (photos are often much finer than 0.25 um/px).
+MPP_PROBE_FACTORS = (1.0, 0.5, 0.25)
+
+
+def pack(table: pa.Table) -> bytes:
+    """Arrow IPC stream bytes of ``table``."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return bytes(sink.getvalue().to_pybytes())
+
+
+def unpack(data: bytes) -> pa.Table:
+    return pa.ipc.open_stream(pa.py_buffer(data)).read_all()
+
+
+def shipped_or_path(model: str) -> str:
+    """A bare shipped model name (``wbc_type``) means ``batch/models/<name>.pt``."""
+    from batch.models import MODELS_DIR
+
+    if "/" not in model and "\\" not in model and not model.endswith((".pt", ".yaml")):
+        return str(MODELS_DIR / f"{model}.pt")
+    return model
+
+
+def error_fields(stage: str, error: BaseException) -> dict[str, Any]:
+    return {
+        "kind": "error",
+        "error_stage": stage,
+        "error_type": type(error).__name__,
+        "error_message": str(error),
+        "error_tile": getattr(error, "tile", None),
+    }
+
+
+def _object_array(values: list[Any]) -> npt.NDArray[Any]:
+    out = np.empty(len(values), dtype=object)
+    out[:] = values
+    return out
+
+
+def _rows_to_batch(rows: list[dict[str, Any]]) -> Batch:
+    return {k: _object_array([r.get(k) for r in rows]) for k in TILE_COLUMNS}
+
+
+# --- plan ------------------------------------------------------------------------------
+
+
+class _SlideCache:
+    """A few open slides per worker process, closed when evicted."""
+
+    def __init__(self, size: int = SLIDE_CACHE_SIZE) -> None:
+        self.size = size
+        self._open: OrderedDict[str, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, uri: str, opener: Callable[[], Any]) -> Any:
+        with self._lock:
+            if uri in self._open:
+                self._open.move_to_end(uri)
+                return self._open[uri]
+            slide = opener()
+            self._open[uri] = slide
+            while len(self._open) > self.size:
+                _, old = self._open.popitem(last=False)
+                old.close()
+            return slide
+
+
+_SLIDES = _SlideCache()
+
+
+def _open(uri: str, config: Config) -> Any:
+    from batch.slides import open_slide
+
+    return _SLIDES.get(
+        uri,
+        lambda: open_slide(
+            uri,
+            storage_options=config.storage.storage_options(),
+            max_pixels=config.slides.max_pixels,
+        ),
+    )
+
+
+class PlanStage:
+    """Open a slide's header, settle its mpp, plan its tiles: one row per tile to process.
+
+    A slide that fails to open or plan yields one ``error`` row; a slide with
+    nothing to process yields one ``empty`` row.
+    """
+
+    def __init__(self, config: Config, trained_mpp: float | None) -> None:
+        self.config = config
+        self.trained_mpp = trained_mpp
+        self._detector: Any = None
+
+    def _estimate_mpp(self, slide: Any) -> float | None:
+        """Median RBC diameter (7.5 um) on a central region, at a few resize factors."""
+        from batch.stages.detect import estimate_mpp_from_rbc
+
+        if self._detector is None:
+            from batch.models import load_detector
+
+            d = self.config.detect
+            self._detector = load_detector(
+                d.model, storage_options=self.config.storage.storage_options(), device="cpu",
+                conf=d.conf, iou=d.iou, max_det=d.max_det,
+            )  # fmt: skip
+        info = slide.info
+        best: tuple[int, float] | None = None
+        for factor in MPP_PROBE_FACTORS:
+            side = round(MPP_PROBE_SIDE / factor)
+            x, y = max(0, (info.width - side) // 2), max(0, (info.height - side) // 2)
+            region = slide.read_region(x, y, min(side, info.width), min(side, info.height))
+            img = cv2.resize(region, None, fx=factor, fy=factor, interpolation=cv2.INTER_AREA)
+            det = self._detector.detect([img])[0]
+            est = estimate_mpp_from_rbc(det.boxes / factor, det.labels)
+            n_rbc = int((det.labels == "RBC").sum())
+            if est is not None and (best is None or n_rbc > best[0]):
+                best = (n_rbc, est)
+        return best[1] if best else None
+
+    def __call__(self, row: dict[str, Any]) -> list[dict[str, Any]]:
+        base = {"slide_id": row["slide_id"], "slide_uri": row["slide_uri"], "n_tiles": 0}
+        stage = "open"
+        try:
+            slide = _open(row["slide_uri"], self.config)
+            stage = "plan"
+            mpp, source = slide.info.mpp, "file"
+            if mpp is None and row.get("mpp") is not None:
+                mpp, source = float(row["mpp"]), row.get("mpp_source") or "manifest"
+            if mpp is None and self.config.mpp is not None:
+                mpp, source = self.config.mpp, "config"
+            if mpp is None:
+                mpp, source = self._estimate_mpp(slide), "estimated"
+                if mpp is None:
+                    source = "unknown"
+            plan = plan_tiles(
+                _WithMpp(slide, mpp), self.config.tiling, slide_id=row["slide_id"],
+                target_mpp=self.trained_mpp,
+            )  # fmt: skip
+        except Exception as e:  # a bad slide is a failures row, not a crashed job
+            return [{**base, **error_fields(stage, e)}]
+        info = slide.info
+        slide_json = json.dumps(
+            {
+                "format": info.format, "width": info.width, "height": info.height,
+                "levels": len(info.levels), "mpp": mpp, "mpp_source": source,
+                "level_used": plan.level, "tiles_planned": plan.n_planned,
+                "tiles_skipped": len(plan.skipped),
+                "analysed_um2": (
+                    len(plan.tasks) * (plan.stride * plan.downsample * mpp) ** 2 if mpp else None
+                ),
+                "metadata": row.get("metadata_json"),
+            }
+        )  # fmt: skip
+        n = len(plan.tasks)
+        if n == 0:
+            return [{**base, "kind": "empty", "slide_json": slide_json, "mpp": mpp}]
+        return [
+            {
+                **base, "kind": "tile", "n_tiles": n, "slide_json": slide_json, "mpp": mpp,
+                **{k: v for k, v in asdict(t).items() if k not in ("slide_id", "slide_uri")},
+            }
+            for t in plan.tasks
+        ]  # fmt: skip
+
+
+class _WithMpp:
+    """A slide seen with a settled mpp (from the manifest, config or an estimate)."""
+
+    def __init__(self, slide: Any, mpp: float | None) -> None:
+        self._slide = slide
+        self.uri = slide.uri
+        self.info = _InfoWithMpp(slide.info, mpp)
+
+    def read_region(self, *args: Any, **kwargs: Any) -> Any:
+        return self._slide.read_region(*args, **kwargs)
+
+
+class _InfoWithMpp:
+    def __init__(self, info: Any, mpp: float | None) -> None:
+        self._info = info
+        self.mpp = mpp
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._info, name)
+
+
+# --- read --------------------------------------------------------------------------------
+
+
+def read_tiles(batch: Batch, config: Config) -> Batch:
+    """Read and decode each tile's region, resized to the detector's input size (``image``)."""
+    size = config.tiling.tile_size
+    images = np.full((len(batch["kind"]), size, size, 3), 255, dtype=np.uint8)
+    for i, kind in enumerate(batch["kind"]):
+        if kind != "tile":
+            continue
+        try:
+            slide = _open(batch["slide_uri"][i], config)
+            region = slide.read_region(
+                int(batch["x"][i]), int(batch["y"][i]), int(batch["w"][i]), int(batch["h"][i]),
+                level=int(batch["level"][i]),
+            )  # fmt: skip
+            if region.shape[:2] != (size, size):
+                region = cv2.resize(region, (size, size), interpolation=cv2.INTER_AREA)
+            images[i] = region
+        except Exception as e:
+            for k, v in error_fields("read", e).items():
+                batch[k][i] = v
+    return {**batch, "image": images}
+
+
+# --- detect ----------------------------------------------------------------------------
+
+
+def _task(batch: Batch, i: int) -> TileTask:
+    return TileTask(
+        slide_id=batch["slide_id"][i], slide_uri=batch["slide_uri"][i],
+        level=int(batch["level"][i]), downsample=float(batch["downsample"][i]),
+        row=int(batch["row"][i]), col=int(batch["col"][i]),
+        x=int(batch["x"][i]), y=int(batch["y"][i]), w=int(batch["w"][i]), h=int(batch["h"][i]),
+        core_x0=float(batch["core_x0"][i]), core_y0=float(batch["core_y0"][i]),
+        core_x1=float(batch["core_x1"][i]), core_y1=float(batch["core_y1"][i]),
+        scale=float(batch["scale"][i]),
+    )  # fmt: skip
+
+
+def _model_key(config: Config, detector_sha: str) -> str:
+    """What the cell ids depend on besides slide and box: weights and the tiling/detector config."""
+    key = json.dumps(
+        {"det": detector_sha, "tiling": asdict(config.tiling), "detect": asdict(config.detect)},
+        sort_keys=True,
+    )
+    import hashlib
+
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+class DetectStage:
+    """Run the detector over the tile images; keep boxes whose centre the tile's core owns."""
+
+    def __init__(self, config: Config, threads: int = 0) -> None:
+        import torch
+
+        from batch.models import load_detector
+
+        if threads:
+            torch.set_num_threads(threads)
+        d = config.detect
+        self.config = config
+        self.detector = load_detector(
+            d.model, storage_options=config.storage.storage_options(), device=d.device,
+            conf=d.conf, iou=d.iou, max_det=d.max_det, batch_size=d.batch_size,
+        )  # fmt: skip
+        self.version = self.detector.sha256[:12]
+        self.model_key = _model_key(config, self.detector.sha256)
+
+    def __call__(self, batch: Batch) -> Batch:
+        idx = [i for i, k in enumerate(batch["kind"]) if k == "tile"]
+        packed: list[bytes | None] = [None] * len(batch["kind"])
+        if idx:
+            # Tiles are already at the detector's scale (the reader resized them).
+            dets = self.detector.detect([batch["image"][i] for i in idx])
+            for i, det in zip(idx, dets, strict=True):
+                packed[i] = pack(self._cells(batch, i, det))
+        return {**batch, "cells": _object_array(packed)}
+
+    def _cells(self, batch: Batch, i: int, det: Any) -> pa.Table:
+        t = _task(batch, i)
+        boxes = np.asarray(det.boxes, dtype=np.float64).reshape(-1, 4)
+        # Detector pixels -> level pixels -> level-0 pixels.
+        x0, y0 = t.to_level0(boxes[:, 0] / t.scale, boxes[:, 1] / t.scale)
+        x1, y1 = t.to_level0(boxes[:, 2] / t.scale, boxes[:, 3] / t.scale)
+        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+        keep = t.owns(cx, cy)
+        labels = np.asarray(det.labels)[keep]
+        l0 = np.stack([x0, y0, x1, y1], axis=1)[keep]
+        mpp = batch["mpp"][i]
+        n = int(keep.sum())
+        return pa.table(
+            {
+                "cell_id": cell_ids(t.slide_id, l0, labels, self.model_key),
+                "level": pa.array([t.level] * n, pa.int16()),
+                "tile_row": pa.array([t.row] * n, pa.int32()),
+                "tile_col": pa.array([t.col] * n, pa.int32()),
+                "x0": l0[:, 0], "y0": l0[:, 1], "x1": l0[:, 2], "y1": l0[:, 3],
+                "cx": cx[keep], "cy": cy[keep],
+                "mpp": pa.array([mpp] * n, pa.float64()),
+                "det_class": pa.array(labels.tolist(), pa.string()),
+                "det_confidence": pa.array(np.asarray(det.scores)[keep], pa.float32()),
+                "detector_version": [self.version] * n,
+                "tx0": boxes[keep, 0], "ty0": boxes[keep, 1], "tx1": boxes[keep, 2], "ty1": boxes[keep, 3],
+            }
+        )  # fmt: skip
+
+
+# --- crop + segment ----------------------------------------------------------------------
+
+
+MORPH_COLUMNS = (
+    "cell_area_um2", "nucleus_area_um2", "nc_ratio", "nucleus_circularity",
+    "nucleus_solidity", "nucleus_mean_a", "nucleus_mean_b",
+)  # fmt: skip
+
+
+def _detector_mpp(batch: Batch, i: int) -> float | None:
+    mpp = batch["mpp"][i]
+    if mpp is None or (isinstance(mpp, float) and math.isnan(mpp)):
+        return None
+    return float(mpp) * float(batch["downsample"][i]) / float(batch["scale"][i])
+
+
+def segment_tiles(batch: Batch, config: Config) -> Batch:
+    """Crop every WBC from its tile image and segment it; adds morphometrics, packs crops + masks."""
+    from batch.stages.crop import crop_regions, crop_wbcs, estimate_background
+    from batch.stages.segment import SegmentConfig, segment_wbc
+
+    seg_cfg = SegmentConfig(min_nucleus_area_um2=config.segmentation.min_nucleus_um2)
+    crops_out: list[bytes | None] = [None] * len(batch["kind"])
+    cells_out = list(batch["cells"])
+    for i, kind in enumerate(batch["kind"]):
+        if kind != "tile" or batch["cells"][i] is None:
+            continue
+        cells = unpack(batch["cells"][i])
+        wbc = np.flatnonzero(np.asarray(cells.column("det_class").to_pylist()) == "WBC")
+        morph = {k: np.full(cells.num_rows, np.nan) for k in MORPH_COLUMNS}
+        if len(wbc):
+            image = batch["image"][i]
+            boxes = np.stack([cells.column(c).to_numpy()[wbc] for c in TILE_BOX_COLUMNS], axis=1)
+            bg = estimate_background(image)
+            crops = crop_wbcs(image, boxes, margin=config.segmentation.crop_margin, background=bg)
+            crop_mpp = _detector_mpp(batch, i) or config.tiling.fallback_mpp
+            regions = crop_regions(boxes, margin=config.segmentation.crop_margin)
+            masks = []
+            for j, (crop, box, reg) in enumerate(zip(crops, boxes, regions, strict=True)):
+                cell_box = (box[0] - reg[0], box[1] - reg[1], box[2] - reg[0], box[3] - reg[1])
+                seg = segment_wbc(crop, mpp=crop_mpp, config=seg_cfg, background=bg, cell_box=cell_box)
+                for k, v in seg.morphometrics().items():
+                    if k in morph:
+                        morph[k][wbc[j]] = v
+                masks.append(seg.cell_mask)
+                masks.append(seg.nucleus_mask)
+            buf = io.BytesIO()
+            arrays: dict[str, npt.NDArray[Any]] = {f"crop{j}": c for j, c in enumerate(crops)}
+            arrays.update({f"cell{j}": m for j, m in enumerate(masks[0::2])})
+            arrays.update({f"nucleus{j}": m for j, m in enumerate(masks[1::2])})
+            arrays["rows"] = wbc
+            np.savez(buf, **arrays)  # type: ignore[arg-type]
+            crops_out[i] = buf.getvalue()
+        for k, values in morph.items():
+            cells = cells.append_column(k, pa.array(values, pa.float64(), mask=np.isnan(values)))
+        cells_out[i] = pack(cells)
+    out = {k: v for k, v in batch.items() if k != "image"}
+    return {**out, "cells": _object_array(cells_out), "crops": _object_array(crops_out)}
+
+
+# --- classify ------------------------------------------------------------------------------
+
+
+def _png(arr: npt.NDArray[Any]) -> bytes:
+    ok, buf = cv2.imencode(".png", arr)
+    if not ok:
+        raise ValueError("PNG encoding failed")
+    return bytes(buf.tobytes())
+
+
+class ClassifyStage:
+    """Run every configured classifier over the WBC crops; adds NAME_* columns per classifier."""
+
+    def __init__(self, config: Config, threads: int = 0) -> None:
+        import torch
+
+        from batch.models import file_sha256
+        from batch.stages.classify import WbcClassifier
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.config = config
+        self.classifiers: list[tuple[ClassifierSpec, Any, str]] = []
+        for spec in config.classifiers:
+            clf = WbcClassifier(
+                shipped_or_path(spec.model), name=spec.name, input_mode=spec.input_mode,
+                device=config.detect.device, batch_size=config.execution.classify_batch_size,
+                storage_options=config.storage.storage_options(),
+            )  # fmt: skip
+            self.classifiers.append((spec, clf, file_sha256(clf.model_path)[:12]))
+
+    def label_sets(self) -> dict[str, list[str]]:
+        return {spec.name: list(clf.class_names) for spec, clf, _ in self.classifiers}
+
+    def __call__(self, batch: Batch) -> Batch:
+        cells_out = list(batch["cells"])
+        for i, kind in enumerate(batch["kind"]):
+            if kind != "tile" or batch["cells"][i] is None:
+                continue
+            cells = unpack(batch["cells"][i])
+            n = cells.num_rows
+            data = batch["crops"][i]
+            z = np.load(io.BytesIO(data)) if data is not None else None
+            rows = z["rows"] if z is not None else np.zeros(0, np.int64)
+            crops = [z[f"crop{j}"] for j in range(len(rows))] if z is not None else []
+            cell_masks = [z[f"cell{j}"] for j in range(len(rows))] if z is not None else []
+            for spec, clf, version in self.classifiers:
+                labels: list[str | None] = [None] * n
+                confs = np.full(n, np.nan, np.float32)
+                probs: list[list[float] | None] = [None] * n
+                if len(rows):
+                    lab, conf, pr = clf.classify(crops, cell_masks)
+                    for j, r in enumerate(rows):
+                        labels[r], confs[r], probs[r] = lab[j], conf[j], pr[j].tolist()
+                has = [p is not None for p in probs]
+                cells = cells.append_column(f"{spec.name}_label", pa.array(labels, pa.string()))
+                cells = cells.append_column(
+                    f"{spec.name}_confidence", pa.array(confs, pa.float32(), mask=np.isnan(confs))
+                )
+                cells = cells.append_column(
+                    f"{spec.name}_probs", pa.array(probs, pa.list_(pa.float32()))
+                )
+                cells = cells.append_column(
+                    f"{spec.name}_version",
+                    pa.array([version if h else None for h in has], pa.string()),
+                )
+            if self.config.export.crops:
+                crop_png: list[bytes | None] = [None] * n
+                mask_png: list[bytes | None] = [None] * n
+                for j, r in enumerate(rows):
+                    crop_png[r] = _png(cv2.cvtColor(crops[j], cv2.COLOR_RGB2BGR))
+                    mask_png[r] = (
+                        _png(z[f"nucleus{j}"].astype(np.uint8) * 255) if z is not None else None
+                    )
+                cells = cells.append_column("crop_png", pa.array(crop_png, pa.binary()))
+                cells = cells.append_column("mask_png", pa.array(mask_png, pa.binary()))
+            cells_out[i] = pack(cells.drop(list(TILE_BOX_COLUMNS)))
+        out = {k: v for k, v in batch.items() if k != "crops"}
+        return {**out, "cells": _object_array(cells_out)}
+
+
+def model_files(config: Config) -> dict[str, str]:
+    """The model files a run uses, by role (for provenance)."""
+    from batch.models import DEFAULT_DETECTOR
+
+    files = {"detector": config.detect.model or str(DEFAULT_DETECTOR)}
+    files.update({spec.name: shipped_or_path(spec.model) for spec in config.classifiers})
+    return files
+
+
+def local_hashes(files: dict[str, str]) -> dict[str, str | None]:
+    from batch.models import file_sha256
+
+    return {k: (file_sha256(v) if os.path.exists(v) else None) for k, v in files.items()}

@@ -1,0 +1,271 @@
+"""Classify white-blood-cell crops with an ultralytics classification model.
+
+The label set is the model's (``model.names``): a 4-class ALL subtype model,
+an 8-class peripheral-blood model, a 12-21 class marrow model all work the
+same way. What the model sees is decided by the *input mode*, and the same
+function, `render_input`, renders it for training (`batch.train_classifier`)
+and for inference, so the two cannot drift apart:
+
+``"mask"``
+    The crop with every pixel outside the cell mask (from
+    `batch.stages.segment`) set to ``MASK_FILL`` (black, the seeds'
+    "segmented" images). Seed 001's best input. An empty mask (segmentation
+    found no nucleus) leaves the crop unmasked, in training and inference alike. A constant fill, rather
+    than the slide's own background colour, removes the background colour
+    as a cue: in the Kaggle ALL images it differs by class (a batch effect).
+``"crop"``
+    The raw crop, surroundings included.
+``"dual"``
+    Both: the model (trained on both renderings of every training image)
+    scores the masked and the raw rendering and the two probability vectors
+    are averaged. This is the simplest honest reading of the seeds'
+    "original + mask" input; it is not their two-branch network.
+
+Every rendering is letterboxed to a square of the model's image size
+(`batch.stages.crop.letterbox`), so ultralytics' resize + centre-crop never
+cuts the cell off.
+
+Devices: ``device="auto"`` picks CUDA when available, else the CPU;
+``half="auto"`` uses fp16 on CUDA only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from batch.stages.crop import estimate_background, letterbox
+from batch.stages.detect import select_device
+
+__all__ = [
+    "DEFAULT_BATCH_SIZE",
+    "INPUT_MODES",
+    "MASK_FILL",
+    "InputMode",
+    "WbcClassifier",
+    "render_input",
+]
+
+InputMode = Literal["mask", "crop", "dual"]
+#: The input modes a classifier knows.
+INPUT_MODES: tuple[str, ...] = ("mask", "crop", "dual")
+#: Colour of the pixels outside the cell in ``"mask"`` renderings (RGB).
+MASK_FILL: tuple[int, int, int] = (0, 0, 0)
+#: Crops per forward pass.
+DEFAULT_BATCH_SIZE = 64
+#: Image size used when neither the caller, the model card nor the checkpoint names one.
+FALLBACK_IMGSZ = 64
+
+
+def render_input(
+    crop: npt.NDArray[np.uint8],
+    mask: npt.NDArray[np.bool_] | None,
+    mode: str,
+    size: int | None = None,
+    *,
+    fill: tuple[int, int, int] = MASK_FILL,
+) -> list[npt.NDArray[np.uint8]]:
+    """The image(s) a classifier sees for one crop.
+
+    Parameters
+    ----------
+    crop
+        RGB ``uint8`` crop ``(H, W, 3)``.
+    mask
+        Boolean cell mask of the crop's height and width; needed by the
+        ``"mask"`` and ``"dual"`` modes.
+    mode
+        ``"mask"``, ``"crop"`` or ``"dual"`` (see the module docstring).
+    size
+        Letterbox the rendering(s) to ``size`` x ``size``; None keeps the crop's size.
+    fill
+        Colour of non-cell pixels in the masked rendering.
+
+    Returns
+    -------
+    list of numpy.ndarray
+        One RGB image (``"mask"``, ``"crop"``) or two, masked first (``"dual"``).
+    """
+    if mode not in INPUT_MODES:
+        raise ValueError(f"input mode must be one of {INPUT_MODES}, got {mode!r}")
+    if crop.ndim != 3 or crop.shape[2] != 3 or crop.dtype != np.uint8:
+        raise ValueError(
+            f"crop must be an RGB uint8 array (H, W, 3), got {crop.dtype} {crop.shape}"
+        )
+    out: list[npt.NDArray[np.uint8]] = []
+    if mode in ("mask", "dual"):
+        if mask is None:
+            raise ValueError(f"input mode {mode!r} needs the cell mask of every crop")
+        if mask.shape != crop.shape[:2]:
+            raise ValueError(f"mask shape {mask.shape} does not match crop shape {crop.shape[:2]}")
+        masked = crop.copy()
+        if mask.any():  # an empty mask (no cell found) leaves the crop as it is
+            masked[~mask.astype(bool)] = np.asarray(fill, dtype=np.uint8)
+        out.append(letterbox(masked, size, fill) if size else masked)
+    if mode in ("crop", "dual"):
+        out.append(letterbox(crop, size, estimate_background(crop)) if size else crop)
+    return out
+
+
+def _precision_kwargs(half: bool) -> dict[str, Any]:
+    """fp16/fp32 inference arguments: ``quantize`` on newer ultralytics, ``half`` on older."""
+    from ultralytics.cfg import DEFAULT_CFG_DICT
+
+    if "quantize" in DEFAULT_CFG_DICT:
+        return {"quantize": 16 if half else None}
+    return {"half": half}
+
+
+class WbcClassifier:
+    """WBC subtype / type classifier over crops (ultralytics ``-cls`` model).
+
+    Parameters
+    ----------
+    model_path
+        Local path or fsspec URL of an ultralytics classification ``.pt``
+        (resolved with `batch.models.resolve_model`), or a model ``.yaml``
+        (an untrained model, for tests).
+    name
+        Short name of this classifier (``"all_subtype"``); used in column names.
+    input_mode
+        ``"mask"``, ``"crop"`` or ``"dual"``; None: the mode recorded in the
+        model card (``extra.input_mode``), else ``"mask"``.
+    device
+        ``"auto"``, ``"cpu"``, ``"cuda:0"``, ...
+    half
+        ``"auto"`` (fp16 on CUDA only), True or False. Ignored on the CPU.
+    imgsz
+        Input size; None: the model card's, else the checkpoint's training size.
+    batch_size
+        Crops per forward pass.
+    storage_options
+        fsspec options for a remote ``model_path``.
+    """
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        *,
+        name: str,
+        input_mode: str | None = None,
+        device: str = "auto",
+        half: bool | Literal["auto"] = "auto",
+        imgsz: int | None = None,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        storage_options: dict[str, Any] | None = None,
+    ) -> None:
+        from ultralytics import YOLO
+
+        from batch.models import read_model_card, resolve_model
+
+        text = str(model_path)
+        if text.endswith((".yaml", ".yml")):
+            local = Path(text)
+            self.card = None
+        else:
+            local = resolve_model(text, storage_options=storage_options)
+            self.card = read_model_card(local)
+        self.model_path = local
+        self.name = name
+        self.model = YOLO(str(local), task="classify")
+        if self.model.task != "classify":
+            raise ValueError(
+                f"{text}: expected a classification model, got task {self.model.task!r}"
+            )
+        names = dict(self.model.names)
+        self.class_names: list[str] = [str(names[i]) for i in sorted(names)]
+        extra = self.card.extra if self.card is not None else {}
+        mode = input_mode or str(extra.get("input_mode", "mask"))
+        if mode not in INPUT_MODES:
+            raise ValueError(f"input_mode must be one of {INPUT_MODES}, got {mode!r}")
+        self.input_mode: str = mode
+        fill = extra.get("mask_fill", MASK_FILL)
+        self.mask_fill: tuple[int, int, int] = (int(fill[0]), int(fill[1]), int(fill[2]))
+        self.device = select_device(device)
+        on_cuda = self.device.startswith("cuda")
+        self.half = on_cuda if half == "auto" else bool(half) and on_cuda
+        self._precision = _precision_kwargs(self.half)
+        self.imgsz = int(imgsz or self._model_imgsz())
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size = batch_size
+        self.trained_mpp: float | None = self.card.trained_mpp if self.card is not None else None
+
+    def _model_imgsz(self) -> int:
+        if self.card is not None and self.card.imgsz:
+            return int(self.card.imgsz)
+        args = getattr(self.model.model, "args", None)
+        if isinstance(args, dict) and args.get("imgsz"):
+            sz = args["imgsz"]
+            return int(sz[0] if isinstance(sz, list | tuple) else sz)
+        return FALLBACK_IMGSZ
+
+    def predict_images(self, images: Sequence[npt.NDArray[np.uint8]]) -> npt.NDArray[np.float32]:
+        """Class probabilities ``(N, C)`` of already rendered RGB images (see `render_input`)."""
+        if len(images) == 0:
+            return np.zeros((0, len(self.class_names)), np.float32)
+        probs: list[npt.NDArray[np.float32]] = []
+        for start in range(0, len(images), self.batch_size):
+            chunk = [
+                np.ascontiguousarray(im[..., ::-1])
+                for im in images[start : start + self.batch_size]
+            ]
+            results: Any = self.model.predict(
+                chunk, imgsz=self.imgsz, device=self.device, verbose=False, **self._precision
+            )
+            probs.extend(r.probs.data.float().cpu().numpy() for r in results)
+        return np.stack(probs).astype(np.float32)
+
+    def classify(
+        self,
+        crops: Sequence[npt.NDArray[np.uint8]],
+        masks: Sequence[npt.NDArray[np.bool_] | None] | None = None,
+    ) -> tuple[list[str], npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+        """Classify crops.
+
+        Parameters
+        ----------
+        crops
+            RGB ``uint8`` crops.
+        masks
+            One boolean cell mask per crop (``"mask"`` and ``"dual"`` modes);
+            may be None in ``"crop"`` mode.
+
+        Returns
+        -------
+        labels : list of str
+            The most probable class per crop.
+        confidences : numpy.ndarray
+            ``(N,)`` probability of that class.
+        probs : numpy.ndarray
+            ``(N, C)`` class probabilities in `class_names` order; rows sum to 1.
+        """
+        n = len(crops)
+        n_cls = len(self.class_names)
+        if n == 0:
+            return [], np.zeros(0, np.float32), np.zeros((0, n_cls), np.float32)
+        if masks is None:
+            if self.input_mode != "crop":
+                raise ValueError(
+                    f"classifier {self.name!r} (input_mode={self.input_mode!r}) needs masks"
+                )
+            mask_list: Sequence[npt.NDArray[np.bool_] | None] = [None] * n
+        else:
+            mask_list = masks
+        if len(mask_list) != n:
+            raise ValueError(f"got {n} crops but {len(mask_list)} masks")
+        views = [
+            render_input(c, m, self.input_mode, self.imgsz, fill=self.mask_fill)
+            for c, m in zip(crops, mask_list, strict=True)
+        ]
+        n_views = len(views[0])
+        flat = [v for per_crop in views for v in per_crop]
+        probs = self.predict_images(flat).reshape(n, n_views, n_cls).mean(axis=1)
+        probs = probs / probs.sum(axis=1, keepdims=True)
+        idx = probs.argmax(axis=1)
+        labels = [self.class_names[i] for i in idx]
+        return labels, probs[np.arange(n), idx].astype(np.float32), probs.astype(np.float32)

@@ -1,0 +1,466 @@
+"""Detect RBCs, WBCs and platelets on batches of RGB tiles with an ultralytics YOLO model.
+
+A detector works at one scale, the microns per pixel (mpp) its model was
+trained at (``trained_mpp``, read from the model card). ``CellDetector.detect``
+resamples every tile from its own mpp to that scale, pads the batch to one
+shape that is a multiple of the network stride (bottom / right only, so no
+offset is introduced), runs the network once per batch without any further
+resizing, and maps the boxes back.
+
+Guarantee: boxes are ``xyxy`` in the *input* tile's pixel coordinates,
+clipped to the tile, whatever the tile's mpp; a tile already at the trained
+mpp (or given ``mpp=None``) is not resampled at all, so the same pixels give
+the same boxes whether they arrive alone or in a batch (up to the padding of
+the batch, which is never inside the tile).
+
+Device: ``"auto"`` picks CUDA when available, else CPU; half precision is
+used on CUDA only (``half="auto"``). The same code path runs on both.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+
+from batch.models import ModelCard, file_sha256, read_model_card, resolve_model
+
+__all__ = [
+    "DEFAULT_CONF",
+    "DEFAULT_IOU",
+    "DEFAULT_MAX_DET",
+    "DETECTOR_CLASSES",
+    "MPP_CANDIDATES",
+    "PAD_VALUE",
+    "RBC_DIAMETER_UM",
+    "CellDetector",
+    "Detections",
+    "estimate_mpp_from_rbc",
+    "normalize_class_name",
+    "resample",
+    "select_device",
+]
+
+log = logging.getLogger(__name__)
+
+#: Canonical detector class names, in the id order of the project's own models.
+DETECTOR_CLASSES: tuple[str, ...] = ("RBC", "WBC", "platelet")
+#: Diameter of a normal red blood cell (micrometres) used to estimate an image's scale.
+RBC_DIAMETER_UM = 7.5
+#: Fewest RBC boxes from which a scale estimate is trusted.
+MIN_RBC_FOR_MPP = 3
+#: Confidence threshold for kept detections.
+DEFAULT_CONF = 0.25
+#: IoU threshold of non-maximum suppression.
+DEFAULT_IOU = 0.6
+#: Boxes kept per tile: ultralytics' 300 is too low for dense smear tiles
+#: (a 640 px tile at 0.25 um/px holds ~300-400 RBCs in a thick area).
+DEFAULT_MAX_DET = 1000
+#: Tiles per forward pass.
+DEFAULT_BATCH_SIZE = 8
+#: Padded batch sides are multiples of this (the network's largest stride).
+STRIDE = 32
+#: Grey used to pad (ultralytics' letterbox value; the model saw it in training).
+PAD_VALUE = 114
+#: Relative scale change below which a tile is not resampled.
+SCALE_TOLERANCE = 1e-3
+#: Assumed scales tried by ``CellDetector.estimate_mpp`` (um/px), coarse to fine.
+MPP_CANDIDATES: tuple[float, ...] = (0.5, 0.35, 0.25, 0.18, 0.125, 0.09, 0.065, 0.045)
+
+_ALIASES = {
+    "rbc": "RBC",
+    "redbloodcell": "RBC",
+    "erythrocyte": "RBC",
+    "wbc": "WBC",
+    "whitebloodcell": "WBC",
+    "leukocyte": "WBC",
+    "platelet": "platelet",
+    "platelets": "platelet",
+    "plt": "platelet",
+    "thrombocyte": "platelet",
+}
+
+
+def normalize_class_name(name: str) -> str:
+    """Map a dataset's or model's class name to the canonical one.
+
+    ``"Platelets"``, ``"platelet"`` -> ``"platelet"``; ``"rbc"`` -> ``"RBC"``;
+    ``"White Blood Cell"`` -> ``"WBC"``. Unknown names are returned stripped
+    but otherwise unchanged.
+    """
+    key = re.sub(r"[^a-z]", "", name.lower())
+    return _ALIASES.get(key, name.strip())
+
+
+def select_device(device: str = "auto") -> str:
+    """Resolve ``"auto"`` to ``"cuda:0"`` when a GPU is visible, else ``"cpu"``."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
+def estimate_mpp_from_rbc(
+    boxes: npt.ArrayLike,
+    classes: Sequence[str] | npt.ArrayLike,
+    *,
+    names: Sequence[str] | None = None,
+    image_shape: tuple[int, int] | None = None,
+    rbc_diameter_um: float = RBC_DIAMETER_UM,
+    min_cells: int = MIN_RBC_FOR_MPP,
+) -> float | None:
+    """Estimate an image's microns per pixel from its red blood cells.
+
+    The diameter of a box is ``max(width, height)``: a cell cut by the image
+    edge keeps its full extent along the edge, so the larger side is the
+    robust one. The estimate is ``rbc_diameter_um / median(diameter)``.
+
+    Parameters
+    ----------
+    boxes
+        ``(N, 4)`` ``xyxy`` boxes in the image's pixels.
+    classes
+        ``N`` class names (any spelling ``normalize_class_name`` knows), or
+        ``N`` integer ids together with ``names``.
+    names
+        Class names by id, when ``classes`` holds ids.
+    image_shape
+        ``(height, width)``; when given, boxes touching the border are left out
+        (unless that leaves fewer than ``min_cells``).
+    rbc_diameter_um
+        Assumed RBC diameter in micrometres.
+    min_cells
+        Fewest RBC boxes needed; fewer gives None.
+
+    Returns
+    -------
+    float or None
+        The estimated mpp, or None with too few RBCs.
+    """
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    cls = np.asarray(classes)
+    if cls.shape[0] != b.shape[0]:
+        raise ValueError(f"got {b.shape[0]} boxes but {cls.shape[0]} classes")
+    if cls.size and np.issubdtype(cls.dtype, np.integer):
+        if names is None:
+            raise ValueError("integer classes need `names` (class names by id)")
+        cls = np.asarray([names[int(i)] for i in cls])
+    is_rbc = np.asarray([normalize_class_name(str(c)) == "RBC" for c in cls], dtype=bool)
+    rbc = b[is_rbc]
+    if image_shape is not None and len(rbc):
+        h, w = image_shape
+        inner = (rbc[:, 0] > 1) & (rbc[:, 1] > 1) & (rbc[:, 2] < w - 1) & (rbc[:, 3] < h - 1)
+        if inner.sum() >= min_cells:
+            rbc = rbc[inner]
+    if len(rbc) < min_cells:
+        return None
+    diam = np.maximum(rbc[:, 2] - rbc[:, 0], rbc[:, 3] - rbc[:, 1])
+    median = float(np.median(diam))
+    if median <= 0:
+        return None
+    return rbc_diameter_um / median
+
+
+def resample(image: npt.NDArray[np.uint8], factor: float) -> npt.NDArray[np.uint8]:
+    """Resize an image by ``factor`` (area interpolation when shrinking, linear when enlarging)."""
+    if abs(factor - 1.0) < SCALE_TOLERANCE:
+        return image
+    h, w = image.shape[:2]
+    size = (max(1, round(w * factor)), max(1, round(h * factor)))
+    interp = cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR
+    return np.asarray(cv2.resize(image, size, interpolation=interp), dtype=np.uint8)
+
+
+class Detections(NamedTuple):
+    """Detections of one tile.
+
+    Attributes
+    ----------
+    boxes
+        ``(N, 4)`` float32 ``xyxy`` in the input tile's pixels.
+    class_ids
+        ``(N,)`` int64 ids into ``names``.
+    scores
+        ``(N,)`` float32 confidences.
+    names
+        Class names by id (canonical spelling).
+    """
+
+    boxes: npt.NDArray[np.float32]
+    class_ids: npt.NDArray[np.int64]
+    scores: npt.NDArray[np.float32]
+    names: tuple[str, ...]
+
+    @property
+    def labels(self) -> npt.NDArray[np.str_]:
+        """Class name of each box."""
+        if not len(self.class_ids):
+            return np.zeros(0, dtype="<U8")
+        return np.asarray(self.names)[self.class_ids]
+
+    def __len__(self) -> int:  # type: ignore[override]
+        return int(self.boxes.shape[0])
+
+    @classmethod
+    def empty(cls, names: tuple[str, ...]) -> Detections:
+        """No detections."""
+        return cls(
+            np.zeros((0, 4), np.float32), np.zeros(0, np.int64), np.zeros(0, np.float32), names
+        )
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return int(math.ceil(n / multiple) * multiple)
+
+
+class CellDetector:
+    """RBC / WBC / platelet detector over batches of RGB tiles.
+
+    Parameters
+    ----------
+    model_path
+        Local path or fsspec URL of an ultralytics ``.pt``; None: the shipped
+        detector. Its model card supplies ``trained_mpp``.
+    device
+        ``"auto"`` (CUDA if available, else CPU), ``"cpu"``, ``"cuda:0"``, ...
+    half
+        ``"auto"``: half precision on CUDA only; or an explicit bool.
+    conf, iou, max_det
+        Confidence threshold, NMS IoU and boxes kept per tile.
+    batch_size
+        Tiles per forward pass.
+    trained_mpp
+        Override the card's trained mpp (for a plain ultralytics ``.pt``
+        without a card). None with no card: tiles are never resampled.
+    storage_options
+        fsspec options for a remote ``model_path``.
+    """
+
+    def __init__(
+        self,
+        model_path: str | Path | None = None,
+        *,
+        device: str = "auto",
+        half: bool | str = "auto",
+        conf: float = DEFAULT_CONF,
+        iou: float = DEFAULT_IOU,
+        max_det: int = DEFAULT_MAX_DET,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        trained_mpp: float | None = None,
+        storage_options: dict[str, Any] | None = None,
+    ) -> None:
+        if not 0 <= conf <= 1 or not 0 < iou <= 1:
+            raise ValueError(f"conf must be in [0, 1] and iou in (0, 1]; got {conf}, {iou}")
+        if max_det < 1 or batch_size < 1:
+            raise ValueError(f"max_det and batch_size must be >= 1; got {max_det}, {batch_size}")
+        self.weights_path = resolve_model(model_path, storage_options=storage_options)
+        self.sha256 = file_sha256(self.weights_path)
+        self.card: ModelCard | None = read_model_card(self.weights_path)
+        self._trained_mpp = (
+            trained_mpp
+            if trained_mpp is not None
+            else (self.card.trained_mpp if self.card is not None else None)
+        )
+        if self._trained_mpp is None:
+            log.warning(
+                "%s has no trained mpp (no model card); tiles are used at their given scale",
+                self.weights_path,
+            )
+        self.device = select_device(device)
+        self.half = self.device.startswith("cuda") if half == "auto" else bool(half)
+        self.conf = conf
+        self.iou = iou
+        self.max_det = max_det
+        self.batch_size = batch_size
+        self._model, raw_names = self._load()
+        self._names = tuple(normalize_class_name(n) for n in raw_names)
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """Class names by id, normalised to ``"RBC"``, ``"WBC"``, ``"platelet"``."""
+        return self._names
+
+    @property
+    def trained_mpp(self) -> float | None:
+        """Microns per pixel the model expects (None: unknown, no resampling)."""
+        return self._trained_mpp
+
+    def scale_for(self, mpp: float | None) -> float:
+        """Resize factor from a tile at ``mpp`` to the model's scale (1 when either is unknown)."""
+        if mpp is None or self._trained_mpp is None:
+            return 1.0
+        if mpp <= 0:
+            raise ValueError(f"mpp must be > 0, got {mpp}")
+        return float(mpp) / self._trained_mpp
+
+    def detect(
+        self,
+        tiles: Sequence[npt.NDArray[np.uint8]],
+        mpp: float | Sequence[float | None] | None = None,
+        *,
+        conf: float | None = None,
+    ) -> list[Detections]:
+        """Detect cells on RGB tiles.
+
+        Parameters
+        ----------
+        tiles
+            RGB ``uint8`` arrays ``(H, W, 3)``; sizes may differ.
+        mpp
+            Microns per pixel of the tiles: one value for all, one per tile,
+            or None (tiles are already at ``trained_mpp``).
+        conf
+            Override the confidence threshold for this call (e.g. 0.001 for mAP).
+
+        Returns
+        -------
+        list of Detections
+            One per tile, boxes in that tile's pixel coordinates.
+        """
+        n = len(tiles)
+        if mpp is None or isinstance(mpp, (int, float)):
+            mpps: list[float | None] = [None if mpp is None else float(mpp)] * n
+        else:
+            mpps = list(mpp)
+            if len(mpps) != n:
+                raise ValueError(f"got {n} tiles but {len(mpps)} mpp values")
+        out: list[Detections] = []
+        for start in range(0, n, self.batch_size):
+            batch = tiles[start : start + self.batch_size]
+            scales = [self.scale_for(m) for m in mpps[start : start + self.batch_size]]
+            out.extend(self._detect_batch(batch, scales, self.conf if conf is None else conf))
+        return out
+
+    def _detect_batch(
+        self, tiles: Sequence[npt.NDArray[np.uint8]], scales: Sequence[float], conf: float
+    ) -> list[Detections]:
+        resized: list[npt.NDArray[np.uint8]] = []
+        for i, tile in enumerate(tiles):
+            if tile.ndim != 3 or tile.shape[2] != 3 or tile.dtype != np.uint8:
+                raise ValueError(
+                    f"tile {i}: expected an RGB uint8 array (H, W, 3), got {tile.dtype} {tile.shape}"
+                )
+            resized.append(resample(tile, scales[i]))
+        height = _round_up(max(r.shape[0] for r in resized), STRIDE)
+        width = _round_up(max(r.shape[1] for r in resized), STRIDE)
+        batch = []
+        for r in resized:
+            canvas = np.full((height, width, 3), PAD_VALUE, dtype=np.uint8)
+            # ultralytics takes BGR arrays (the cv2 convention).
+            canvas[: r.shape[0], : r.shape[1]] = r[..., ::-1]
+            batch.append(canvas)
+        out = []
+        for tile, r, (xyxy, cls, score) in zip(
+            tiles, resized, self._predict(batch, conf), strict=True
+        ):
+            if not len(xyxy):
+                out.append(Detections.empty(self._names))
+                continue
+            mapped = np.asarray(xyxy, dtype=np.float64).reshape(-1, 4).copy()
+            # Map from resampled pixels back to the input tile's pixels.
+            mapped[:, [0, 2]] *= tile.shape[1] / r.shape[1]
+            mapped[:, [1, 3]] *= tile.shape[0] / r.shape[0]
+            mapped[:, [0, 2]] = mapped[:, [0, 2]].clip(0, tile.shape[1])
+            mapped[:, [1, 3]] = mapped[:, [1, 3]].clip(0, tile.shape[0])
+            out.append(
+                Detections(
+                    mapped.astype(np.float32),
+                    np.asarray(cls, dtype=np.int64).reshape(-1),
+                    np.asarray(score, dtype=np.float32).reshape(-1),
+                    self._names,
+                )
+            )
+        return out
+
+    def _load(self) -> tuple[Any, list[str]]:
+        """Load the network; return it and its raw class names by id."""
+        from ultralytics import YOLO
+
+        model = YOLO(str(self.weights_path), task="detect")
+        raw = model.names
+        ids = sorted(raw) if isinstance(raw, dict) else list(range(len(raw)))
+        return model, [str(raw[i]) for i in ids]
+
+    def _predict(
+        self, batch: list[npt.NDArray[np.uint8]], conf: float
+    ) -> list[tuple[npt.NDArray[np.float32], npt.NDArray[np.int64], npt.NDArray[np.float32]]]:
+        """Run the network on same-shape BGR images; boxes in those images' pixels.
+
+        ``imgsz`` equals the images' shape (a multiple of ``STRIDE``), so
+        ultralytics' letterbox neither resizes nor pads them.
+        """
+        height, width = batch[0].shape[:2]
+        results = self._model.predict(
+            batch,
+            imgsz=[height, width],
+            conf=conf,
+            iou=self.iou,
+            max_det=self.max_det,
+            device=self.device,
+            half=self.half,
+            verbose=False,
+        )
+        out = []
+        for res in results:
+            boxes = res.boxes
+            if boxes is None or len(boxes) == 0:
+                out.append(
+                    (np.zeros((0, 4), np.float32), np.zeros(0, np.int64), np.zeros(0, np.float32))
+                )
+                continue
+            out.append(
+                (
+                    boxes.xyxy.float().cpu().numpy(),
+                    boxes.cls.cpu().numpy().astype(np.int64),
+                    boxes.conf.float().cpu().numpy(),
+                )
+            )
+        return out
+
+    def estimate_mpp(
+        self,
+        image: npt.NDArray[np.uint8],
+        candidates: Sequence[float] = MPP_CANDIDATES,
+    ) -> float | None:
+        """Estimate an RGB image's mpp from the RBCs the detector finds on it.
+
+        The image is detected at each assumed scale in ``candidates``; the
+        assumption under which the most RBCs are found wins (ties: the first,
+        i.e. coarsest), and its RBC boxes give the estimate via
+        ``estimate_mpp_from_rbc``. A second pass at the estimated scale refines
+        it. Needs a model with a trained mpp.
+
+        Returns
+        -------
+        float or None
+            The estimate, or None when no assumption finds enough RBCs.
+        """
+        if self._trained_mpp is None:
+            raise ValueError("estimate_mpp needs a model with a trained mpp (model card)")
+        if "RBC" not in self._names:
+            raise ValueError(f"estimate_mpp needs an RBC class; model classes: {self._names}")
+        rbc_id = self._names.index("RBC")
+        dets = self.detect([image] * len(candidates), list(candidates))
+        counts = [int((d.class_ids == rbc_id).sum()) for d in dets]
+        best = int(np.argmax(counts))
+        if counts[best] < MIN_RBC_FOR_MPP:
+            return None
+        shape = (int(image.shape[0]), int(image.shape[1]))
+        first = estimate_mpp_from_rbc(
+            dets[best].boxes, dets[best].class_ids, names=self._names, image_shape=shape
+        )
+        if first is None:
+            return None
+        refined = self.detect([image], first)[0]
+        second = estimate_mpp_from_rbc(
+            refined.boxes, refined.class_ids, names=self._names, image_shape=shape
+        )
+        return second if second is not None else first

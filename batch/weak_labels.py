@@ -1,0 +1,275 @@
+"""Weak per-cell labels: WBC crops from image-labelled data, labelled with their image's class.
+
+Datasets such as the Kaggle ALL set (``all4``: ``Benign``, ``Early``, ``Pre``,
+``Pro``) label whole fields, each holding several cells. `weak_crops` runs the
+cell detector over every image, cuts each detected WBC out the way the
+pipeline does (`batch.stages.crop.crop_wbcs`, same margin) and writes it to an
+ImageFolder under its image's class. Every crop is *weakly* labelled: a
+benign lymphocyte in a "Pro" field is still called ``pro_b``.
+
+Crops of one image are correlated (same patient, slide, stain, camera), so
+``groups.csv`` (``file,group``) names each crop's source image; pass it to
+``train_classifier --groups`` and no image's cells are split between train
+and test. When patient ids are unknown (``all4`` has none) this is the best
+grouping available: cells of one patient in two different images can still
+land in two splits. Say so next to every figure.
+
+Scale: the detector resamples each image from its mpp to the model's trained
+mpp. The mpp comes from ``mpp`` or is estimated from red-cell sizes on a
+sample of images (`batch.stages.detect.CellDetector.estimate_mpp`), and the
+median is used for the whole set (one camera, one magnification).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import random
+import re
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+
+from batch.stages.crop import DEFAULT_MARGIN, crop_wbcs
+
+__all__ = [
+    "DEFAULT_MIN_CONF",
+    "ALL4_RENAME",
+    "DetectorLike",
+    "WeakCropReport",
+    "estimate_dataset_mpp",
+    "weak_crops",
+]
+
+log = logging.getLogger(__name__)
+
+#: Minimum detector confidence of a WBC box that becomes a crop.
+DEFAULT_MIN_CONF = 0.4
+#: Images per class used to estimate a dataset's mpp.
+DEFAULT_MPP_SAMPLES = 8
+#: Folder names of the Kaggle ALL set -> hemaray's subtype labels.
+ALL4_RENAME: dict[str, str] = {
+    "Benign": "benign",
+    "Early": "early_pre_b",
+    "Pre": "pre_b",
+    "Pro": "pro_b",
+}
+#: File suffixes read as images.
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"})
+#: Detector class name of white blood cells.
+WBC = "WBC"
+
+
+class DetectorLike(Protocol):
+    """What `weak_crops` needs from a detector (`batch.stages.detect.CellDetector`)."""
+
+    @property
+    def class_names(self) -> tuple[str, ...]: ...
+
+    def detect(self, tiles: Sequence[npt.NDArray[np.uint8]], mpp: Any = None) -> list[Any]: ...
+
+    def estimate_mpp(self, image: npt.NDArray[np.uint8]) -> float | None: ...
+
+
+@dataclass
+class WeakCropReport:
+    """What `weak_crops` wrote."""
+
+    out: Path
+    mpp: float | None
+    images: int = 0
+    images_without_wbc: int = 0
+    crops_per_label: dict[str, int] = field(default_factory=dict)
+    unreadable: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable summary."""
+        return {
+            "out": str(self.out),
+            "mpp": self.mpp,
+            "images": self.images,
+            "images_without_wbc": self.images_without_wbc,
+            "crops_per_label": dict(self.crops_per_label),
+            "unreadable": list(self.unreadable),
+        }
+
+
+def _read_rgb(path: Path) -> npt.NDArray[np.uint8] | None:
+    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    return None if bgr is None else np.ascontiguousarray(bgr[..., ::-1])
+
+
+def _class_images(data: Path, rename: dict[str, str]) -> list[tuple[str, Path]]:
+    items: list[tuple[str, Path]] = []
+    for cdir in sorted(p for p in data.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        label = rename.get(cdir.name, cdir.name)
+        items += [
+            (label, f)
+            for f in sorted(cdir.rglob("*"))
+            if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
+        ]
+    if not items:
+        raise FileNotFoundError(f"no images under {str(data)!r}; expected <class>/<image>")
+    return items
+
+
+def estimate_dataset_mpp(
+    detector: DetectorLike,
+    images: Sequence[Path],
+    *,
+    samples: int = DEFAULT_MPP_SAMPLES,
+    seed: int = 0,
+) -> float | None:
+    """Median of per-image mpp estimates (from red-cell sizes) over a seeded sample of images."""
+    rng = random.Random(seed)
+    pick = sorted(rng.sample(list(images), min(samples, len(images))))
+    estimates = []
+    for p in pick:
+        rgb = _read_rgb(p)
+        if rgb is None:
+            continue
+        est = detector.estimate_mpp(rgb)
+        if est is not None:
+            estimates.append(est)
+    if not estimates:
+        return None
+    log.info("mpp estimates from %d images: %s", len(estimates), [round(e, 3) for e in estimates])
+    return float(np.median(estimates))
+
+
+def weak_crops(
+    data: str | Path,
+    out: str | Path,
+    detector: DetectorLike,
+    *,
+    mpp: float | None = None,
+    mpp_samples: int = DEFAULT_MPP_SAMPLES,
+    margin: float = DEFAULT_MARGIN,
+    min_conf: float = DEFAULT_MIN_CONF,
+    rename: dict[str, str] | None = None,
+    max_per_class: int | None = None,
+    batch_size: int = 8,
+    seed: int = 0,
+) -> WeakCropReport:
+    """Detect WBCs on an image-labelled ImageFolder and write weakly labelled crops.
+
+    Parameters
+    ----------
+    data
+        ``data/<class>/<image>``.
+    out
+        Output: ``out/<label>/<image stem>__wbc<k>.png``, ``out/groups.csv``
+        (``file,group``: group = the source image), ``out/crops.csv`` (one row
+        per crop: file, label, source, box, confidence, mpp).
+    detector
+        A `batch.stages.detect.CellDetector` (or anything with its methods).
+    mpp
+        Microns per pixel of the images; None: estimated (see the module docstring).
+    mpp_samples
+        Images used to estimate the mpp.
+    margin
+        Crop margin (the pipeline's).
+    min_conf
+        Minimum WBC confidence.
+    rename
+        Folder name -> label (e.g. `ALL4_RENAME`).
+    max_per_class
+        Use at most this many images per class (a seeded sample).
+    batch_size
+        Images per detector call.
+    seed
+        Seed of the samples.
+
+    Returns
+    -------
+    WeakCropReport
+    """
+    data, out = Path(data), Path(out)
+    rename = rename or {}
+    items = _class_images(data, rename)
+    if max_per_class is not None:
+        rng = random.Random(seed)
+        by_label: dict[str, list[Path]] = {}
+        for label, p in items:
+            by_label.setdefault(label, []).append(p)
+        items = [
+            (label, p)
+            for label in sorted(by_label)
+            for p in sorted(rng.sample(by_label[label], min(max_per_class, len(by_label[label]))))
+        ]
+    if mpp is None:
+        mpp = estimate_dataset_mpp(detector, [p for _, p in items], samples=mpp_samples, seed=seed)
+        if mpp is None:
+            log.warning("could not estimate the images' mpp; detecting at their given scale")
+    if WBC not in detector.class_names:
+        raise ValueError(f"the detector has no {WBC!r} class; its classes: {detector.class_names}")
+    wbc_id = detector.class_names.index(WBC)
+    report = WeakCropReport(out=out, mpp=mpp)
+    counts: Counter[str] = Counter()
+    out.mkdir(parents=True, exist_ok=True)
+    for label in sorted({label for label, _ in items}):
+        (out / label).mkdir(exist_ok=True)
+    group_rows: list[dict[str, str]] = []
+    crop_rows: list[dict[str, Any]] = []
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        loaded = [(label, p, _read_rgb(p)) for label, p in chunk]
+        for _, p, rgb in loaded:
+            if rgb is None:
+                report.unreadable.append(str(p))
+        ok = [(label, p, rgb) for label, p, rgb in loaded if rgb is not None]
+        if not ok:
+            continue
+        dets = detector.detect([rgb for _, _, rgb in ok], mpp)
+        for (label, p, rgb), d in zip(ok, dets, strict=True):
+            report.images += 1
+            keep = (np.asarray(d.class_ids) == wbc_id) & (np.asarray(d.scores) >= min_conf)
+            boxes = np.asarray(d.boxes, dtype=np.float64)[keep]
+            scores = np.asarray(d.scores)[keep]
+            if len(boxes) == 0:
+                report.images_without_wbc += 1
+                continue
+            source = p.relative_to(data).as_posix()
+            stem = re.sub(r"[^A-Za-z0-9_.-]", "_", p.stem)
+            for k, (crop, box, score) in enumerate(
+                zip(crop_wbcs(rgb, boxes, margin=margin), boxes, scores, strict=True)
+            ):
+                rel = f"{label}/{stem}__wbc{k}.png"
+                if not cv2.imwrite(str(out / rel), np.ascontiguousarray(crop[..., ::-1])):
+                    raise OSError(f"could not write {out / rel}")
+                counts[label] += 1
+                group_rows.append({"file": rel, "group": source})
+                crop_rows.append(
+                    {
+                        "file": rel,
+                        "label": label,
+                        "source": source,
+                        "x0": round(float(box[0]), 1),
+                        "y0": round(float(box[1]), 1),
+                        "x1": round(float(box[2]), 1),
+                        "y1": round(float(box[3]), 1),
+                        "confidence": round(float(score), 4),
+                        "mpp": mpp,
+                    }
+                )
+    report.crops_per_label = dict(sorted(counts.items()))
+    _write_csv(out / "groups.csv", ["file", "group"], group_rows)
+    _write_csv(
+        out / "crops.csv",
+        ["file", "label", "source", "x0", "y0", "x1", "y1", "confidence", "mpp"],
+        crop_rows,
+    )
+    return report
+
+
+def _write_csv(path: Path, fields: list[str], rows: Sequence[dict[str, Any]]) -> None:
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)

@@ -1,0 +1,19 @@
+"""Train a WBC classifier from an ImageFolder (thin entry point; logic in `batch.train_classifier`).
+
+Example (the shipped ``batch/models/wbc_type.pt``)::
+
+    python jobs/train_classifier.py --data /path/to/pbc --out runs/wbc_type --name wbc_type \
+        --input mask --mpp 0.08 --target-mpp 0.2 --recrop --imgsz 64 --epochs 30
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from batch.train_classifier import main  # noqa: E402
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,119 @@
+"""WbcClassifier: label set from the model file, shapes, probabilities, input modes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from batch.stages.classify import MASK_FILL, WbcClassifier, render_input
+
+LABELS = {0: "benign", 1: "early_pre_b", 2: "pre_b", 3: "pro_b"}
+SHIPPED = Path(__file__).resolve().parent.parent / "batch" / "models"
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained yolov8n-cls built from YAML with four named classes, saved as a local .pt."""
+    import ultralytics
+    import yaml
+    from ultralytics import YOLO
+
+    folder = tmp_path_factory.mktemp("cls_model")
+    cfg = yaml.safe_load(
+        (Path(ultralytics.__file__).parent / "cfg/models/v8/yolov8-cls.yaml").read_text()
+    )
+    cfg["nc"] = len(LABELS)
+    model_yaml = folder / "yolov8n-cls.yaml"  # the "n" in the name picks the scale
+    model_yaml.write_text(yaml.safe_dump(cfg))
+    model = YOLO(str(model_yaml), task="classify")
+    model.model.names = dict(LABELS)  # type: ignore[union-attr]
+    path = folder / "tiny_cls.pt"
+    model.save(str(path))
+    return path
+
+
+def _crops(n: int, seed: int = 0) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    crops, masks = [], []
+    for i in range(n):
+        h, w = 30 + i, 40 - i
+        crop = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        mask = np.zeros((h, w), bool)
+        mask[5:-5, 6:-6] = True
+        crops.append(crop)
+        masks.append(mask)
+    return crops, masks
+
+
+def test_labels_shapes_and_probabilities(tiny_model: Path) -> None:
+    clf = WbcClassifier(tiny_model, name="all_subtype", device="cpu", imgsz=32, batch_size=3)
+    assert clf.class_names == list(LABELS.values())
+    assert clf.input_mode == "mask" and clf.device == "cpu" and clf.half is False
+    crops, masks = _crops(7)
+    labels, conf, probs = clf.classify(crops, masks)
+    assert len(labels) == 7 and set(labels) <= set(LABELS.values())
+    assert conf.shape == (7,) and probs.shape == (7, 4)
+    assert probs.dtype == np.float32
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(conf, probs.max(axis=1))
+    assert [clf.class_names[i] for i in probs.argmax(axis=1)] == labels
+    empty = clf.classify([], [])
+    assert empty[0] == [] and empty[2].shape == (0, 4)
+
+
+def test_mask_mode_zeroes_the_background() -> None:
+    crops, masks = _crops(1)
+    (masked,) = render_input(crops[0], masks[0], "mask")
+    assert (masked[~masks[0]] == MASK_FILL).all()
+    np.testing.assert_array_equal(masked[masks[0]], crops[0][masks[0]])
+    mask_view, crop_view = render_input(crops[0], masks[0], "dual", 32)
+    assert mask_view.shape == crop_view.shape == (32, 32, 3)
+    (raw,) = render_input(crops[0], None, "crop")
+    np.testing.assert_array_equal(raw, crops[0])
+    # No cell found: nothing to mask, the crop is shown as it is.
+    (unmasked,) = render_input(crops[0], np.zeros_like(masks[0]), "mask")
+    np.testing.assert_array_equal(unmasked, crops[0])
+
+
+def test_mask_mode_ignores_pixels_outside_the_cell(tiny_model: Path) -> None:
+    clf = WbcClassifier(tiny_model, name="t", device="cpu", imgsz=32, input_mode="mask")
+    crops, masks = _crops(2)
+    changed = [c.copy() for c in crops]
+    for c, m in zip(changed, masks, strict=True):
+        c[~m] = 255 - c[~m]
+    _, _, p1 = clf.classify(crops, masks)
+    _, _, p2 = clf.classify(changed, masks)
+    np.testing.assert_allclose(p1, p2, atol=1e-6)
+
+
+def test_dual_and_crop_modes(tiny_model: Path) -> None:
+    crops, masks = _crops(3)
+    crop_clf = WbcClassifier(tiny_model, name="t", device="cpu", imgsz=32, input_mode="crop")
+    _, _, p_crop = crop_clf.classify(crops)  # no masks needed
+    mask_clf = WbcClassifier(tiny_model, name="t", device="cpu", imgsz=32, input_mode="mask")
+    _, _, p_mask = mask_clf.classify(crops, masks)
+    dual = WbcClassifier(tiny_model, name="t", device="cpu", imgsz=32, input_mode="dual")
+    _, _, p_dual = dual.classify(crops, masks)
+    # dual = the mean of the two views' probabilities.
+    np.testing.assert_allclose(p_dual, (p_crop + p_mask) / 2, atol=1e-5)
+    with pytest.raises(ValueError, match="needs masks"):
+        dual.classify(crops)
+    with pytest.raises(ValueError, match="input_mode"):
+        WbcClassifier(tiny_model, name="t", device="cpu", input_mode="rgb")
+
+
+@pytest.mark.parametrize("name", ["wbc_type", "all_subtype"])
+def test_shipped_weights(name: str) -> None:
+    path = SHIPPED / f"{name}.pt"
+    if not path.is_file():
+        pytest.skip(f"{path.name} is not shipped in this checkout")
+    clf = WbcClassifier(path, name=name, device="cpu")
+    assert clf.card is not None and clf.card.task == "classify"
+    assert clf.class_names == clf.card.class_names
+    assert "not for clinical diagnosis" in clf.card.intended_use
+    crops, masks = _crops(2)
+    _, _, probs = clf.classify(crops, masks)
+    assert probs.shape == (2, len(clf.class_names))
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)

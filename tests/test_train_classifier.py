@@ -1,0 +1,268 @@
+"""Classifier training: a tiny offline run, grouped splits, train-only flips, metrics."""
+
+from __future__ import annotations
+
+import csv
+import json
+import socket
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+
+from batch.train_classifier import (
+    ImageRecord,
+    TrainClassifierConfig,
+    assign_groups,
+    classification_metrics,
+    config_from_args,
+    discover_images,
+    freeze_count,
+    group_split,
+    train_classifier,
+)
+
+BACKGROUND = (228, 224, 218)
+CYTOPLASM = (150, 165, 215)
+NUCLEUS = (105, 60, 170)
+#: Class -> (nucleus radius, images per patient, patients): imbalanced on purpose.
+CLASSES = {"Benign": (9, 2, 4), "Pro": (14, 3, 4)}
+
+
+def _cell(rng: np.random.Generator, r_nucleus: int) -> np.ndarray:
+    img = np.empty((48, 48, 3), np.uint8)
+    img[:] = BACKGROUND
+    c = (24 + int(rng.integers(-2, 3)), 24 + int(rng.integers(-2, 3)))
+    cv2.circle(img, c, 18, CYTOPLASM, -1)
+    cv2.circle(img, c, r_nucleus, NUCLEUS, -1)
+    noise = rng.normal(0, 3, img.shape)
+    return np.clip(img + noise, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """22 images in two class folders; file names carry a patient id (``p<k>_<i>.png``)."""
+    root = tmp_path_factory.mktemp("cls_data")
+    rng = np.random.default_rng(0)
+    patient = 0
+    for cls, (r, per_patient, patients) in CLASSES.items():
+        (root / cls).mkdir()
+        for _ in range(patients):
+            for i in range(per_patient):
+                img = _cell(rng, r)
+                cv2.imwrite(str(root / cls / f"p{patient}_{i}.png"), img[..., ::-1])
+            patient += 1
+    return root
+
+
+@pytest.fixture()
+def no_network(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Refuse every outbound connection that is not to loopback; record attempts."""
+    attempts: list[Any] = []
+    real_connect = socket.socket.connect
+
+    def guarded(self: socket.socket, address: Any) -> Any:
+        host = address[0] if isinstance(address, tuple) else str(address)
+        if (
+            self.family == socket.AF_UNIX
+            or str(host).startswith("127.")
+            or host in ("::1", "localhost")
+        ):
+            return real_connect(self, address)
+        attempts.append(address)
+        raise ConnectionRefusedError(f"test blocks outbound connections ({address})")
+
+    monkeypatch.setattr(socket.socket, "connect", guarded)
+    return attempts
+
+
+def test_tiny_training_offline(image_folder: Path, tmp_path: Path, no_network: list[Any]) -> None:
+    out = tmp_path / "run"
+    cfg = config_from_args(
+        [
+            "--data", str(image_folder), "--out", str(out), "--name", "tiny",
+            "--input", "dual", "--mpp", "0.25", "--imgsz", "32", "--epochs", "1",
+            "--batch", "8", "--group-regex", r"^(p\d+)_", "--group-desc", "patient",
+            "--val-fraction", "0.25", "--test-fraction", "0.25",
+            "--rename", "Benign=benign", "--rename", "Pro=pro_b",
+            "--source", '{"name": "generated", "licence": "CC0"}',
+        ]
+    )  # fmt: skip
+    summary = train_classifier(cfg)
+    assert no_network == []
+
+    weights = out / "tiny.pt"
+    assert weights.is_file() and weights.stat().st_size > 100_000
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics == json.loads(json.dumps(summary))
+    assert metrics["class_names"] == ["benign", "pro_b"]
+    for split in ("val", "test"):
+        m = metrics["metrics"][split]
+        for key in (
+            "accuracy", "macro_f1", "per_class", "false_negative_rate_macro",
+            "mae_class_index", "confusion_matrix", "malignant_vs_benign", "split_note",
+        ):  # fmt: skip
+            assert key in m, key
+        assert set(m["per_class"]) == {"benign", "pro_b"}
+        assert {"precision", "recall", "f1", "false_negative_rate"} <= set(m["per_class"]["pro_b"])
+        assert "patient" in m["split_note"]
+        assert (out / f"confusion_{split}.png").is_file()
+
+    card = json.loads((out / "tiny.json").read_text())
+    assert card["task"] == "classify" and card["class_names"] == ["benign", "pro_b"]
+    assert card["extra"]["input_mode"] == "dual" and card["trained_mpp"] == 0.25
+    assert "not for clinical diagnosis" in card["intended_use"]
+    assert "Classification metrics" in (out / "tiny.md").read_text()
+
+    with open(out / "work" / "manifest.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    splits_of_group: dict[str, set[str]] = defaultdict(set)
+    for r in rows:
+        splits_of_group[r["group"]].add(r["split"])
+        assert (out / "work" / r["file"]).is_file()
+    assert all(len(s) == 1 for s in splits_of_group.values()), splits_of_group
+    assert {r["split"] for r in rows} == {"train", "val", "test"}
+    flipped = [r for r in rows if r["flip"]]
+    assert flipped and all(r["split"] == "train" for r in flipped)
+    # Train is balanced in source images (dual: two renderings per source).
+    per_class: dict[str, int] = defaultdict(int)
+    for r in rows:
+        if r["split"] == "train" and r["view"] == "mask":
+            per_class[r["label"]] += 1
+    assert len(set(per_class.values())) == 1, per_class
+
+
+def test_group_split_keeps_groups_whole_and_stratifies() -> None:
+    records = [
+        ImageRecord(Path(f"{c}/{g}_{i}.png"), c, f"{c}{g}", None)
+        for c, n_groups in (("a", 20), ("b", 10))
+        for g in range(n_groups)
+        for i in range(1 + g % 3)
+    ]
+    split = group_split(records, val_fraction=0.2, test_fraction=0.2, seed=1)
+    where: dict[str, set[str | None]] = defaultdict(set)
+    for r in split:
+        where[r.group].add(r.split)
+    assert all(len(s) == 1 for s in where.values())
+    for c in ("a", "b"):
+        n = sum(r.label == c for r in split)
+        n_train = sum(r.label == c and r.split == "train" for r in split)
+        assert 0.45 <= n_train / n <= 0.75
+        assert any(r.label == c and r.split == "val" for r in split)
+        assert any(r.label == c and r.split == "test" for r in split)
+    assert split == group_split(records, val_fraction=0.2, test_fraction=0.2, seed=1)
+
+
+def test_presplit_dataset_with_a_shared_group_is_refused() -> None:
+    records = [
+        ImageRecord(Path("train/a/x.png"), "a", "patient1", "train"),
+        ImageRecord(Path("val/a/y.png"), "a", "patient1", "val"),
+    ]
+    with pytest.raises(ValueError, match="patient1"):
+        group_split(records)
+
+
+def test_groups_from_csv(image_folder: Path, tmp_path: Path) -> None:
+    records = discover_images(image_folder)
+    table = tmp_path / "groups.csv"
+    with open(table, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["file", "group"])
+        for r in records[:-1]:
+            w.writerow([r.path.relative_to(image_folder).as_posix(), "slide" + r.path.stem[1]])
+    with pytest.raises(ValueError, match="no group"):
+        assign_groups(records, image_folder, groups_csv=table)
+    grouped = assign_groups(records[:-1], image_folder, groups_csv=table)
+    assert {r.group for r in grouped} <= {f"slide{k}" for k in range(10)}
+    with pytest.raises(ValueError, match="does not match"):
+        assign_groups(records, image_folder, group_regex=r"^slide(\d+)")
+
+
+def test_classification_metrics_by_hand() -> None:
+    names = ["benign", "early_pre_b", "pre_b", "pro_b"]
+    y_true = [0, 0, 1, 2, 3, 3]
+    y_pred = [0, 1, 1, 2, 0, 3]
+    m = classification_metrics(y_true, y_pred, names)
+    assert m["accuracy"] == pytest.approx(4 / 6)
+    assert m["confusion_matrix"][3] == [1, 0, 0, 1]
+    assert m["per_class"]["benign"]["precision"] == pytest.approx(0.5)
+    assert m["per_class"]["pro_b"]["recall"] == pytest.approx(0.5)
+    assert m["per_class"]["pro_b"]["false_negative_rate"] == pytest.approx(0.5)
+    assert m["mae_class_index"] == pytest.approx((0 + 1 + 0 + 0 + 3 + 0) / 6)
+    mb = m["malignant_vs_benign"]
+    assert mb["n_malignant"] == 4 and mb["false_negative_rate"] == pytest.approx(1 / 4)
+    assert mb["false_positive_rate"] == pytest.approx(1 / 2)
+    f1 = [m["per_class"][c]["f1"] for c in names]
+    assert m["macro_f1"] == pytest.approx(sum(f1) / 4)
+    assert "malignant_vs_benign" not in classification_metrics([0, 1], [0, 1], ["a", "b"])
+
+
+def test_freeze_strategies_map_to_layers() -> None:
+    assert freeze_count("yolov8n-cls.yaml", "all") == (0, 10)
+    assert freeze_count("yolov8n-cls.yaml", "last3") == (7, 10)
+    assert freeze_count("yolov8n-cls.yaml", "last10") == (0, 10)
+    with pytest.raises(ValueError, match="lastN"):
+        freeze_count("yolov8n-cls.yaml", "first3")
+
+
+def test_config_validation(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="--mpp"):
+        TrainClassifierConfig(data=tmp_path, out=tmp_path, input_mode="mask").validate()
+    with pytest.raises(ValueError, match="--freeze"):
+        TrainClassifierConfig(data=tmp_path, out=tmp_path, input_mode="crop", freeze="x").validate()
+    with pytest.raises(ValueError, match="training split"):
+        TrainClassifierConfig(
+            data=tmp_path, out=tmp_path, input_mode="crop", val_fraction=0.5, test_fraction=0.5
+        ).validate()
+
+
+class _FakeDetector:
+    """Finds one WBC (the drawn cell) per image, plus an RBC; no weights needed."""
+
+    class_names = ("RBC", "WBC", "platelet")
+
+    def __init__(self) -> None:
+        self.mpps: list[Any] = []
+
+    def detect(self, tiles: list[np.ndarray], mpp: Any = None) -> list[Any]:
+        from batch.stages.detect import Detections
+
+        self.mpps.append(mpp)
+        return [
+            Detections(
+                np.array([[6, 6, 42, 42], [0, 0, 10, 10]], np.float32),
+                np.array([1, 0]),
+                np.array([0.9, 0.8], np.float32),
+                self.class_names,
+            )
+            for _ in tiles
+        ]
+
+    def estimate_mpp(self, image: np.ndarray) -> float | None:
+        return 0.3
+
+
+def test_weak_crops_label_by_image_and_group_by_source(image_folder: Path, tmp_path: Path) -> None:
+    from batch.weak_labels import weak_crops
+
+    detector = _FakeDetector()
+    out = tmp_path / "weak"
+    report = weak_crops(image_folder, out, detector, rename={"Benign": "benign", "Pro": "pro_b"})
+    assert report.mpp == pytest.approx(0.3) and set(detector.mpps) == {0.3}
+    assert report.crops_per_label == {"benign": 8, "pro_b": 12}
+    with open(out / "groups.csv") as fh:
+        groups = list(csv.DictReader(fh))
+    assert len(groups) == 20
+    for row in groups:
+        label, name = row["file"].split("/")
+        assert (out / row["file"]).is_file()
+        assert row["group"].split("/")[0] == {"benign": "Benign", "pro_b": "Pro"}[label]
+        assert name.startswith(Path(row["group"]).stem + "__wbc")
+    crop = cv2.imread(str(out / groups[0]["file"]))
+    assert crop.shape[:2] == (48, 48)  # 36 px box + 15 % margin each side, padded at the edge
+    # The crops train like any ImageFolder, grouped by source image.
+    records = assign_groups(discover_images(out), out, groups_csv=out / "groups.csv")
+    assert {r.group for r in records} == {g["group"] for g in groups}
