@@ -139,6 +139,23 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return result.exit_code
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from batch.run_eval import evaluate_run
+    from batch.sink import read_table
+
+    opts = {"client_kwargs": {"endpoint_url": args.endpoint_url}} if args.endpoint_url else None
+    cells = read_table(args.out, "cells", storage_options=opts).to_pandas()
+    truth = pd.read_parquet(args.truth, storage_options=opts)
+    result = evaluate_run(cells, truth, iou=args.iou)
+    if args.json:
+        _print_json(result)
+    else:
+        print(json.dumps(result, indent=2))
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     import tempfile
 

@@ -198,6 +198,8 @@ class ExecutionConfig:
     gpus_per_classifier: float = 0.25
     #: Torch threads in each CPU actor; 0: all the node's cores.
     torch_threads: int = 0
+    #: Testing hook: "SLIDE_ID:ROW:COL" makes that tile's read raise (fault tests use it).
+    inject_read_fault: str | None = None
 
     def validate(self) -> None:
         if self.read_batch_size < 1 or self.classify_batch_size < 1:

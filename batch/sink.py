@@ -43,6 +43,17 @@ CELLS_FILE = "part-0.parquet"
 SUMMARY_KEY = b"hemaray.slide_summary"
 #: Parquet row group size: bounded memory for readers of big slides.
 ROW_GROUP_ROWS = 65_536
+#: Slides with at most this many cells are written in a stable order (tile, then position), so
+#: two runs give byte-identical files; bigger ones keep arrival order to bound memory.
+SORT_MAX_ROWS = 2_000_000
+#: The stable order of a slide's rows.
+SORT_KEYS = [
+    ("tile_row", "ascending"),
+    ("tile_col", "ascending"),
+    ("y0", "ascending"),
+    ("x0", "ascending"),
+    ("cell_id", "ascending"),
+]
 #: Hive partition column of ``cells``: carried by the folder name, not stored in the files
 #: (pandas/pyarrow refuse a column that is both in the file and in the path).
 PARTITION_KEY = "slide_id"
@@ -187,6 +198,11 @@ class SlideWriter:
         self._writer.add_key_value_metadata({SUMMARY_KEY: summary})
         self._writer.close()
         self._writer = None
+        if 0 < self.rows <= SORT_MAX_ROWS and all(k in self.schema.names for k, _ in SORT_KEYS):
+            table = pq.read_table(self._path)
+            meta = table.schema.metadata
+            table = table.sort_by(SORT_KEYS).replace_schema_metadata(meta)
+            pq.write_table(table, self._path, row_group_size=ROW_GROUP_ROWS)
         try:
             self.store._put_atomic(self._path, self.store.cells_path(self.slide_id))
         finally:

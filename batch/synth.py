@@ -10,8 +10,8 @@ the slide's pixel count).
 
 How a slide is made
 -------------------
-A slide is a list of objects (compact numpy structured arrays, about 40 bytes
-per cell) placed once from the slide's seed, plus a spatial bucket index.
+A slide is a list of objects (compact numpy structured arrays, 31 bytes per
+object) placed once from the slide's seed, plus a spatial bucket index.
 Every tile of every pyramid level is rendered directly from that list at the
 level's scale, so level ``k`` never needs level ``k - 1``:
 
@@ -21,13 +21,13 @@ level's scale, so level ``k`` never needs level ``k - 1``:
   ``white * illumination * exp(-absorbance) + noise`` (Beer-Lambert), so
   overlapping cells darken the way they do in the thick zone.
 * RBCs and platelets are drawn from a per-slide bank of sprites (continuous
-  shape models sampled with 4x4 supersampling at each level's scale); WBCs are
+  shape models sampled with 3x3 supersampling at each level's scale); WBCs are
   continuous models evaluated per cell (nucleus outline, chromatin texture,
   nucleoli, vacuoles, cytoplasm), exactly on the level-0 pixel grid at level 0.
 * Smear geometry along x: thick body -> monolayer -> feathered edge, then
   glass (``blank_fraction`` of the area, beyond a tongue-shaped edge). RBCs sit
-  on a jittered hexagonal lattice thinned by an ordered dither to the local
-  density, so the monolayer has cells just touching and the thick zone has
+  on a jittered hexagonal lattice thinned by a blue-noise dither to the local
+  density, so the monolayer has cells nearly touching and the thick zone has
   them overlapping. WBCs are placed with a density proportional to the RBCs'
   and enriched towards the feathered and lateral edges; they push RBCs aside.
 * Per slide: stain balance (too pink .. too blue), stain intensity, small hue
@@ -35,18 +35,29 @@ level's scale, so level ``k`` never needs level ``k - 1``:
   brightness gradient. Sensor noise is a fixed function of pixel coordinates,
   so any region rendered alone equals the same region of a tile.
 
+Cost (measured on 1 shared core, mpp 0.25, blood)
+-------------------------------------------------
+8192 x 6144 px (5 levels, ~48,000 objects): ~5 s, peak RSS ~210 MB.
+32768 x 32768 px (7 levels, ~1,020,000 objects): ~56 s of CPU, peak RSS
+~470 MB (interpreter and libraries included); the file is ~400 MB.
+
 Densities (defaults)
 --------------------
-Per 100x oil field (~0.038 mm^2, about 780 x 780 px at 0.25 um/px) the
-monolayer holds ~390 RBCs and ~13 platelets (MORPHOLOGY.md: 280-400 and
-10-15). ``kind="blood"``: 1 WBC per 400 RBCs, about one WBC per oil field,
-i.e. ~11,000/uL at 4.5 million RBC/uL: circulating blasts at a high-normal
-count (an aleukaemic / early leukaemic picture). That gives a 2048 x 2048 field
-several WBCs and an 8192 x 6144 slide about a hundred, enough to test WBC
-stages without making RBCs rare. ``kind="marrow"``: 1 nucleated cell per 8
-RBCs, ~50 per oil field (MORPHOLOGY.md: 40-60). Each slide picks a dominant
-subtype (60-85 % of its WBCs, the rest spread over the other three); marrow
-slides are mostly blast-dominant.
+Per 100x oil field (FN 22: ~0.038 mm^2, about 780 x 780 px at 0.25 um/px)
+the monolayer holds ~450 RBCs (~370 per FN 20 field) and ~14 platelets
+(MORPHOLOGY.md: 280-400 and 10-15); the thick body about twice as many
+RBCs, the feathered edge ~300. WBC density follows the RBCs' (more blood per
+area in the thick body) and is raised up to 1.6x at the feathered edge and
+1.4x along the lateral borders. ``kind="blood"``: 1 WBC per 400 RBCs, ~1.3
+WBCs per monolayer field, i.e. ~11,000/uL at 4.5 million RBC/uL: circulating
+blasts at a high-normal count (an aleukaemic / early leukaemic picture; a
+hyperleukocytic 100,000/uL would crowd the RBCs out). That gives a 2048 x 2048
+field about 8-15 WBCs and an 8192 x 6144 slide about 120-140, enough to test
+the WBC stages on small slides. ``kind="marrow"``: 1 nucleated cell per 8
+RBCs, ~40 per monolayer field and ~55 in the thick body (MORPHOLOGY.md:
+40-60). Each slide picks a dominant subtype (60-85 % of its WBCs, the rest
+spread over the other three by a flat Dirichlet draw): any of the four for
+blood, a blast subtype 90 % of the time for marrow.
 
 Subtypes differ by overlapping distributions of size, N:C ratio, chromatin
 condensation (fine lacy vs condensed homogeneous), nucleoli (count and
@@ -78,10 +89,11 @@ column            type      meaning (unit)
                             ``"monolayer"`` | ``"feathered"``
 ================  ========  ====================================================
 
-Boxes are the exact drawn extents of the object's shape (every pixel with
-any coverage; a WBC box holds the whole cell, cytoplasm included), clipped
-to the image. A mild optical blur (sigma 0.7 px at level 0) spreads colour
-by at most 2 px beyond them. RBCs and platelets may be cut by the image
+Boxes are the exact drawn extents of the object's shape, clipped to the
+image: for RBCs and platelets every pixel with any supersampled coverage,
+for WBCs every pixel whose centre lies in the cell (cytoplasm included). A
+mild optical blur (sigma 0.7 px at level 0) spreads colour ~2 px beyond
+them. RBCs and platelets may be cut by the image
 border (their box is then the visible part); WBC centres always lie inside
 the image, so every WBC shows part of its nucleus. No object touches the
 blank glass.
@@ -145,24 +157,32 @@ RBC_DIAMETER_RANGE_UM = (6.0, 9.0)
 RBC_PALLOR_RADIUS = 1.0 / 3.0  # central pallor ~1/3 of the diameter (half-depth radius)
 PLATELET_DIAMETER_RANGE_UM = (2.0, 3.2)  # 2-3 um fragments
 # RBC lattice spacing (centre to centre, um) along the smear axis u in [0, 1]:
-# overlapping in the thick body, just touching in the monolayer (~390 RBCs per
-# oil field, MORPHOLOGY 280-400), sparse towards the feathered edge.
+# overlapping in the thick body, nearly touching in the monolayer (~450 RBCs per
+# FN 22 oil field of 0.038 mm^2, ~370 per FN 20 field; MORPHOLOGY 280-400),
+# sparse towards the feathered edge.
 RBC_SPACING_PROFILE: tuple[tuple[float, float], ...] = (
     (0.00, 6.2),
     (0.12, 6.6),
     (0.30, 8.3),
-    (0.42, 9.2),
-    (0.72, 9.6),
-    (0.82, 10.8),
+    (0.42, 9.6),
+    (0.72, 10.0),
+    (0.82, 11.0),
     (1.00, 15.0),
 )
 ZONE_LIMITS = (0.30, 0.75)  # u < 0.30 thick, < 0.75 monolayer, else feathered
-OIL_FIELD_AREA_UM2 = 38_000.0  # 100x oil field, FN 22 (derived; ~1/15000 uL of blood)
-PLATELETS_PER_RBC = 1.0 / 30.0  # 10-15 platelets vs 280-400 RBCs per field
+PLATELETS_PER_RBC = 1.0 / 40.0  # singles; with clumps ~1:30 (10-15 vs 280-400 per field)
 WBC_PER_RBC = {"blood": 1.0 / 400.0, "marrow": 1.0 / 8.0}  # see module docstring
 PLATELET_CLUMP_FRACTION = 0.15
+# RBC centres are kept >= WBC radius + f * RBC radius from a WBC centre; f over u:
+# 0.65 in the thick body (RBCs overlap the rim), 0.9 from the monolayer on (touching).
+_WBC_RBC_CONTACT = ((0.15, 0.35), (0.65, 0.9))
 EDGE_TAPER_UM = 40.0  # cells thin out over this distance before the glass
+TONGUE_DEPTH = 0.5  # depth of the tongue-shaped feathered edge, x min(f, 1 - f) x width
+EDGE_WOBBLE = 0.03  # waviness of that edge, same units
+PATCH_WAVELENGTH_UM = (150.0, 600.0)  # uneven spreading: density waves across the smear
+PATCH_AMPLITUDE = (0.06, 0.06, 0.06, 0.06)  # relative density amplitude of each wave (max)
 WBC_EDGE_BOOST = 0.6  # extra WBC density at the feathered edge (WBCs gather at edges)
+WBC_EDGE_FROM_U = 0.7  # the boost ramps up from this axis position to the edge
 WBC_LATERAL_BOOST = 0.4  # extra WBC density near the smear's lateral borders
 WBC_LATERAL_BAND = 0.08  # lateral band, fraction of the slide height
 DOMINANT_FRACTION_RANGE = (0.60, 0.85)  # share of the slide's dominant subtype
@@ -201,7 +221,7 @@ SUBTYPE_TRAITS: dict[str, SubtypeTraits] = {
     "benign": SubtypeTraits(
         diameter_um=((0.6, 8.8, 1.0), (0.4, 12.5, 1.6)),
         nc_ratio=(0.72, 0.06),
-        condensation=(0.80, 0.10),
+        condensation=(0.68, 0.14),
         nucleoli_mean=0.3,
         nucleoli_visibility=(0.25, 0.10),
         outline_irregularity=0.030,
@@ -213,7 +233,7 @@ SUBTYPE_TRAITS: dict[str, SubtypeTraits] = {
     "early_pre_b": SubtypeTraits(
         diameter_um=((1.0, 13.0, 1.8),),
         nc_ratio=(0.80, 0.05),
-        condensation=(0.25, 0.12),
+        condensation=(0.36, 0.14),
         nucleoli_mean=1.6,
         nucleoli_visibility=(0.65, 0.15),
         outline_irregularity=0.025,
@@ -225,7 +245,7 @@ SUBTYPE_TRAITS: dict[str, SubtypeTraits] = {
     "pre_b": SubtypeTraits(
         diameter_um=((1.0, 11.5, 1.5),),
         nc_ratio=(0.77, 0.06),
-        condensation=(0.42, 0.12),
+        condensation=(0.48, 0.14),
         nucleoli_mean=1.0,
         nucleoli_visibility=(0.55, 0.15),
         outline_irregularity=0.045,
@@ -237,7 +257,7 @@ SUBTYPE_TRAITS: dict[str, SubtypeTraits] = {
     "pro_b": SubtypeTraits(
         diameter_um=((1.0, 15.0, 2.0),),
         nc_ratio=(0.70, 0.07),
-        condensation=(0.28, 0.12),
+        condensation=(0.34, 0.14),
         nucleoli_mean=2.0,
         nucleoli_visibility=(0.75, 0.15),
         outline_irregularity=0.035,
@@ -282,97 +302,53 @@ OPTICAL_BLUR_PX = 0.7  # level-0 sigma of the optical point-spread function
 # ---------------------------------------------------------------------------
 # File layout
 # ---------------------------------------------------------------------------
-PYRAMID_TOP_MAX_SIDE = 1024  # halve until a level fits within this many px (that level included)
+PYRAMID_MIN_SIDE = 1024  # halve until the smallest side is under this many px (that level included)
 DEFAULT_TILE_SIZE = 512
 SPRITE_BANK_SIZE = 64  # bank entries per RBC pallor class and for platelets
-SUPERSAMPLE = 4  # per-axis samples per pixel for bank sprites
+SUPERSAMPLE = 3  # per-axis samples per pixel for bank sprites
 BUCKET_UM = 64.0  # side of the spatial index cells
 _BLUR_MARGIN = 3  # px rendered around a region so the blur sees its neighbours
-_NOISE_PERIOD = 1021  # the noise pattern repeats every this many px (prime: no tile alignment)
-_NOISE_EXTRA = 1024  # the stored pattern wraps this far, so regions up to this size are slices
+_NOISE_PERIOD = 509  # the noise pattern repeats every this many px (prime: no tile alignment)
+_NOISE_EXTRA = 512  # the stored pattern wraps this far, so regions up to this size are slices
 _NOISE_LEVEL_SHIFT = (7919, 104729)  # decorrelates the levels' noise
-_WBC_CACHE_BYTES = 64 << 20
+_WBC_CACHE_BYTES = 64 << 20  # rendered WBCs kept for the neighbouring tiles
 _BLUE_NOISE_SIZE = 64  # side of the blue-noise dither matrix (lattice sites)
 _BLUE_NOISE_SIGMA = 1.5  # void-and-cluster kernel width, lattice spacings
 _DITHER_JITTER = 0.04  # random perturbation of the dither thresholds
 _LATTICE_JITTER = (0.10, 0.30)  # positional jitter sd, fraction of the local spacing: sparse, dense
 _LATTICE_ROWS_PER_CHUNK = 256
 
+
+def _field(
+    name: str, kind: pa.DataType, description: str, unit: str = "", nullable: bool = False
+) -> pa.Field:
+    meta = {"description": description, **({"unit": unit} if unit else {})}
+    return pa.field(name, kind, nullable=nullable, metadata=meta)
+
+
+_PX = "level-0 px"
 GROUND_TRUTH_SCHEMA: pa.Schema = pa.schema(
     [
-        pa.field(
-            "slide_id",
-            pa.string(),
-            nullable=False,
-            metadata={"description": "slide file stem, e.g. slide_0000"},
+        _field("slide_id", pa.string(), "slide file stem, e.g. slide_0000"),
+        _field("object_id", pa.int64(), "object id, unique within the slide"),
+        _field("class", pa.string(), "RBC | WBC | platelet"),
+        _field(
+            "subtype", pa.string(), "WBC only: benign | early_pre_b | pre_b | pro_b", nullable=True
         ),
-        pa.field(
-            "object_id",
-            pa.int64(),
-            nullable=False,
-            metadata={"description": "object id, unique within the slide"},
-        ),
-        pa.field(
-            "class", pa.string(), nullable=False, metadata={"description": "RBC | WBC | platelet"}
-        ),
-        pa.field(
-            "subtype",
-            pa.string(),
-            metadata={"description": "WBC subtype: benign | early_pre_b | pre_b | pro_b"},
-        ),
-        pa.field(
-            "x0",
-            pa.int64(),
-            nullable=False,
-            metadata={"description": "box left, inclusive", "unit": "level-0 px"},
-        ),
-        pa.field(
-            "y0",
-            pa.int64(),
-            nullable=False,
-            metadata={"description": "box top, inclusive", "unit": "level-0 px"},
-        ),
-        pa.field(
-            "x1",
-            pa.int64(),
-            nullable=False,
-            metadata={"description": "box right, exclusive", "unit": "level-0 px"},
-        ),
-        pa.field(
-            "y1",
-            pa.int64(),
-            nullable=False,
-            metadata={"description": "box bottom, exclusive", "unit": "level-0 px"},
-        ),
-        pa.field(
-            "cx",
-            pa.float64(),
-            nullable=False,
-            metadata={"description": "box centre x, (x0 + x1) / 2", "unit": "level-0 px"},
-        ),
-        pa.field(
-            "cy",
-            pa.float64(),
-            nullable=False,
-            metadata={"description": "box centre y, (y0 + y1) / 2", "unit": "level-0 px"},
-        ),
-        pa.field(
+        _field("x0", pa.int64(), "box left, inclusive", _PX),
+        _field("y0", pa.int64(), "box top, inclusive", _PX),
+        _field("x1", pa.int64(), "box right, exclusive", _PX),
+        _field("y1", pa.int64(), "box bottom, exclusive", _PX),
+        _field("cx", pa.float64(), "box centre x, (x0 + x1) / 2", _PX),
+        _field("cy", pa.float64(), "box centre y, (y0 + y1) / 2", _PX),
+        _field(
             "nucleus_mask",
             pa.binary(),
-            metadata={"description": "WBC only: PNG of a uint8 0/1 mask, box-sized"},
+            "WBC only: PNG of a uint8 0/1 nucleus mask of the box's size",
+            nullable=True,
         ),
-        pa.field(
-            "mpp",
-            pa.float64(),
-            nullable=False,
-            metadata={"description": "pixel size at level 0", "unit": "um/px"},
-        ),
-        pa.field(
-            "zone",
-            pa.string(),
-            nullable=False,
-            metadata={"description": "smear zone at the centre: thick | monolayer | feathered"},
-        ),
+        _field("mpp", pa.float64(), "pixel size at level 0", "um/px"),
+        _field("zone", pa.string(), "smear zone at the centre: thick | monolayer | feathered"),
     ],
     metadata={"table": "hemaray.synth.ground_truth", "version": "1"},
 )
@@ -442,14 +418,14 @@ def _crop_nonzero(dens: F32, threshold: float = 1e-3) -> tuple[F32, int, int]:
 
 
 def pyramid_shapes(width: int, height: int) -> list[tuple[int, int]]:
-    """Level sizes ``(width, height)``: halve until a level fits in ``PYRAMID_TOP_MAX_SIDE``.
+    """Level sizes ``(width, height)``: halve until the smallest side is under ``PYRAMID_MIN_SIDE``.
 
-    The level that first fits is included, e.g. 8192 x 6144 gives 8192 x 6144,
-    4096 x 3072, 2048 x 1536, 1024 x 768 and 512 x 384. Level ``k`` is
+    That level is included, e.g. 8192 x 6144 gives 8192 x 6144, 4096 x 3072,
+    2048 x 1536 and 1024 x 768. Level ``k`` is
     ``ceil(size / 2**k)`` and has pixel size ``mpp * 2**k``.
     """
     shapes = [(width, height)]
-    while max(shapes[-1]) >= PYRAMID_TOP_MAX_SIDE:
+    while min(shapes[-1]) >= PYRAMID_MIN_SIDE:
         k = len(shapes)
         shapes.append((-(-width // 2**k), -(-height // 2**k)))
     return shapes
@@ -527,7 +503,7 @@ class _Geometry:
         edge_dist = np.minimum(y, self.height - y) / (WBC_LATERAL_BAND * self.height)
         return np.asarray(
             1.0
-            + WBC_EDGE_BOOST * _smoothstep((u - 0.7) / 0.3)
+            + WBC_EDGE_BOOST * _smoothstep((u - WBC_EDGE_FROM_U) / (1.0 - WBC_EDGE_FROM_U))
             + WBC_LATERAL_BOOST * (1.0 - _smoothstep(edge_dist))
         )
 
@@ -536,9 +512,9 @@ def _make_geometry(
     width: int, height: int, mpp: float, blank_fraction: float, rng: np.random.Generator
 ) -> _Geometry:
     f = blank_fraction
-    tongue = 0.5 * min(f, 1.0 - f) * width * rng.uniform(0.6, 1.0)
-    n_waves = 4
-    wavelength_px = rng.uniform(150.0, 600.0, n_waves) / mpp
+    tongue = TONGUE_DEPTH * min(f, 1.0 - f) * width * rng.uniform(0.6, 1.0)
+    n_waves = len(PATCH_AMPLITUDE)
+    wavelength_px = rng.uniform(*PATCH_WAVELENGTH_UM, n_waves) / mpp
     angle = rng.uniform(0.0, np.pi, n_waves)
     k = 2.0 * np.pi / wavelength_px
     waves = np.stack(
@@ -546,7 +522,7 @@ def _make_geometry(
             k * np.cos(angle),
             k * np.sin(angle),
             rng.uniform(0, 2 * np.pi, n_waves),
-            rng.uniform(0.03, 0.06, n_waves),
+            rng.uniform(0.5, 1.0, n_waves) * np.asarray(PATCH_AMPLITUDE),
         ],
         axis=1,
     )
@@ -556,7 +532,7 @@ def _make_geometry(
         px_per_um=1.0 / mpp,
         blank_fraction=f,
         tongue_px=tongue,
-        wobble_px=0.03 * min(f, 1.0 - f) * width,
+        wobble_px=EDGE_WOBBLE * min(f, 1.0 - f) * width,
         wobble_cycles=int(rng.integers(1, 4)),
         wobble_phase=float(rng.uniform(0, 2 * np.pi)),
         patch_waves=waves,
@@ -636,7 +612,7 @@ class _BlobParams:
     texture: F32 | None  # platelet granules, grid over [-radius, radius]^2
 
 
-def _blob_density(p: _BlobParams, dx: F64, dy: F64) -> F64:
+def _blob_density(p: _BlobParams, dx: F32, dy: F32) -> F32:
     """Density of a blob at offsets ``(dx, dy)`` (level-0 px) from its centre."""
     c, s = math.cos(p.angle), math.sin(p.angle)
     u = (dx * c + dy * s) / p.radius
@@ -653,9 +629,9 @@ def _blob_density(p: _BlobParams, dx: F64, dy: F64) -> F64:
         g = p.texture.shape[0]
         gx = (dx / p.radius + 1.0) * 0.5 * (g - 1)
         gy = (dy / p.radius + 1.0) * 0.5 * (g - 1)
-        tex = _sample_grid(p.texture, gx[0], gy[:, 0]).astype(np.float64)
+        tex = _sample_grid(p.texture, gx[0], gy[:, 0])
         dens = (0.55 + 0.45 * np.exp(-2.0 * r * r)) * (1.0 + 0.45 * tex)
-    return np.where(inside, np.maximum(dens, 0.0) * p.gain, 0.0)
+    return np.where(inside, np.maximum(dens, 0.0) * p.gain, 0.0).astype(np.float32)
 
 
 def _render_blob(p: _BlobParams, scale: int) -> tuple[F32, int, int]:
@@ -665,10 +641,11 @@ def _render_blob(p: _BlobParams, scale: int) -> tuple[F32, int, int]:
     model centre (in pixel-edge coordinates) so that a blob centred at
     level-0 ``(mx, my)`` has its top-left at ``(mx / scale - ox, my / scale - oy)``.
     """
-    reach = p.radius * (1.0 + float(np.abs(p.harm_amps).sum())) * max(p.aspect, 1.0) + 1.0
+    # aspect >= 1 only shortens the minor axis, so the major radius bounds the extent.
+    reach = p.radius * (1.0 + float(np.abs(p.harm_amps).sum())) + 1.0
     half = int(math.ceil(reach / scale)) + 1
     n = 2 * half * SUPERSAMPLE
-    t = ((np.arange(n) + 0.5) / SUPERSAMPLE - half) * scale
+    t = (((np.arange(n) + 0.5) / SUPERSAMPLE - half) * scale).astype(np.float32)
     dens = _blob_density(p, t[None, :], t[:, None])
     dens = dens.reshape(2 * half, SUPERSAMPLE, 2 * half, SUPERSAMPLE).mean(axis=(1, 3))
     sprite, x0, y0 = _crop_nonzero(dens.astype(np.float32))
@@ -1340,7 +1317,10 @@ def make_slide(
         )
         d = np.hypot(bx[near] - w.cx, by[near] - w.cy)
         is_rbc = bref[near] < _PLATELET_BANK_START
-        limit = np.where(is_rbc, w.rc + 0.9 * radius[bref[near]], w.rc + radius[bref[near]])
+        # RBCs touch a WBC's rim; in the crowded thick body they overlap it a little.
+        u_w = float(geom.axis_position(np.asarray(w.cx), np.asarray(w.cy)))
+        touch = float(np.interp(u_w, *_WBC_RBC_CONTACT))
+        limit = np.where(is_rbc, w.rc + touch * radius[bref[near]], w.rc + radius[bref[near]])
         alive[near[d < limit]] = False
     bx, by, bref = bx[alive], by[alive], bref[alive]
     bx0, by0 = bx - box_ox[bref], by - box_oy[bref]

@@ -65,7 +65,7 @@ import numpy.typing as npt
 
 from batch.models import ModelCard, render_card_markdown, write_model_card
 from batch.stages.classify import INPUT_MODES, MASK_FILL, WbcClassifier, render_input
-from batch.stages.crop import DEFAULT_MARGIN, crop_wbcs
+from batch.stages.crop import DEFAULT_MARGIN, crop_regions, crop_wbcs
 from batch.stages.segment import SegmentConfig, segment_wbc
 
 __all__ = [
@@ -81,6 +81,7 @@ __all__ = [
     "discover_images",
     "freeze_count",
     "group_split",
+    "inner_box",
     "main",
     "plot_confusion",
     "prepare_crop",
@@ -156,6 +157,7 @@ class TrainClassifierConfig:
     target_mpp: float | None = None
     recrop: bool = False
     margin: float = DEFAULT_MARGIN
+    box_margin: float | None = None
     balance: bool = True
     weak_labels: bool = False
     sources: list[dict[str, Any]] = field(default_factory=list)
@@ -402,6 +404,15 @@ def _resample(image: npt.NDArray[np.uint8], factor: float) -> npt.NDArray[np.uin
     return np.asarray(cv2.resize(image, size, interpolation=interp), dtype=np.uint8)
 
 
+def inner_box(height: int, width: int, margin: float) -> tuple[float, float, float, float]:
+    """The box a crop of ``height`` x ``width`` was cut around with ``margin`` (`crop_wbcs`).
+
+    Exact up to the crop's outward rounding (under a pixel).
+    """
+    fx, fy = margin / (1 + 2 * margin) * width, margin / (1 + 2 * margin) * height
+    return (fx, fy, width - fx, height - fy)
+
+
 def prepare_crop(
     image: npt.NDArray[np.uint8],
     *,
@@ -409,10 +420,14 @@ def prepare_crop(
     mpp: float | None = None,
     recrop: bool = False,
     margin: float = DEFAULT_MARGIN,
+    box_margin: float | None = None,
     needs_mask: bool = True,
     seg_config: SegmentConfig | None = None,
 ) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.bool_] | None, bool]:
     """Turn one dataset image into a pipeline-like crop and its cell mask.
+
+    The mask is segmented as the pipeline does it: on the crop, with the
+    cell's box (``cell_box``) when it is known.
 
     Parameters
     ----------
@@ -423,10 +438,19 @@ def prepare_crop(
     mpp
         Microns per pixel *after* resizing (needed to segment).
     recrop
-        Cut the image down to the segmented cell's box grown by ``margin``
-        (as `batch.stages.crop.crop_wbcs` does with a detector box).
+        The image holds one centred cell (PBC): segment it (keeping the
+        nucleus that reaches the image's central part), and cut the image
+        down to the cell's box grown by ``margin``, as
+        `batch.stages.crop.crop_wbcs` does with a detector box.
+    margin
+        Margin of that re-crop.
+    box_margin
+        The images already are crops cut with this margin around a detector
+        box (`batch.weak_labels` crops): the box is recovered with `inner_box`.
     needs_mask
         Segment the final crop (the ``mask`` and ``dual`` modes).
+    seg_config
+        Segmentation parameters.
 
     Returns
     -------
@@ -436,21 +460,27 @@ def prepare_crop(
     """
     img = _resample(image, scale)
     found = True
+    cell_box: tuple[float, float, float, float] | None = None
+    if box_margin is not None:
+        cell_box = inner_box(img.shape[0], img.shape[1], box_margin)
     if recrop:
         if mpp is None:
             raise ValueError("recrop needs the images' mpp")
-        seg = segment_wbc(img, mpp=mpp, config=seg_config)
+        h, w = img.shape[:2]
+        seg = segment_wbc(img, mpp=mpp, config=seg_config, cell_box=(0.0, 0.0, w, h))
         if seg.found:
             ys, xs = np.nonzero(seg.cell_mask)
             box = np.array([[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]], dtype=np.float64)
+            x0, y0 = crop_regions(box, margin=margin)[0, :2].tolist()
             img = crop_wbcs(img, box, margin=margin)[0]
+            cell_box = (box[0, 0] - x0, box[0, 1] - y0, box[0, 2] - x0, box[0, 3] - y0)
         else:
             found = False
     mask: npt.NDArray[np.bool_] | None = None
     if needs_mask:
         if mpp is None:
             raise ValueError("the mask and dual input modes need the images' mpp")
-        seg = segment_wbc(img, mpp=mpp, config=seg_config)
+        seg = segment_wbc(img, mpp=mpp, config=seg_config, cell_box=cell_box)
         mask = seg.cell_mask
         found = found and seg.found
     return img, mask, found
@@ -494,6 +524,7 @@ def render_dataset(
             mpp=cfg.work_mpp,
             recrop=cfg.recrop,
             margin=cfg.margin,
+            box_margin=cfg.box_margin,
             needs_mask=needs_mask,
         )
         views = render_input(crop, mask, cfg.input_mode, cfg.imgsz, fill=MASK_FILL)
@@ -927,6 +958,7 @@ def train_classifier(cfg: TrainClassifierConfig) -> dict[str, Any]:
             "epochs": cfg.epochs,
             "recrop": cfg.recrop,
             "crop_margin": cfg.margin,
+            "box_margin": cfg.box_margin,
             "source_mpp": cfg.mpp,
             "split_note": note,
             "split_fractions": {"val": cfg.val_fraction, "test": cfg.test_fraction},
@@ -994,6 +1026,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--recrop", action="store_true", help="crop each image to its segmented cell + margin"
     )
     p.add_argument("--margin", type=float, default=DEFAULT_MARGIN)
+    p.add_argument(
+        "--box-margin",
+        type=float,
+        help="the images are detector crops cut with this margin (weak_crops: 0.15)",
+    )
     p.add_argument("--no-balance", dest="balance", action="store_false")
     p.add_argument("--weak-labels", action="store_true", help="labels are image-level (weak)")
     p.add_argument(
@@ -1048,6 +1085,7 @@ def config_from_args(argv: Sequence[str] | None = None) -> TrainClassifierConfig
         target_mpp=args.target_mpp,
         recrop=args.recrop,
         margin=args.margin,
+        box_margin=args.box_margin,
         balance=args.balance,
         weak_labels=args.weak_labels,
         sources=[json.loads(s) for s in args.source],

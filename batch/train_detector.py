@@ -49,7 +49,6 @@ import random
 import shlex
 import shutil
 import sys
-import time
 import xml.etree.ElementTree as ET
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
@@ -710,6 +709,7 @@ class TrainDetectorConfig:
     close_mosaic: int = 5
     eval_mpp: str = "auto"
     work_dir: Path | None = None
+    skip_training: bool = False
     command: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -811,51 +811,60 @@ def _train(cfg: TrainDetectorConfig, out: Path) -> dict[str, Any]:
             mpp=cfg.target_mpp, seed=cfg.seed + SYNTH_VAL_SEED_OFFSET, split="val",
         )
         merged.val += synth_val
-    work = Path(cfg.work_dir) if cfg.work_dir else out / "work"
-    prepared = prepare_yolo_dataset(
-        merged, work, target_mpp=cfg.target_mpp, imgsz=cfg.imgsz, seed=cfg.seed
-    )
-    log.info("prepared data: %s", prepared.counts)
-    (out / "data_report.json").write_text(
-        json.dumps({"merge": merged.report, "prepared": prepared.counts}, indent=2)
-    )
-
+    run_dir = out / "runs" / "train"
     model = YOLO(cfg.model, task="detect")
     n_modules = len(model.model.model)  # type: ignore[union-attr,arg-type]
     freeze = freeze_layers(n_modules, cfg.freeze)
-    from_yaml = cfg.model.endswith((".yaml", ".yml"))
-    if freeze is not None and from_yaml:
-        log.warning(
-            "--freeze %s on a model built from %s: frozen layers stay random", cfg.freeze, cfg.model
-        )
     device = select_device(cfg.device)
-    t0 = time.time()
-    model.train(
-        data=str(prepared.data_yaml),
-        epochs=cfg.epochs,
-        time=cfg.time_hours,
-        imgsz=cfg.imgsz,
-        batch=cfg.batch,
-        device=device,
-        workers=cfg.workers,
-        project=str(out / "runs"),
-        name="train",
-        exist_ok=True,
-        pretrained=not from_yaml,
-        freeze=freeze,
-        seed=cfg.seed,
-        patience=cfg.patience,
-        amp=device.startswith("cuda"),
-        plots=False,
-        cache=False,
-        scale=cfg.scale_aug,
-        flipud=0.5,
-        fliplr=0.5,
-        close_mosaic=cfg.close_mosaic,
-        verbose=False,
-    )
-    train_time = time.time() - t0
-    run_dir = out / "runs" / "train"
+    prepared_counts: dict[str, Any] = {}
+    if cfg.skip_training:
+        if not (run_dir / "weights").is_dir():
+            raise FileNotFoundError(f"--skip-training: no earlier run in {run_dir}")
+        log.info("--skip-training: evaluating the weights in %s", run_dir / "weights")
+        report = out / "data_report.json"
+        if report.is_file():
+            prepared_counts = json.loads(report.read_text()).get("prepared", {})
+    else:
+        work = Path(cfg.work_dir) if cfg.work_dir else out / "work"
+        prepared = prepare_yolo_dataset(
+            merged, work, target_mpp=cfg.target_mpp, imgsz=cfg.imgsz, seed=cfg.seed
+        )
+        prepared_counts = prepared.counts
+        log.info("prepared data: %s", prepared.counts)
+        (out / "data_report.json").write_text(
+            json.dumps({"merge": merged.report, "prepared": prepared.counts}, indent=2)
+        )
+        from_yaml = cfg.model.endswith((".yaml", ".yml"))
+        if freeze is not None and from_yaml:
+            log.warning(
+                "--freeze %s on a model built from %s: frozen layers stay random",
+                cfg.freeze, cfg.model,
+            )
+        model.train(
+            data=str(prepared.data_yaml),
+            epochs=cfg.epochs,
+            time=cfg.time_hours,
+            imgsz=cfg.imgsz,
+            batch=cfg.batch,
+            device=device,
+            workers=cfg.workers,
+            project=str(out / "runs"),
+            name="train",
+            exist_ok=True,
+            pretrained=not from_yaml,
+            freeze=freeze,
+            seed=cfg.seed,
+            patience=cfg.patience,
+            amp=device.startswith("cuda"),
+            plots=False,
+            cache=False,
+            scale=cfg.scale_aug,
+            flipud=0.5,
+            fliplr=0.5,
+            close_mosaic=cfg.close_mosaic,
+            verbose=False,
+        )
+    epochs_run, train_time = _run_progress(run_dir / "results.csv")
     best = run_dir / "weights" / "best.pt"
     if not best.is_file():
         best = run_dir / "weights" / "last.pt"
@@ -869,7 +878,8 @@ def _train(cfg: TrainDetectorConfig, out: Path) -> dict[str, Any]:
         architecture=cfg.model,
         imgsz=cfg.imgsz,
         training_time_s=round(train_time, 1),
-        training_command=cfg.command,
+        # The command that trained these weights (a --skip-training rerun only re-evaluates).
+        training_command=cfg.command.replace(" --skip-training", ""),
     )
     # A provisional card so the detector below resamples to the trained mpp.
     write_model_card(card, weights, embed=False, markdown=False)
@@ -939,11 +949,26 @@ def _train(cfg: TrainDetectorConfig, out: Path) -> dict[str, Any]:
         "seed": cfg.seed,
         "scale_augmentation": cfg.scale_aug,
         "merge": merged.report,
-        "prepared": prepared.counts,
+        "prepared": prepared_counts,
+        "epochs_run": epochs_run,
         **cfg.extra,
     }
     write_model_card(card, weights)
     return metrics
+
+
+def _run_progress(results_csv: Path) -> tuple[int, float]:
+    """Epochs completed and training seconds, from ultralytics' ``results.csv``."""
+    import pandas as pd
+
+    if not results_csv.is_file():
+        return 0, 0.0
+    table = pd.read_csv(results_csv)
+    table.columns = [c.strip() for c in table.columns]
+    if table.empty:
+        return 0, 0.0
+    seconds = float(table["time"].iloc[-1]) if "time" in table else 0.0
+    return int(len(table)), seconds
 
 
 def _reproduce_command(cfg: TrainDetectorConfig) -> str:
@@ -1037,6 +1062,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="where the converted dataset is written (default OUT/work)",
     )
+    p.add_argument("--skip-training", action="store_true",
+                   help="reuse OUT/runs/train (an earlier run): only evaluate and write the card")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     return p
 
@@ -1063,6 +1090,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         patience=args.patience,
         eval_mpp=args.eval_mpp,
         work_dir=args.work_dir,
+        skip_training=args.skip_training,
         command=shlex.join(["python", "jobs/train_detector.py", *argv]),
     )
     metrics = train_detector(cfg)

@@ -266,3 +266,14 @@ def test_weak_crops_label_by_image_and_group_by_source(image_folder: Path, tmp_p
     # The crops train like any ImageFolder, grouped by source image.
     records = assign_groups(discover_images(out), out, groups_csv=out / "groups.csv")
     assert {r.group for r in records} == {g["group"] for g in groups}
+
+
+@pytest.mark.parametrize("box", [(10.0, 20.0, 46.0, 52.0), (3.3, 4.7, 30.1, 21.9)])
+def test_inner_box_recovers_the_detector_box(box: tuple[float, float, float, float]) -> None:
+    from batch.stages.crop import crop_regions
+    from batch.train_classifier import inner_box
+
+    x0, y0, x1, y1 = crop_regions(np.array([box]), margin=0.15)[0].tolist()
+    recovered = inner_box(y1 - y0, x1 - x0, 0.15)
+    expected = (box[0] - x0, box[1] - y0, box[2] - x0, box[3] - y0)
+    assert recovered == pytest.approx(expected, abs=1.0)

@@ -256,11 +256,15 @@ class _InfoWithMpp:
 def read_tiles(batch: Batch, config: Config) -> Batch:
     """Read and decode each tile's region, resized to the detector's input size (``image``)."""
     size = config.tiling.tile_size
+    fault = config.execution.inject_read_fault
     images = np.full((len(batch["kind"]), size, size, 3), 255, dtype=np.uint8)
     for i, kind in enumerate(batch["kind"]):
         if kind != "tile":
             continue
         try:
+            where = f"{batch['slide_id'][i]}:{batch['row'][i]}:{batch['col'][i]}"
+            if fault is not None and where == fault:
+                raise OSError(f"injected read fault at tile {where} (execution.inject_read_fault)")
             slide = _open(batch["slide_uri"][i], config)
             region = slide.read_region(
                 int(batch["x"][i]), int(batch["y"][i]), int(batch["w"][i]), int(batch["h"][i]),

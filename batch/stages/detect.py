@@ -71,8 +71,11 @@ STRIDE = 32
 PAD_VALUE = 114
 #: Relative scale change below which a tile is not resampled.
 SCALE_TOLERANCE = 1e-3
-#: Assumed scales tried by ``CellDetector.estimate_mpp`` (um/px), coarse to fine.
-MPP_CANDIDATES: tuple[float, ...] = (0.5, 0.35, 0.25, 0.18, 0.125, 0.09, 0.065, 0.045)
+#: Assumed scales tried by ``CellDetector.estimate_mpp`` (um/px): 100x oil to 20x,
+#: a factor ~1.4 apart, so any true scale is within ~1.2x of one of them.
+MPP_CANDIDATES: tuple[float, ...] = (0.045, 0.065, 0.09, 0.125, 0.18, 0.25, 0.35, 0.5)
+#: An estimate within this factor of the scale assumed for its pass is accepted.
+MPP_CONSISTENCY = 1.2
 
 _ALIASES = {
     "rbc": "RBC",
@@ -432,35 +435,40 @@ class CellDetector:
     ) -> float | None:
         """Estimate an RGB image's mpp from the RBCs the detector finds on it.
 
-        The image is detected at each assumed scale in ``candidates``; the
-        assumption under which the most RBCs are found wins (ties: the first,
-        i.e. coarsest), and its RBC boxes give the estimate via
-        ``estimate_mpp_from_rbc``. A second pass at the estimated scale refines
-        it. Needs a model with a trained mpp.
+        The image is detected under each assumed scale in ``candidates``, from
+        the finest (the smallest, cheapest resampled image) up. Each pass
+        gives an estimate (``estimate_mpp_from_rbc`` on its RBC boxes); the
+        search stops at the first pass whose estimate agrees with its own
+        assumption within ``MPP_CONSISTENCY`` (the RBCs were seen at about
+        the trained size, where the detector is reliable). Without such a
+        pass, the one that found the most RBCs is refined by a pass at its
+        estimate. Needs a model with a trained mpp and an RBC class.
 
         Returns
         -------
         float or None
-            The estimate, or None when no assumption finds enough RBCs.
+            The estimate, or None when no pass finds enough RBCs.
         """
         if self._trained_mpp is None:
             raise ValueError("estimate_mpp needs a model with a trained mpp (model card)")
         if "RBC" not in self._names:
             raise ValueError(f"estimate_mpp needs an RBC class; model classes: {self._names}")
-        rbc_id = self._names.index("RBC")
-        dets = self.detect([image] * len(candidates), list(candidates))
-        counts = [int((d.class_ids == rbc_id).sum()) for d in dets]
-        best = int(np.argmax(counts))
-        if counts[best] < MIN_RBC_FOR_MPP:
-            return None
         shape = (int(image.shape[0]), int(image.shape[1]))
-        first = estimate_mpp_from_rbc(
-            dets[best].boxes, dets[best].class_ids, names=self._names, image_shape=shape
-        )
-        if first is None:
+
+        def estimate(assumed: float) -> tuple[int, float | None]:
+            det = self.detect([image], assumed)[0]
+            rbc = det.labels == "RBC"
+            est = estimate_mpp_from_rbc(det.boxes[rbc], det.labels[rbc], image_shape=shape)
+            return int(rbc.sum()), est
+
+        tried: list[tuple[int, float | None]] = []
+        for assumed in sorted(candidates):
+            count, est = estimate(assumed)
+            if est is not None and abs(math.log(est / assumed)) <= math.log(MPP_CONSISTENCY):
+                return est
+            tried.append((count, est))
+        count, est = max(tried, key=lambda t: t[0])
+        if est is None:
             return None
-        refined = self.detect([image], first)[0]
-        second = estimate_mpp_from_rbc(
-            refined.boxes, refined.class_ids, names=self._names, image_shape=shape
-        )
-        return second if second is not None else first
+        refined = estimate(est)[1]
+        return refined if refined is not None else est

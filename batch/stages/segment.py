@@ -340,7 +340,7 @@ def _disk(radius_px: int) -> npt.NDArray[np.uint8]:
 
 
 def _radius_px(um: float, mpp: float) -> int:
-    return round(um / mpp) if um > 0 else 0
+    return max(1, round(um / mpp)) if um > 0 else 0
 
 
 def _morph(mask: npt.NDArray[np.bool_], op: int, radius_px: int) -> npt.NDArray[np.bool_]:
@@ -501,8 +501,9 @@ def segment_wbc(
         estimated from the crop with `batch.stages.crop.estimate_background`.
     cell_box
         The WBC's detector box ``x0, y0, x1, y1`` in crop pixels, if known
-        (`batch.stages.crop.crop_regions` gives the crop's origin); the cell
-        mask is then kept inside it (plus ``box_tolerance``).
+        (`batch.stages.crop.crop_regions` gives the crop's origin): nucleus
+        components outside its core (a neighbour's) are dropped and the cell
+        mask is kept inside it (plus ``box_tolerance``).
 
     Returns
     -------
