@@ -26,156 +26,28 @@ milliseconds. Bytes and GET counts do not depend on the server.
 
 from __future__ import annotations
 
+import json
 import logging
-import math
 import socket
 import statistics
 import tempfile
 import time
-from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, cast
 
-import cv2
 import numpy as np
 import tifffile
 from numpy.typing import NDArray
 
 from batch.slides import open_slide
 
-__all__ = ["bench_io", "write_bench_slide"]
+__all__ = ["bench_io", "bench_pipeline"]
 
-BENCH_TILE = 512
-BENCH_JPEG_QUALITY = 85
-BENCH_MPP = 0.25
-BENCH_MIN_LEVEL_SIDE = 1024  # the pyramid stops at the first level whose longest side <= this
 BENCH_REPEATS = 5
 BENCH_BUCKET = "hemaray-bench"
 BENCH_REGION = "us-east-1"
 BENCH_CREDENTIALS = ("hemaray-bench", "hemaray-bench")  # for the local moto server only
-CELL_SPACING = 64  # level-0 pixels between cell grid points
-BACKGROUND_RGB = (236.0, 228.0, 232.0)
-RBC_RGB = (205, 105, 120)
-RBC_PALLOR_RGB = (228, 165, 175)
-WBC_RGB = (120, 70, 160)
-NUCLEUS_RGB = (70, 30, 110)
-NOISE_AMPLITUDE = 6
-BIGTIFF_ABOVE_BYTES = 2**31  # uncompressed size above which the bench slide is BigTIFF
-
-
-# ------------------------------------------------------------------ test slide
-
-
-class _SmearTexture:
-    """A deterministic smear-like texture evaluated tile by tile at any downsample."""
-
-    def __init__(self, width: int, height: int, seed: int) -> None:
-        rng = np.random.default_rng(seed)
-        self.seed = seed
-        grid_w = width // CELL_SPACING + 2
-        grid_h = height // CELL_SPACING + 2
-        # Per grid point: jitter x, jitter y, radius, kind draw.
-        self.cells = rng.random((grid_h, grid_w, 4)).astype(np.float32)
-        self.waves = [
-            (rng.uniform(2e-4, 2e-3), rng.uniform(2e-4, 2e-3), rng.uniform(0, 6.3), amp)
-            for amp in (10.0, 6.0, 4.0)
-        ]
-
-    def tile(self, level: int, x0: int, y0: int, size: int, downsample: int) -> NDArray[np.uint8]:
-        xs = (x0 + np.arange(size, dtype=np.float32)) * downsample
-        ys = (y0 + np.arange(size, dtype=np.float32)) * downsample
-        shade = np.zeros((size, size), dtype=np.float32)
-        for fx, fy, phase, amp in self.waves:
-            shade += amp * np.outer(np.sin(fy * ys + phase), np.cos(fx * xs))
-        image = np.empty((size, size, 3), dtype=np.float32)
-        for c, base in enumerate(BACKGROUND_RGB):
-            image[..., c] = base + shade
-        tile = np.clip(image, 0, 255).astype(np.uint8)
-        self._draw_cells(tile, x0 * downsample, y0 * downsample, size * downsample, downsample)
-        noise_rng = np.random.default_rng([self.seed, level, y0, x0])
-        noise = noise_rng.integers(
-            -NOISE_AMPLITUDE, NOISE_AMPLITUDE + 1, tile.shape, dtype=np.int16
-        )
-        return np.clip(tile.astype(np.int16) + noise, 0, 255).astype(np.uint8)
-
-    def _draw_cells(self, tile: NDArray[np.uint8], x0: int, y0: int, span: int, ds: int) -> None:
-        margin = CELL_SPACING
-        gx0 = max((x0 - margin) // CELL_SPACING, 0)
-        gy0 = max((y0 - margin) // CELL_SPACING, 0)
-        gx1 = min((x0 + span + margin) // CELL_SPACING + 1, self.cells.shape[1])
-        gy1 = min((y0 + span + margin) // CELL_SPACING + 1, self.cells.shape[0])
-        for gy in range(gy0, gy1):
-            for gx in range(gx0, gx1):
-                jx, jy, size, kind = (float(v) for v in self.cells[gy, gx])
-                if kind < 0.12:
-                    continue  # gaps between cells
-                is_wbc = kind > 0.96
-                radius = (18 + 10 * size) if is_wbc else (11 + 4 * size)
-                cx = (gx * CELL_SPACING + jx * CELL_SPACING - x0) / ds
-                cy = (gy * CELL_SPACING + jy * CELL_SPACING - y0) / ds
-                r = radius / ds
-                if r < 0.75:
-                    continue
-                centre = (round(cx), round(cy))
-                if is_wbc:
-                    cv2.circle(tile, centre, round(r), WBC_RGB, -1, cv2.LINE_AA)
-                    cv2.circle(tile, centre, max(round(r * 0.6), 1), NUCLEUS_RGB, -1, cv2.LINE_AA)
-                else:
-                    cv2.circle(tile, centre, round(r), RBC_RGB, -1, cv2.LINE_AA)
-                    cv2.circle(
-                        tile, centre, max(round(r * 0.4), 1), RBC_PALLOR_RGB, -1, cv2.LINE_AA
-                    )
-
-
-def write_bench_slide(
-    path: str | Path, *, width: int, height: int, seed: int = 0, tile: int = BENCH_TILE
-) -> Path:
-    """Write a tiled, JPEG-compressed, pyramidal TIFF of a smear-like texture.
-
-    Written tile by tile from a generator, so memory stays at a few tiles
-    whatever the size. Level 0 carries resolution tags for
-    :data:`BENCH_MPP`; reduced levels are SubIFDs.
-
-    Returns
-    -------
-    pathlib.Path
-        ``path``.
-    """
-    path = Path(path)
-    texture = _SmearTexture(width, height, seed)
-    sizes = [(width, height)]
-    while max(sizes[-1]) > BENCH_MIN_LEVEL_SIDE:
-        w, h = sizes[-1]
-        sizes.append((math.ceil(w / 2), math.ceil(h / 2)))
-
-    def tiles(level: int, level_w: int, level_h: int) -> Iterator[NDArray[np.uint8]]:
-        for ty in range(0, level_h, tile):
-            for tx in range(0, level_w, tile):
-                yield texture.tile(level, tx, ty, tile, 2**level)
-
-    bigtiff = width * height * 3 > BIGTIFF_ABOVE_BYTES
-    resolution = (1e4 / BENCH_MPP, 1e4 / BENCH_MPP)
-    with tifffile.TiffWriter(path, bigtiff=bigtiff) as tif:
-        for level, (level_w, level_h) in enumerate(sizes):
-            tif.write(
-                tiles(level, level_w, level_h),
-                shape=(level_h, level_w, 3),
-                dtype=np.uint8,
-                tile=(tile, tile),
-                photometric="rgb",
-                compression="jpeg",
-                compressionargs={"level": BENCH_JPEG_QUALITY},
-                subifds=len(sizes) - 1 if level == 0 else None,
-                subfiletype=1 if level else 0,
-                resolution=resolution if level == 0 else None,
-                resolutionunit="CENTIMETER" if level == 0 else None,
-                metadata=None,
-            )
-    return path
-
-
-# ------------------------------------------------------------------ counting S3 bytes
 
 
 class _S3Counter:
@@ -274,9 +146,8 @@ def bench_io(
     Parameters
     ----------
     slide_path
-        A local tiled TIFF to measure; None writes a bench slide
-        (:func:`write_bench_slide`, ``width`` x ``height``) into ``workdir``
-        (reused there on the next run with the same size and seed).
+        A local tiled TIFF to measure; None writes a synthetic smear
+        (:func:`batch.synth.synth_slides`, ``width`` x ``height``) into ``workdir``.
     regions, region_size
         How many random ``region_size`` x ``region_size`` level-0 regions
         (seeded by ``seed``) each pass reads.
@@ -302,11 +173,9 @@ def bench_io(
         workdir = Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
         if slide_path is None:
-            slide_path = workdir / f"bench_{width}x{height}_seed{seed}.tif"
-            if not slide_path.exists():
-                partial = slide_path.with_suffix(".partial")
-                write_bench_slide(partial, width=width, height=height, seed=seed)
-                partial.replace(slide_path)
+            from batch.synth import synth_slides
+
+            (slide_path,) = synth_slides(workdir, slides=1, width=width, height=height, seed=seed)
         slide_path = Path(slide_path)
 
         baseline = _TifffileBaseline(slide_path)
@@ -403,3 +272,150 @@ def bench_io(
             "repeats": BENCH_REPEATS,
         }
     return result
+
+
+# ------------------------------------------------------------------ pipeline
+
+#: Seconds between memory samples of the run's process tree.
+RSS_SAMPLE_S = 0.2
+
+
+def _tree_memory(root: Any) -> int:
+    """Proportional set size (PSS) summed over a process and all its descendants.
+
+    PSS splits shared pages (the object store's shared memory, libraries)
+    between the processes mapping them, so the sum is the tree's real
+    footprint; plain RSS would count the object store once per worker.
+    """
+    import psutil
+
+    total = 0
+    procs = [root, *root.children(recursive=True)]
+    for p in procs:
+        try:
+            total += int(p.memory_full_info().pss)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, AttributeError):
+            continue
+    return total
+
+
+def _run_measured(cmd: list[str], env: dict[str, str]) -> tuple[float, int, int]:
+    """Run ``cmd``; return (wall seconds, peak tree PSS bytes, exit code)."""
+    import subprocess
+
+    import psutil
+
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    root = psutil.Process(proc.pid)
+    peak = 0
+    while proc.poll() is None:
+        peak = max(peak, _tree_memory(root))
+        time.sleep(RSS_SAMPLE_S)
+    out = proc.stdout.read() if proc.stdout else ""
+    if proc.returncode != 0:
+        logging.getLogger(__name__).warning("%s exited %s:\n%s", cmd, proc.returncode, out[-4000:])
+    return time.perf_counter() - t0, peak, proc.returncode
+
+
+def _manifest(out: Path) -> dict[str, Any]:
+    (path,) = sorted(out.glob("runs/*/manifest.json"))[-1:]
+    data: dict[str, Any] = json.loads(path.read_text())
+    return data
+
+
+def bench_pipeline(
+    *,
+    width: int = 4096,
+    height: int = 3072,
+    seed: int = 0,
+    workdir: str | Path | None = None,
+    gpu: bool = False,
+) -> dict[str, Any]:
+    """End-to-end throughput and memory of ``hemaray run`` against the bare detector.
+
+    Side by side in one call, same machine, same generated slides, same models:
+
+    - ``e2e_over_detector``: tiles/s of the pipeline (``hemaray run`` on the
+      4x slide, from the run's own start to its last commit: planning, reading,
+      detection, segmentation, classification, writing) over tiles/s of the
+      bare detector's batched forward pass on the same decoded tiles in this
+      plain Python process (torch's default threads, no Ray).
+      ``e2e_process_over_detector`` uses the whole ``hemaray run`` process
+      wall time instead (Ray start-up and shutdown included).
+    - ``peak_rss_ratio_4x``: peak memory (PSS summed over the run's process
+      tree: driver, raylet, GCS, workers, object store) on a slide of 4x the
+      area over the same on the base slide.
+    - ``tiles_per_s``, ``cells_per_s``, ``background_skip_fraction`` of the 4x run.
+    """
+    import os
+    import sys
+
+    from batch.config import Config
+    from batch.models import load_detector
+    from batch.stages.cells import PlanStage, read_tiles, rows_to_batch
+    from batch.synth import synth_slides
+
+    with ExitStack() as stack:
+        if workdir is None:
+            workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="hemaray-benchp-"))
+        work = Path(workdir)
+        base_dir, big_dir = work / "base", work / "big"
+        (base,) = synth_slides(base_dir, slides=1, width=width, height=height, seed=seed)
+        (big,) = synth_slides(big_dir, slides=1, width=2 * width, height=2 * height, seed=seed)
+
+        env = dict(os.environ)
+        env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        hemaray = [sys.executable, "-m", "batch", "run"]
+        sets = [] if gpu else ["--set", "detect.device=cpu"]
+        runs: dict[str, dict[str, Any]] = {}
+        for name, path in (("base", base), ("big", big)):
+            out = work / f"out-{name}"
+            wall, peak, code = _run_measured([*hemaray, str(path), "--out", str(out), *sets], env)
+            if code != 0:
+                raise RuntimeError(f"hemaray run on the {name} slide exited {code}")
+            runs[name] = {"wall": wall, "peak": peak, "manifest": _manifest(out), "out": out}
+
+        # The floor: the same tiles, decoded once, through the bare detector in this process.
+        config = Config()
+        detector = load_detector(device="cuda:0" if gpu else "cpu")
+        rows = PlanStage(config, detector.trained_mpp)(
+            {"slide_id": big.stem, "slide_uri": str(big)}
+        )
+        planned = json.loads(rows[0]["slide_json"])
+        batch = read_tiles(rows_to_batch(rows), config)
+        tiles = [batch["image"][i] for i in range(len(rows))]
+        detector.detect(tiles[: detector.batch_size])  # warm-up
+        t0 = time.perf_counter()
+        detector.detect(tiles)
+        det_s = time.perf_counter() - t0
+
+        big_m = runs["big"]["manifest"]
+        n_tiles = int(big_m["tiles"])
+        n_cells = int(sum(big_m["cells_by_class"].values()))
+        det_tps = len(tiles) / det_s
+        e2e_tps = n_tiles / float(big_m["seconds"])
+        proc_tps = n_tiles / float(runs["big"]["wall"])
+        return {
+            "e2e_over_detector": round(e2e_tps / det_tps, 3),
+            "e2e_process_over_detector": round(proc_tps / det_tps, 3),
+            "peak_rss_ratio_4x": round(runs["big"]["peak"] / runs["base"]["peak"], 3),
+            "tiles_per_s": round(e2e_tps, 3),
+            "cells_per_s": round(n_cells / float(big_m["seconds"]), 1),
+            "background_skip_fraction": round(
+                planned["tiles_skipped"] / planned["tiles_planned"], 4
+            ),
+            "detector_tiles_per_s": round(det_tps, 3),
+            "tiles": n_tiles,
+            "cells": n_cells,
+            "base_slide": [width, height],
+            "big_slide": [2 * width, 2 * height],
+            "peak_pss_mb_base": round(runs["base"]["peak"] / 2**20, 1),
+            "peak_pss_mb_4x": round(runs["big"]["peak"] / 2**20, 1),
+            "run_seconds_4x": round(float(big_m["seconds"]), 2),
+            "process_seconds_4x": round(float(runs["big"]["wall"]), 2),
+            "detector_seconds": round(det_s, 2),
+            "device": "cuda" if gpu else "cpu",
+        }

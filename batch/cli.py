@@ -175,6 +175,22 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_pipeline(args: argparse.Namespace) -> int:
+    from batch.bench import bench_pipeline
+
+    print(
+        "bench pipeline: generating slides, running hemaray run twice, timing the bare detector ...",
+        file=sys.stderr,
+    )
+    result = bench_pipeline(width=args.width, height=args.height, seed=args.seed, gpu=args.gpu)
+    if args.json:
+        _print_json(result)
+    else:
+        for k, v in result.items():
+            print(f"{k:>28}: {v}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="hemaray",
@@ -267,6 +283,17 @@ def build_parser() -> argparse.ArgumentParser:
     bio.add_argument("--width", type=int, default=16384, help="width of the generated smear")
     bio.add_argument("--height", type=int, default=16384, help="height of the generated smear")
     bio.set_defaults(func=_cmd_bench)
+    bp = bsub.add_parser(
+        "pipeline", help="hemaray run vs the bare detector: throughput ratio, memory on a 4x slide"
+    )
+    bp.add_argument("--json", action="store_true")
+    bp.add_argument(
+        "--width", type=int, default=4096, help="base slide width (the 4x slide doubles both sides)"
+    )
+    bp.add_argument("--height", type=int, default=3072, help="base slide height")
+    bp.add_argument("--seed", type=int, default=0)
+    bp.add_argument("--gpu", action="store_true", help="run detector and pipeline on CUDA")
+    bp.set_defaults(func=_cmd_bench_pipeline)
     return p
 
 

@@ -244,22 +244,24 @@ def _build_dataset(todo: list[SlideInput], config: Config, trained_mpp: float | 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = sys.stderr.isatty()
     ds: Any = ray.data.from_items(rows, override_num_blocks=min(len(rows), 200))
+    actors, tasks = ray.data.ActorPoolStrategy, ray.data.TaskPoolStrategy
+    # Planning opens headers (and may load a detector to estimate an unknown mpp): one actor.
     ds = ds.flat_map(
         PlanStage,
         fn_constructor_args=(config, trained_mpp),
-        concurrency=1,
+        compute=actors(size=1),
         num_cpus=ex.cpu_per_task,
     )
     ds = ds.map_batches(
         read_tiles, fn_kwargs={"config": config}, batch_size=ex.read_batch_size,
-        num_cpus=ex.cpu_per_task, concurrency=read_conc, batch_format="numpy",
+        num_cpus=ex.cpu_per_task, compute=tasks(size=read_conc), batch_format="numpy",
     )  # fmt: skip
     det_res: dict[str, Any] = (
         {"num_gpus": config.detect.gpus_per_actor} if use_gpu else {"num_cpus": ex.cpu_per_actor}
     )
     ds = ds.map_batches(
         DetectStage, fn_constructor_args=(config, 0 if use_gpu else threads),
-        batch_size=config.detect.batch_size, concurrency=det_actors, batch_format="numpy", **det_res,
+        batch_size=config.detect.batch_size, compute=actors(size=det_actors), batch_format="numpy", **det_res,
     )  # fmt: skip
     ds = ds.map_batches(
         segment_tiles, fn_kwargs={"config": config}, batch_size=config.detect.batch_size,
@@ -270,7 +272,7 @@ def _build_dataset(todo: list[SlideInput], config: Config, trained_mpp: float | 
     )
     ds = ds.map_batches(
         ClassifyStage, fn_constructor_args=(config, 0 if use_gpu else threads),
-        batch_size=config.detect.batch_size, concurrency=cls_actors, batch_format="numpy", **cls_res,
+        batch_size=config.detect.batch_size, compute=actors(size=cls_actors), batch_format="numpy", **cls_res,
     )  # fmt: skip
     return ds
 

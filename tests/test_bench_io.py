@@ -10,11 +10,7 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
-import tifffile
-
-from batch.bench import bench_io, write_bench_slide
-from batch.slides import open_slide
+from batch.bench import bench_io
 
 KEYS = {
     "regions",
@@ -47,21 +43,5 @@ def test_bench_io_small_slide(tmp_path: Path) -> None:
     for key in ("hemaray_regions_per_s", "tifffile_regions_per_s", "s3_regions_per_s"):
         assert result[key] > 0
     assert result["read_vs_tifffile"] > 0
-    # the generated slide stays in workdir and is reused
-    assert (tmp_path / "bench_4096x4096_seed0.tif").exists()
-
-
-def test_bench_slide_is_a_jpeg_pyramid_with_mpp(tmp_path: Path) -> None:
-    path = write_bench_slide(tmp_path / "s.tif", width=2000, height=1300, seed=3)
-    with open_slide(path) as slide:
-        info = slide.info
-        assert (info.width, info.height, info.compression) == (2000, 1300, "jpeg")
-        assert info.tile_size == (512, 512)
-        assert [(lv.width, lv.height) for lv in info.levels] == [(2000, 1300), (1000, 650)]
-        assert info.mpp == 0.25
-        region = slide.read_region(0, 0, 512, 512)
-    assert region.std() > 5  # textured, not blank
-    with tifffile.TiffFile(path) as tif:
-        np.testing.assert_array_equal(region, tif.pages[0].asarray()[:512, :512])
-    again = write_bench_slide(tmp_path / "t.tif", width=2000, height=1300, seed=3)
-    assert again.read_bytes() == path.read_bytes()  # deterministic from the seed
+    # the generated synthetic smear stays in workdir
+    assert (tmp_path / "slide_0000.tif").exists()

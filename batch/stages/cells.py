@@ -42,6 +42,7 @@ __all__ = [
     "segment_tiles",
     "ClassifyStage",
     "error_fields",
+    "rows_to_batch",
     "shipped_or_path",
     "TILE_COLUMNS",
 ]
@@ -101,7 +102,7 @@ def _object_array(values: list[Any]) -> npt.NDArray[Any]:
     return out
 
 
-def _rows_to_batch(rows: list[dict[str, Any]]) -> Batch:
+def rows_to_batch(rows: list[dict[str, Any]]) -> Batch:
     return {k: _object_array([r.get(k) for r in rows]) for k in TILE_COLUMNS}
 
 
