@@ -34,12 +34,17 @@ unit: install
 
 test: lint unit
 
+# The main job on the embedded default: local Ray, local files, shipped models,
+# two generated synthetic smears.
 demo: install
 	mkdir -p $(DEMO_DIR)
-	$(BIN)/hemaray synth --out $(DEMO_DIR)/slides --slides 1 --width 8192 --height 6144 --seed 7
+	$(BIN)/hemaray synth --out $(DEMO_DIR)/slides --slides 2 --width 4096 --height 3072 --seed 7 --blank-fraction 0.2
 	$(BIN)/hemaray info $(DEMO_DIR)/slides/slide_0000.tif
 	$(BIN)/hemaray thumbnail $(DEMO_DIR)/slides/slide_0000.tif $(DEMO_DIR)/slide_0000.png --size 1024
 	@echo "thumbnail: $(DEMO_DIR)/slide_0000.png"
+	$(BIN)/hemaray run $(DEMO_DIR)/slides --out $(DEMO_DIR)/out --overwrite
+	$(BIN)/hemaray evaluate $(DEMO_DIR)/out --truth $(DEMO_DIR)/slides/ground_truth.parquet
+	@echo "cells (Parquet, hive-partitioned by slide_id): $(DEMO_DIR)/out/cells/"
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .cache .mypy_cache .ruff_cache .pytest_cache

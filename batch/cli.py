@@ -270,6 +270,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.set_defaults(func=_cmd_run)
 
+    ev = sub.add_parser("evaluate", help="score a run's cells against a synthetic ground truth")
+    ev.add_argument("out", help="the run's output folder or s3:// prefix")
+    ev.add_argument("--truth", required=True, help="ground_truth.parquet written by hemaray synth")
+    ev.add_argument("--iou", type=float, default=0.5, help="IoU for a match")
+    ev.add_argument("--json", action="store_true", help="print one JSON object")
+    ev.add_argument("--endpoint-url", help="S3-compatible endpoint")
+    ev.set_defaults(func=_cmd_evaluate)
+
     b = sub.add_parser(
         "bench", help="benchmarks; the last line of --json output is one JSON object"
     )

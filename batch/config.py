@@ -188,10 +188,13 @@ class ExecutionConfig:
     read_concurrency: int = 0
     #: Tiles per read task batch.
     read_batch_size: int = 4
-    #: CPUs reserved per read / segment task (fractions let them share cores with the detector).
-    cpu_per_task: float = 0.5
-    #: CPUs reserved per detector / classifier actor on CPU-only clusters.
+    #: CPUs reserved per plan / read / segment task (fractions let them share cores with the
+    #: detector, whose torch threads use every core anyway).
+    cpu_per_task: float = 0.25
+    #: CPUs reserved per detector actor on CPU-only clusters.
     cpu_per_actor: float = 1.0
+    #: CPUs reserved per classifier actor on CPU-only clusters.
+    cpu_per_classifier: float = 0.5
     #: Classifier actors; 0: one per GPU, or one on a CPU-only cluster.
     classify_actors: int = 0
     classify_batch_size: int = 16

@@ -248,11 +248,12 @@ def evaluate_images(
     images
         Labelled images (``batch.train_detector.read_detection_dataset``).
     mpp
-        Scale of the images: a number for all; otherwise an image's known
-        ``mpp`` if it has one, else ``"labels"`` to estimate each
-        image's scale from its labelled RBCs, or None to let the detector
-        estimate it from the RBCs it finds (``CellDetector.estimate_mpp``),
-        as the pipeline does for images without mpp.
+        Scale of the images: a number for all of them; otherwise an image's
+        own known ``mpp`` if it has one, else, with ``"labels"`` or None,
+        the scale its labelled RBCs give (``estimate_mpp_from_rbc``; an
+        oracle for the scale only, so the metrics measure detection), or with
+        ``"auto"`` the detector's own estimate (``CellDetector.estimate_mpp``,
+        experimental: see its docstring).
     conf
         Operating threshold for precision / recall / F1 (default: the detector's).
 
@@ -278,11 +279,11 @@ def evaluate_images(
             image_mpp = float(mpp)
         elif im.mpp is not None:
             image_mpp = im.mpp  # the image's own, known scale
-        elif mpp == "labels":
+        elif mpp is None or mpp == "labels":
             image_mpp = estimate_mpp_from_rbc(
                 im.boxes, im.classes, image_shape=(im.height, im.width)
             )
-        elif mpp is None or mpp == "auto":
+        elif mpp == "auto":
             image_mpp = detector.estimate_mpp(rgb)
         else:
             raise ValueError(f"mpp must be a number, 'labels', 'auto' or None; got {mpp!r}")
@@ -302,7 +303,7 @@ def evaluate_images(
             "ground-truth classes unknown to the model ignored: %s", sorted(skipped_classes)
         )
     result = detection_metrics(preds, gts, names, conf=detector.conf if conf is None else conf)
-    result["mpp_mode"] = "auto" if mpp is None else mpp
+    result["mpp_mode"] = "labels" if mpp is None else mpp
     result["mpp_median"] = float(np.median(used_mpp)) if used_mpp else None
     result["mpp_unresolved"] = unresolved
     return result
@@ -343,8 +344,10 @@ def eval_detector(
     model
         A ``CellDetector``, a weights path / URL, or None for the shipped detector.
     mpp
-        Microns per pixel of the images (number), ``"labels"`` (estimated from
-        labelled RBCs) or None (estimated by the detector from the RBCs it finds).
+        Microns per pixel of the images (a number); None or ``"labels"``: each
+        image's scale from its labelled RBCs (the sets carry no scale);
+        ``"auto"``: the detector's own estimate (experimental). See
+        ``evaluate_images``.
     split
         Which split to evaluate; default ``val`` if present, else the whole set.
     conf

@@ -37,9 +37,9 @@ from batch.sink import OutputStore, SlideWriter
 from batch.stages.cells import (
     ClassifyStage,
     DetectStage,
-    PlanStage,
     local_hashes,
     model_files,
+    plan_slide,
     read_tiles,
     segment_tiles,
     unpack,
@@ -245,11 +245,11 @@ def _build_dataset(todo: list[SlideInput], config: Config, trained_mpp: float | 
     ctx.enable_progress_bars = sys.stderr.isatty()
     ds: Any = ray.data.from_items(rows, override_num_blocks=min(len(rows), 200))
     actors, tasks = ray.data.ActorPoolStrategy, ray.data.TaskPoolStrategy
-    # Planning opens headers (and may load a detector to estimate an unknown mpp): one actor.
+    # Planning opens headers (and may load a detector to estimate an unknown mpp): CPU tasks.
     ds = ds.flat_map(
-        PlanStage,
-        fn_constructor_args=(config, trained_mpp),
-        compute=actors(size=1),
+        plan_slide,
+        fn_kwargs={"config": config, "trained_mpp": trained_mpp},
+        compute=tasks(size=read_conc),
         num_cpus=ex.cpu_per_task,
     )
     ds = ds.map_batches(
@@ -268,7 +268,7 @@ def _build_dataset(todo: list[SlideInput], config: Config, trained_mpp: float | 
         num_cpus=ex.cpu_per_task, batch_format="numpy",
     )  # fmt: skip
     cls_res: dict[str, Any] = (
-        {"num_gpus": ex.gpus_per_classifier} if use_gpu else {"num_cpus": ex.cpu_per_task}
+        {"num_gpus": ex.gpus_per_classifier} if use_gpu else {"num_cpus": ex.cpu_per_classifier}
     )
     ds = ds.map_batches(
         ClassifyStage, fn_constructor_args=(config, 0 if use_gpu else threads),

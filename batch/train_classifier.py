@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import logging
 import math
@@ -551,14 +552,12 @@ def render_dataset(
 
 def _safe_stem(r: ImageRecord) -> str:
     # Unique per source even when two class folders hold the same file name.
-    digest = abs(hash_path(str(r.path))) % 10**8
+    digest = _hash_path(str(r.path)) % 10**8
     return f"{re.sub(r'[^A-Za-z0-9_.-]', '_', r.path.stem)}_{digest:08d}"
 
 
-def hash_path(text: str) -> int:
+def _hash_path(text: str) -> int:
     """A stable (process-independent) integer hash of a path string."""
-    import hashlib
-
     return int.from_bytes(hashlib.sha1(text.encode()).digest()[:8], "big")
 
 
@@ -860,7 +859,23 @@ def train_classifier(cfg: TrainClassifierConfig) -> dict[str, Any]:
         rows += balance_by_flips(rows, work, seed=cfg.seed)
     _write_manifest(rows, work / "manifest.csv")
     render_s = time.time() - t0
+    # Source images (what a figure's n counts) and renderings (what ultralytics trains on:
+    # two per source in dual mode, plus the flipped copies in train).
     split_counts = {
+        s: dict(
+            sorted(
+                Counter(
+                    r["label"]
+                    for r in rows
+                    if r["split"] == s
+                    and not r["flip"]
+                    and r["view"] == _view_names(cfg.input_mode)[0]
+                ).items()
+            )
+        )
+        for s in SPLITS
+    }
+    rendering_counts = {
         s: dict(sorted(Counter(r["label"] for r in rows if r["split"] == s).items()))
         for s in SPLITS
     }
@@ -919,6 +934,7 @@ def train_classifier(cfg: TrainClassifierConfig) -> dict[str, Any]:
         "class_names": names,
         "split_note": note,
         "images_per_split": split_counts,
+        "renderings_per_split": rendering_counts,
         "metrics": metrics,
         "training_time_s": round(train_s, 1),
         "render_time_s": round(render_s, 1),
@@ -963,6 +979,7 @@ def train_classifier(cfg: TrainClassifierConfig) -> dict[str, Any]:
             "split_note": note,
             "split_fractions": {"val": cfg.val_fraction, "test": cfg.test_fraction},
             "images_per_split": split_counts,
+            "renderings_per_split": rendering_counts,
             "weak_labels": cfg.weak_labels,
             "seed": cfg.seed,
         },

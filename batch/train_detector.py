@@ -707,7 +707,7 @@ class TrainDetectorConfig:
     patience: int = 100
     scale_aug: float = 0.25
     close_mosaic: int = 5
-    eval_mpp: str = "auto"
+    eval_mpp: str = "labels"
     work_dir: Path | None = None
     skip_training: bool = False
     command: str = ""
@@ -884,15 +884,18 @@ def _train(cfg: TrainDetectorConfig, out: Path) -> dict[str, Any]:
     # A provisional card so the detector below resamples to the trained mpp.
     write_model_card(card, weights, embed=False, markdown=False)
     detector = CellDetector(weights, device=device)
-    eval_mpp: float | str | None = (
-        None
-        if cfg.eval_mpp == "auto"
-        else (cfg.eval_mpp if cfg.eval_mpp == "labels" else float(cfg.eval_mpp))
+    eval_mpp: float | str = (
+        cfg.eval_mpp if cfg.eval_mpp in ("labels", "auto") else float(cfg.eval_mpp)
     )
     real_val = [im for im in merged.val if im.source != "synthetic"]
     sets_metrics: dict[str, Any] = {}
     if real_val:
         sets_metrics["val"] = evaluate_images(detector, real_val, mpp=eval_mpp)
+        if eval_mpp == "labels":
+            # Diagnostic: the same photos at the detector's own scale estimate (what a
+            # pipeline run on photos without mpp would do), which shows the cost of
+            # estimating the scale.
+            sets_metrics["val/mpp_auto"] = evaluate_images(detector, real_val, mpp="auto")
     for source in sorted({im.source for im in real_val}):
         own = [im for s in sets for im in s if im.source == source and im.split == "val"]
         sets_metrics[f"{source}/val"] = evaluate_images(detector, own, mpp=eval_mpp)
@@ -1052,9 +1055,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patience", type=int, default=100)
     p.add_argument(
         "--eval-mpp",
-        default="auto",
-        help="scale of validation images: auto (estimated by the detector), "
-        "labels (from labelled RBCs) or a number",
+        default="labels",
+        help="scale of validation images: labels (from labelled RBCs), "
+        "auto (estimated by the detector, experimental) or a number",
     )
     p.add_argument(
         "--work-dir",

@@ -39,8 +39,9 @@ import numpy.typing as npt
 from batch.stages.crop import DEFAULT_MARGIN, crop_wbcs
 
 __all__ = [
-    "DEFAULT_MIN_CONF",
     "ALL4_RENAME",
+    "DEFAULT_MIN_CONF",
+    "DEFAULT_MPP_SAMPLES",
     "DetectorLike",
     "WeakCropReport",
     "estimate_dataset_mpp",

@@ -6,11 +6,13 @@ import csv
 import json
 import socket
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
+import numpy.typing as npt
 import pytest
 
 from batch.train_classifier import (
@@ -99,6 +101,12 @@ def test_tiny_training_offline(image_folder: Path, tmp_path: Path, no_network: l
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics == json.loads(json.dumps(summary))
     assert metrics["class_names"] == ["benign", "pro_b"]
+    # Figures count source images; renderings add the second view and the train flips.
+    sources = metrics["images_per_split"]
+    assert sum(sources[s].get("benign", 0) for s in sources) == 8
+    assert sum(sources[s].get("pro_b", 0) for s in sources) == 12
+    renders = metrics["renderings_per_split"]
+    assert renders["val"] == {k: 2 * v for k, v in sources["val"].items()}
     for split in ("val", "test"):
         m = metrics["metrics"][split]
         for key in (
@@ -227,7 +235,7 @@ class _FakeDetector:
     def __init__(self) -> None:
         self.mpps: list[Any] = []
 
-    def detect(self, tiles: list[np.ndarray], mpp: Any = None) -> list[Any]:
+    def detect(self, tiles: Sequence[npt.NDArray[np.uint8]], mpp: Any = None) -> list[Any]:
         from batch.stages.detect import Detections
 
         self.mpps.append(mpp)
@@ -262,7 +270,7 @@ def test_weak_crops_label_by_image_and_group_by_source(image_folder: Path, tmp_p
         assert row["group"].split("/")[0] == {"benign": "Benign", "pro_b": "Pro"}[label]
         assert name.startswith(Path(row["group"]).stem + "__wbc")
     crop = cv2.imread(str(out / groups[0]["file"]))
-    assert crop.shape[:2] == (48, 48)  # 36 px box + 15 % margin each side, padded at the edge
+    assert crop is not None and crop.shape[:2] == (48, 48)  # 36 px box + 15 % margin each side, padded at the edge
     # The crops train like any ImageFolder, grouped by source image.
     records = assign_groups(discover_images(out), out, groups_csv=out / "groups.csv")
     assert {r.group for r in records} == {g["group"] for g in groups}

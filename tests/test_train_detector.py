@@ -12,6 +12,7 @@ import cv2
 import numpy as np
 import pytest
 
+from batch.evaluate import eval_detector
 from batch.stages.detect import DETECTOR_CLASSES, CellDetector
 from batch.train_detector import (
     LabeledImage,
@@ -217,3 +218,6 @@ def test_tiny_training_offline(two_sets: tuple[Path, Path], tmp_path: Path,
     assert det.trained_mpp == SYNTH_MPP and det.class_names == DETECTOR_CLASSES
     (res,) = det.detect([np.full((100, 120, 3), 200, np.uint8)], 0.5)
     assert res.boxes.shape[1] == 4 and (res.boxes[:, 2] <= 120).all()
+    m = eval_detector(yolo, det)  # a YOLO set: its val split, scale from labelled RBCs
+    assert (m["split"], m["n_images"], m["mpp_mode"]) == ("val", 1, "labels")
+    assert m["mpp_median"] == pytest.approx(SYNTH_MPP, rel=0.1)

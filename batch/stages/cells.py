@@ -37,6 +37,7 @@ __all__ = [
     "pack",
     "unpack",
     "PlanStage",
+    "plan_slide",
     "read_tiles",
     "DetectStage",
     "segment_tiles",
@@ -230,6 +231,26 @@ class PlanStage:
         ]  # fmt: skip
 
 
+_PLANNERS: dict[tuple[str, float | None], PlanStage] = {}
+
+
+def plan_slide(
+    row: dict[str, Any], config: Config, trained_mpp: float | None
+) -> list[dict[str, Any]]:
+    """:class:`PlanStage` as a plain function for Ray tasks; one planner per worker process.
+
+    The planner (and the detector it loads only to estimate an unknown mpp)
+    is cached per process, so tasks stay stateless and hold no CPU between slides.
+    """
+    # Each task gets its own unpickled copy of the config: key the cache by content.
+    key = (json.dumps(config.to_dict(), sort_keys=True, default=str), trained_mpp)
+    planner = _PLANNERS.get(key)
+    if planner is None:
+        _PLANNERS.clear()
+        planner = _PLANNERS[key] = PlanStage(config, trained_mpp)
+    return planner(row)
+
+
 class _WithMpp:
     """A slide seen with a settled mpp (from the manifest, config or an estimate)."""
 
@@ -404,7 +425,9 @@ def segment_tiles(batch: Batch, config: Config) -> Batch:
             masks = []
             for j, (crop, box, reg) in enumerate(zip(crops, boxes, regions, strict=True)):
                 cell_box = (box[0] - reg[0], box[1] - reg[1], box[2] - reg[0], box[3] - reg[1])
-                seg = segment_wbc(crop, mpp=crop_mpp, config=seg_cfg, background=bg, cell_box=cell_box)
+                seg = segment_wbc(
+                    crop, mpp=crop_mpp, config=seg_cfg, background=bg, cell_box=cell_box
+                )
                 for k, v in seg.morphometrics().items():
                     if k in morph:
                         morph[k][wbc[j]] = v

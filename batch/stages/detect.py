@@ -69,13 +69,13 @@ DEFAULT_BATCH_SIZE = 8
 STRIDE = 32
 #: Grey used to pad (ultralytics' letterbox value; the model saw it in training).
 PAD_VALUE = 114
+#: ``quantize`` value of half precision in ultralytics >= 8.4.
+HALF_BITS = 16
 #: Relative scale change below which a tile is not resampled.
 SCALE_TOLERANCE = 1e-3
 #: Assumed scales tried by ``CellDetector.estimate_mpp`` (um/px): 100x oil to 20x,
 #: a factor ~1.4 apart, so any true scale is within ~1.2x of one of them.
 MPP_CANDIDATES: tuple[float, ...] = (0.045, 0.065, 0.09, 0.125, 0.18, 0.25, 0.35, 0.5)
-#: An estimate within this factor of the scale assumed for its pass is accepted.
-MPP_CONSISTENCY = 1.2
 
 _ALIASES = {
     "rbc": "RBC",
@@ -392,6 +392,18 @@ class CellDetector:
         ids = sorted(raw) if isinstance(raw, dict) else list(range(len(raw)))
         return model, [str(raw[i]) for i in ids]
 
+    def _precision_kwargs(self) -> dict[str, Any]:
+        """Half precision in the spelling of the installed ultralytics.
+
+        Ultralytics >= 8.4 reads ``quantize=16`` (``half`` is deprecated);
+        8.3 reads ``half=True``. Full precision needs no argument.
+        """
+        if not self.half:
+            return {}
+        from ultralytics.cfg import DEFAULT_CFG_DICT
+
+        return {"quantize": HALF_BITS} if "quantize" in DEFAULT_CFG_DICT else {"half": True}
+
     def _predict(
         self, batch: list[npt.NDArray[np.uint8]], conf: float
     ) -> list[tuple[npt.NDArray[np.float32], npt.NDArray[np.int64], npt.NDArray[np.float32]]]:
@@ -408,8 +420,8 @@ class CellDetector:
             iou=self.iou,
             max_det=self.max_det,
             device=self.device,
-            half=self.half,
             verbose=False,
+            **self._precision_kwargs(),
         )
         out = []
         for res in results:
@@ -435,14 +447,17 @@ class CellDetector:
     ) -> float | None:
         """Estimate an RGB image's mpp from the RBCs the detector finds on it.
 
-        The image is detected under each assumed scale in ``candidates``, from
-        the finest (the smallest, cheapest resampled image) up. Each pass
-        gives an estimate (``estimate_mpp_from_rbc`` on its RBC boxes); the
-        search stops at the first pass whose estimate agrees with its own
-        assumption within ``MPP_CONSISTENCY`` (the RBCs were seen at about
-        the trained size, where the detector is reliable). Without such a
-        pass, the one that found the most RBCs is refined by a pass at its
-        estimate. Needs a model with a trained mpp and an RBC class.
+        A detector trained at one scale draws boxes near the RBC size it was
+        trained on, pulled towards the true size: detected under an assumed
+        scale finer than the truth, the RBC boxes say the image is coarser
+        than assumed, and vice versa. The true scale is where the two agree.
+        So the image is detected under each assumed scale in ``candidates``,
+        from the finest (smallest, cheapest resampled image) up; each pass
+        gives an estimate (``estimate_mpp_from_rbc``), and the search stops
+        at the first pair of passes where ``estimate / assumed`` crosses 1,
+        interpolating the crossing in log scale. A last pass at the crossing
+        gives the answer. With no crossing, the pass at the nearest end of
+        ``candidates`` is used. Needs a model with a trained mpp and an RBC class.
 
         Returns
         -------
@@ -455,20 +470,28 @@ class CellDetector:
             raise ValueError(f"estimate_mpp needs an RBC class; model classes: {self._names}")
         shape = (int(image.shape[0]), int(image.shape[1]))
 
-        def estimate(assumed: float) -> tuple[int, float | None]:
+        def estimate(assumed: float) -> float | None:
             det = self.detect([image], assumed)[0]
             rbc = det.labels == "RBC"
-            est = estimate_mpp_from_rbc(det.boxes[rbc], det.labels[rbc], image_shape=shape)
-            return int(rbc.sum()), est
+            return estimate_mpp_from_rbc(det.boxes[rbc], det.labels[rbc], image_shape=shape)
 
-        tried: list[tuple[int, float | None]] = []
+        passes: list[tuple[float, float]] = []  # (log assumed, log(estimate / assumed))
+        crossing: float | None = None
         for assumed in sorted(candidates):
-            count, est = estimate(assumed)
-            if est is not None and abs(math.log(est / assumed)) <= math.log(MPP_CONSISTENCY):
-                return est
-            tried.append((count, est))
-        count, est = max(tried, key=lambda t: t[0])
-        if est is None:
-            return None
-        refined = estimate(est)[1]
-        return refined if refined is not None else est
+            est = estimate(assumed)
+            if est is None:
+                continue
+            log_m, gap = math.log(assumed), math.log(est / assumed)
+            if passes and passes[-1][1] > 0 >= gap:
+                prev_m, prev_gap = passes[-1]
+                crossing = math.exp(prev_m + (log_m - prev_m) * prev_gap / (prev_gap - gap))
+                break
+            passes.append((log_m, gap))
+        if crossing is None:
+            if not passes:
+                return None
+            # All passes say "coarser" (gap > 0): the truth is past the coarsest candidate.
+            log_m, gap = passes[-1] if passes[-1][1] > 0 else passes[0]
+            return math.exp(log_m + gap)
+        final = estimate(crossing)
+        return final if final is not None else crossing
