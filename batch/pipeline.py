@@ -287,10 +287,10 @@ def _fail(
         st.writer = None
     if isinstance(error, dict):
         exc: BaseException = _RemoteError(error["error_type"], error["error_message"])
-        tile = error.get("error_tile")
+        tile, type_name = error.get("error_tile"), str(error["error_type"])
     else:
-        exc, tile = error, None
-    store.write_failure(sid, st.uri, stage=stage, error=exc, tile=tile)
+        exc, tile, type_name = error, None, type(error).__name__
+    store.write_failure(sid, st.uri, stage=stage, error=exc, tile=tile, error_type=type_name)
     info = st.info or {}
     store.write_slide_row(
         {
@@ -301,9 +301,7 @@ def _fail(
         },
         _metadata_columns(st.metadata),
     )  # fmt: skip
-    result.failed[sid] = (
-        f"{exc.__class__.__name__ if not isinstance(error, dict) else error['error_type']}: {exc}"
-    )
+    result.failed[sid] = f"{type_name}: {exc}"
     echo(f"FAILED {sid} at {stage}: {exc}")
 
 
@@ -333,11 +331,11 @@ def _consume(
         st = states[sid]
         if st.failed:
             continue
-        if batch["slide_json"][i] is not None and not st.info:
+        if batch["slide_json"][i] and not st.info:
             st.info = json.loads(batch["slide_json"][i])
         kind = batch["kind"][i]
         if kind == "error":
-            row = {k: batch[k][i] for k in ("error_type", "error_message", "error_tile")}
+            row = {k: batch[k][i] or None for k in ("error_type", "error_message", "error_tile")}
             _fail(sid, st, str(batch["error_stage"][i]), row, store, result, echo)
             continue
         st.n_tiles = int(batch["n_tiles"][i])

@@ -119,13 +119,14 @@ class OutputStore:
         stage: str,
         error: BaseException,
         tile: str | None = None,
+        error_type: str | None = None,
     ) -> None:
         attempt = self.failure_attempts(slide_id) + 1
         row = {
             "slide_id": slide_id,
             "slide_uri": slide_uri,
             "stage": stage,
-            "error_type": type(error).__name__,
+            "error_type": error_type or type(error).__name__,
             "message": str(error),
             "tile": tile if tile is not None else getattr(error, "tile", None),
             "attempt": attempt,

@@ -371,7 +371,20 @@ def _address_env_cleared() -> Iterator[None]:
         os.environ.update(saved)
 
 
-def _client(address: str | None) -> JobClient:
+def _auth_headers(auth_token_file: str | Path | None) -> dict[str, str] | None:
+    """The Authorization header for a cluster with Ray token authentication, from a file."""
+    if auth_token_file is None:
+        return None
+    try:
+        token = Path(auth_token_file).expanduser().read_text().strip()
+    except OSError as e:
+        raise SubmitError(f"--auth-token-file {auth_token_file}: cannot read it: {e}") from e
+    if not token:
+        raise SubmitError(f"--auth-token-file {auth_token_file} is empty")
+    return {"Authorization": f"Bearer {token}"}
+
+
+def _client(address: str | None, auth_token_file: str | Path | None = None) -> JobClient:
     from ray.job_submission import JobSubmissionClient
 
     resolved = address or next((os.environ[k] for k in _ADDRESS_ENV_VARS if os.environ.get(k)), None)
@@ -382,12 +395,18 @@ def _client(address: str | None) -> JobClient:
         )
     try:
         with _address_env_cleared():
-            client: JobClient = JobSubmissionClient(resolved)
-    except (ConnectionError, RuntimeError, ValueError) as e:
-        raise SubmitError(
-            f"cannot reach the Ray Jobs API at {resolved}: {e}; check the dashboard address "
-            "and port (default 8265) and that the head runs ray[default]"
-        ) from e
+            client: JobClient = JobSubmissionClient(resolved, headers=_auth_headers(auth_token_file))
+    except SubmitError:
+        raise
+    except Exception as e:  # requests / aiohttp / Ray raise several types for the same cases
+        hint = (
+            "the cluster uses Ray token authentication: pass --auth-token-file FILE (the "
+            "cluster's token, e.g. from its Kubernetes Secret), or set RAY_AUTH_MODE=token "
+            "and RAY_AUTH_TOKEN_PATH"
+            if any(word in str(e) for word in ("401", "403", "uthenticat", "Unauthorized"))
+            else "check the dashboard address and port (default 8265) and that the head runs ray[default]"
+        )
+        raise SubmitError(f"cannot use the Ray Jobs API at {resolved}: {e}; {hint}") from e
     return client
 
 
@@ -443,6 +462,7 @@ def submit_job(
     entrypoint_num_cpus: float | None = None,
     entrypoint_num_gpus: float | None = None,
     project_dir: Path | None = None,
+    auth_token_file: str | Path | None = None,
     client: JobClient | None = None,
     out: TextIO | None = None,
 ) -> SubmittedJob:
@@ -471,6 +491,9 @@ def submit_job(
         that trains in the driver); default none, so the driver fits on a CPU-only head.
     project_dir
         The project folder to ship (default: this checkout).
+    auth_token_file
+        A file holding the cluster's Ray auth token (clusters with ``RAY_AUTH_MODE=token``);
+        sent as an HTTP header, never in the job.
     client
         A Jobs API client (tests); default: ``JobSubmissionClient(address)``.
     out
@@ -492,7 +515,7 @@ def submit_job(
     entrypoint = build_entrypoint(args)
     if root is not None and args[0].endswith(".py") and not (root / args[0]).is_file():
         raise SubmitError(f"job script {args[0]} is not in the shipped project {root}")
-    jc = client or _client(address)
+    jc = client or _client(address, auth_token_file)
     from batch import __version__
 
     try:
@@ -525,15 +548,26 @@ def _details(info: Any) -> dict[str, Any]:
     return data
 
 
-def list_jobs(address: str | None, *, client: JobClient | None = None) -> list[dict[str, Any]]:
+def list_jobs(
+    address: str | None,
+    *,
+    auth_token_file: str | Path | None = None,
+    client: JobClient | None = None,
+) -> list[dict[str, Any]]:
     """Every job the cluster knows, oldest first, as dicts (``submission_id``, ``status``, ...)."""
-    jobs = [_details(j) for j in (client or _client(address)).list_jobs()]
+    jobs = [_details(j) for j in (client or _client(address, auth_token_file)).list_jobs()]
     return sorted(jobs, key=lambda j: j.get("start_time") or 0)
 
 
-def job_status(address: str | None, job_id: str, *, client: JobClient | None = None) -> dict[str, Any]:
+def job_status(
+    address: str | None,
+    job_id: str,
+    *,
+    auth_token_file: str | Path | None = None,
+    client: JobClient | None = None,
+) -> dict[str, Any]:
     """One job's details: status, message, entrypoint, start/end, driver exit code."""
-    return _details((client or _client(address)).get_job_info(job_id))
+    return _details((client or _client(address, auth_token_file)).get_job_info(job_id))
 
 
 def job_logs(
@@ -541,20 +575,27 @@ def job_logs(
     job_id: str,
     *,
     follow: bool = False,
+    auth_token_file: str | Path | None = None,
     client: JobClient | None = None,
     out: TextIO | None = None,
 ) -> str:
     """A job's logs so far; with ``follow``, stream them to ``out`` until the job ends."""
-    jc = client or _client(address)
+    jc = client or _client(address, auth_token_file)
     if follow:
         wait_for_job(jc, job_id, out=out)
         return ""
     return jc.get_job_logs(job_id)
 
 
-def stop_job(address: str | None, job_id: str, *, client: JobClient | None = None) -> bool:
+def stop_job(
+    address: str | None,
+    job_id: str,
+    *,
+    auth_token_file: str | Path | None = None,
+    client: JobClient | None = None,
+) -> bool:
     """Ask the cluster to stop a job; False when it had already ended."""
-    return bool((client or _client(address)).stop_job(job_id))
+    return bool((client or _client(address, auth_token_file)).stop_job(job_id))
 
 
 # --------------------------------------------------------------------------- CLI
@@ -598,6 +639,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
         submission_id=args.submission_id,
         entrypoint_num_cpus=args.entrypoint_num_cpus,
         entrypoint_num_gpus=args.entrypoint_num_gpus,
+        auth_token_file=args.auth_token_file,
     )
     print(f"hemaray submit: job {job.job_id}: {job.entrypoint}", file=sys.stderr)
     if not args.wait:
@@ -615,10 +657,9 @@ def _fmt_time(ms: Any) -> str:
 
 def _cmd_jobs(args: argparse.Namespace) -> int:
     action = args.action
-    if action != "list" and not args.job_id:
-        raise SubmitError(f"hemaray jobs {action} needs a job id (see hemaray jobs list)")
+    auth = {"auth_token_file": args.auth_token_file}
     if action == "list":
-        jobs = list_jobs(args.address)
+        jobs = list_jobs(args.address, **auth)
         if args.json:
             print(json.dumps(jobs, default=str))
             return 0
@@ -630,7 +671,7 @@ def _cmd_jobs(args: argparse.Namespace) -> int:
             )
         return 0
     if action == "status":
-        details = job_status(args.address, args.job_id)
+        details = job_status(args.address, args.job_id, **auth)
         if args.json:
             print(json.dumps(details, default=str))
         else:
@@ -640,10 +681,10 @@ def _cmd_jobs(args: argparse.Namespace) -> int:
             print(f"{'end':>16}: {_fmt_time(details.get('end_time'))}")
         return 0
     if action == "logs":
-        text = job_logs(args.address, args.job_id, follow=args.follow)
+        text = job_logs(args.address, args.job_id, follow=args.follow, **auth)
         sys.stdout.write(text)
         return 0
-    stopped = stop_job(args.address, args.job_id)
+    stopped = stop_job(args.address, args.job_id, **auth)
     print(f"job {args.job_id}: {'stop requested' if stopped else 'already finished'}")
     return 0
 
@@ -662,12 +703,15 @@ files over 25 MiB); --no-code runs the hemaray installed in the cluster image in
 cluster's Python must have hemaray's dependencies (k8s/Dockerfile). Credentials never travel with
 a job: the cluster gives them to its pods (k8s/secret.example.yaml); secret-looking variables are
 removed from --env and --runtime-env, and a command line holding a local secret is refused.
+A cluster with Ray token authentication (RAY_AUTH_MODE=token, as k8s/ sets up) needs
+--auth-token-file FILE; the token goes in an HTTP header, never into the job.
 With --wait the exit code is the job's: 0 succeeded, the driver's exit code if it failed
 (hemaray run: 2 = some slides failed), 1 failed otherwise, 3 stopped."""
 
 
 def add_cluster_commands(subparsers: Any) -> None:
     """Register ``submit`` and ``jobs`` on the ``hemaray`` command's subparsers."""
+    auth_help = "file with the cluster's Ray auth token (clusters run with RAY_AUTH_MODE=token)"
     address_help = "Ray dashboard URL, e.g. http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS or $RAY_ADDRESS)"
     s = subparsers.add_parser(
         "submit",
@@ -678,6 +722,7 @@ def add_cluster_commands(subparsers: Any) -> None:
         usage="hemaray submit [--address URL] [--wait] [--runtime-env FILE] [options] -- COMMAND ...",
     )
     s.add_argument("--address", help=address_help)
+    s.add_argument("--auth-token-file", metavar="FILE", help=auth_help)
     s.add_argument(
         "--wait", action="store_true", help="stream the job's logs; exit with the job's outcome"
     )
@@ -725,9 +770,18 @@ def add_cluster_commands(subparsers: Any) -> None:
         "  hemaray jobs stop --address http://127.0.0.1:8265 raysubmit_XXXX",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    j.add_argument("action", choices=["list", "status", "logs", "stop"], help="what to do")
-    j.add_argument("job_id", nargs="?", help="the job's submission id (status, logs, stop)")
-    j.add_argument("--address", help=address_help)
-    j.add_argument("--json", action="store_true", help="list/status: print JSON")
-    j.add_argument("--follow", action="store_true", help="logs: stream until the job ends")
+    conn = argparse.ArgumentParser(add_help=False)
+    conn.add_argument("--address", help=address_help)
+    conn.add_argument("--auth-token-file", metavar="FILE", help=auth_help)
+    actions = j.add_subparsers(dest="action", required=True, metavar="{list,status,logs,stop}")
+    jl = actions.add_parser("list", parents=[conn], help="every job: id, status, start, end, command")
+    jl.add_argument("--json", action="store_true", help="print one JSON list")
+    js = actions.add_parser("status", parents=[conn], help="one job's status, message and exit code")
+    js.add_argument("job_id", help="the job's submission id")
+    js.add_argument("--json", action="store_true", help="print one JSON object")
+    jg = actions.add_parser("logs", parents=[conn], help="one job's logs")
+    jg.add_argument("job_id", help="the job's submission id")
+    jg.add_argument("--follow", action="store_true", help="stream until the job ends")
+    jt = actions.add_parser("stop", parents=[conn], help="stop a running job")
+    jt.add_argument("job_id", help="the job's submission id")
     j.set_defaults(func=_cmd_jobs)

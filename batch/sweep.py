@@ -36,6 +36,7 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +95,7 @@ RESULTS_SCHEMA = pa.schema(
         _f("map50", pa.float64(), "fraction [0,1]", "mean average precision at IoU 0.5"),
         _f("map50_95", pa.float64(), "fraction [0,1]", "mean average precision over IoU 0.5:0.95"),
         _f("train_time_s", pa.float64(), "s", "ultralytics training time (results.csv 'time')"),
+        _f("started_at", pa.timestamp("us", tz="UTC"), "UTC", "when the trial started on its node"),
         _f("wall_time_s", pa.float64(), "s", "whole trial: data download, training, evaluation, upload"),
         _f("epochs", pa.int64(), "", "epochs requested"),
         _f("status", pa.string(), "", "ok or failed"),
@@ -229,11 +231,12 @@ def run_trial(trial: Trial, cfg: SweepConfig, *, device: str = "auto") -> dict[s
     """
     t0 = time.time()
     opts = cfg.storage_options()
+    started = datetime.now(UTC)
     dest = _join(cfg.out, trial.name)
     row: dict[str, Any] = {
         "model": trial.model_name, "freeze": trial.freeze, "epochs": cfg.epochs,
         "weights": _join(dest, "detector.pt"), "node": socket.gethostname(),
-        "source_model": trial.model, "status": "ok", "error": None,
+        "source_model": trial.model, "status": "ok", "error": None, "started_at": started,
     }  # fmt: skip
     scratch = Path(tempfile.mkdtemp(prefix=f"hemaray-sweep-{trial.name}-"))
     try:

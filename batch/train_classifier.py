@@ -88,6 +88,7 @@ __all__ = [
     "prepare_crop",
     "render_dataset",
     "train_classifier",
+    "write_classifier_markdown",
 ]
 
 log = logging.getLogger(__name__)
@@ -756,6 +757,7 @@ def _evaluate(
     )
     names = clf.class_names
     index = {c: i for i, c in enumerate(names)}
+    grouped = cfg.groups_csv is not None or cfg.group_regex is not None
     results: dict[str, Any] = {}
     for split in ("val", "test"):
         split_rows = [r for r in rows if r["split"] == split and not r["flip"]]
@@ -773,13 +775,35 @@ def _evaluate(
         probs = clf.predict_images(images)
         agg = np.zeros((len(sources), len(names)), dtype=np.float64)
         np.add.at(agg, np.asarray(owner), probs)
-        y_pred = agg.argmax(axis=1).tolist()
+        agg /= agg.sum(axis=1, keepdims=True)  # dual: the mean of the two views
         y_true = [index[by_source[s][0]["label"]] for s in sources]
-        m = classification_metrics(y_true, y_pred, names)
+        m = classification_metrics(y_true, agg.argmax(axis=1).tolist(), names)
         m["split"] = split
-        m["n_groups"] = len({by_source[s][0]["group"] for s in sources})
+        groups = [str(by_source[s][0]["group"]) for s in sources]
+        m["n_groups"] = len(set(groups))
+        if grouped:
+            by_group = _group_metrics(agg, y_true, groups, names)
+            if by_group is not None:
+                m["by_group"] = by_group
         results[split] = m
     return results, names
+
+
+def _group_metrics(
+    probs: npt.NDArray[np.float64], y_true: Sequence[int], groups: Sequence[str], names: list[str]
+) -> dict[str, Any] | None:
+    """Metrics per group (its images' probabilities averaged), if every group has one label."""
+    label_of: dict[str, int] = {}
+    for g, y in zip(groups, y_true, strict=True):
+        if label_of.setdefault(g, y) != y:
+            return None
+    keys = sorted(label_of)
+    pos = {g: i for i, g in enumerate(keys)}
+    total = np.zeros((len(keys), probs.shape[1]))
+    np.add.at(total, np.asarray([pos[g] for g in groups]), probs)
+    m = classification_metrics([label_of[g] for g in keys], total.argmax(axis=1).tolist(), names)
+    m["note"] = "one prediction per group: the mean of its images' probabilities"
+    return m
 
 
 def _split_note(cfg: TrainClassifierConfig) -> str:
@@ -802,7 +826,8 @@ def _metrics_markdown(metrics: dict[str, Any]) -> str:
             f"### {split}: {m['n']} images, {m.get('n_groups', '?')} groups ({m.get('split_note', '')})",
             "",
             f"accuracy {m['accuracy']:.3f}, macro F1 {m['macro_f1']:.3f}, "
-            f"macro FNR {m['false_negative_rate_macro']:.3f}, MAE (class index) {m['mae_class_index']:.3f}",
+            f"macro FNR {m['false_negative_rate_macro']:.3f}, MAE over class indices "
+            f"{m['mae_class_index']:.3f} (seed 000's MAE; meaningful only for ordered labels)",
             "",
             "| class | precision | recall | F1 | FNR | support |",
             "| - | - | - | - | - | - |",
@@ -812,6 +837,13 @@ def _metrics_markdown(metrics: dict[str, Any]) -> str:
             lines.append(
                 f"| {c} | {v['precision']:.3f} | {v['recall']:.3f} | {v['f1']:.3f} | {fnr} | {v['support']} |"
             )
+        bg = m.get("by_group")
+        if bg:
+            lines += [
+                "",
+                f"Per group ({bg['n']} groups; {bg['note']}): accuracy {bg['accuracy']:.3f}, "
+                f"macro F1 {bg['macro_f1']:.3f}",
+            ]
         mb = m.get("malignant_vs_benign")
         if mb and mb.get("false_negative_rate") is not None:
             lines += [
@@ -985,11 +1017,20 @@ def train_classifier(cfg: TrainClassifierConfig) -> dict[str, Any]:
         },
     )
     write_model_card(card, weights, embed=True, markdown=False)
-    sha = json.loads(weights.with_suffix(".json").read_text())["sha256"]
-    md = render_card_markdown(ModelCard(**{**asdict(card), "metrics": {}}))
-    md += "\n" + _metrics_markdown(metrics) + f"\nSHA-256 of `{weights.name}`: `{sha}`\n"
-    weights.with_suffix(".md").write_text(md)
+    write_classifier_markdown(weights)
     return summary
+
+
+def write_classifier_markdown(weights: Path) -> Path:
+    """Write ``<stem>.md`` for a classifier from its sidecar card JSON (metrics tables included)."""
+    data = json.loads(weights.with_suffix(".json").read_text())
+    sha = data.pop("sha256", None)
+    card = ModelCard.from_dict(data)
+    md = render_card_markdown(ModelCard(**{**asdict(card), "metrics": {}}))
+    md += "\n" + _metrics_markdown(card.metrics) + f"\nSHA-256 of `{weights.name}`: `{sha}`\n"
+    out = weights.with_suffix(".md")
+    out.write_text(md)
+    return out
 
 
 # --------------------------------------------------------------------------- CLI

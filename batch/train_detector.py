@@ -802,10 +802,11 @@ def _train(cfg: TrainDetectorConfig, out: Path) -> dict[str, Any]:
     if cfg.synth_slides:
         # Training fields are cut into canvases; validation fields stay whole (and small
         # enough that max_det never caps them).
-        merged.train += synthetic_images(
-            out / "synth" / "train", cfg.synth_slides, size=cfg.imgsz * SYNTH_FIELD_CANVASES,
-            mpp=cfg.target_mpp, seed=cfg.seed, split="train",
-        )
+        if not cfg.skip_training:  # training fields are not needed to re-evaluate
+            merged.train += synthetic_images(
+                out / "synth" / "train", cfg.synth_slides, size=cfg.imgsz * SYNTH_FIELD_CANVASES,
+                mpp=cfg.target_mpp, seed=cfg.seed, split="train",
+            )
         synth_val = synthetic_images(
             out / "synth" / "val", max(2, cfg.synth_slides // 4), size=SYNTH_VAL_SIZE,
             mpp=cfg.target_mpp, seed=cfg.seed + SYNTH_VAL_SEED_OFFSET, split="val",

@@ -19,6 +19,12 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("YOLO_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+# The standard AWS chain of every process the tests start (Ray workers included, which
+# inherit the environment at ray.init) finds these fake keys for the moto server, as a
+# cluster's workers would find theirs in a Kubernetes Secret. Never real credentials.
+os.environ["AWS_ACCESS_KEY_ID"] = "testing"
+os.environ["AWS_SECRET_ACCESS_KEY"] = "testing"
+os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
 
 S3_BUCKET = "slides"
 
@@ -42,10 +48,6 @@ def s3_server() -> Iterator[str]:
     port = _free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
-    # The standard AWS chain reads these; the tests never pass credentials explicitly.
-    os.environ["AWS_ACCESS_KEY_ID"] = "testing"
-    os.environ["AWS_SECRET_ACCESS_KEY"] = "testing"
-    os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
     yield f"http://127.0.0.1:{port}"
     server.stop()
 

@@ -10,8 +10,10 @@ pods: as the environment of the head's processes, never in the submission.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -54,11 +56,20 @@ def _free_port() -> int:
 
 @dataclass
 class Head:
-    """A running test head: its dashboard URL, temp dir and process session."""
+    """A running test head: its dashboard URL, temp dir, process session and auth token file."""
 
     dashboard: str
     temp_dir: Path
     session_id: int
+    token_file: Path
+
+    def cli(self) -> list[str]:
+        """The connection flags of ``hemaray submit`` / ``hemaray jobs`` for this head."""
+        return ["--address", self.dashboard, "--auth-token-file", str(self.token_file)]
+
+    def api(self) -> dict[str, Any]:
+        """The connection arguments of ``batch.submit``'s functions for this head."""
+        return {"address": self.dashboard, "auth_token_file": self.token_file}
 
 
 def _head_processes(head: Head) -> list[psutil.Process]:
@@ -78,16 +89,12 @@ def _head_processes(head: Head) -> list[psutil.Process]:
 def _stop_head(head: Head) -> None:
     procs = _head_processes(head)
     for p in procs:
-        try:
+        with contextlib.suppress(psutil.Error):
             p.send_signal(signal.SIGTERM)
-        except psutil.Error:
-            pass
     _, alive = psutil.wait_procs(procs, timeout=HEAD_STOP_GRACE_S)
     for p in alive:
-        try:
+        with contextlib.suppress(psutil.Error):
             p.kill()
-        except psutil.Error:
-            pass
     psutil.wait_procs(alive, timeout=HEAD_STOP_GRACE_S)
 
 
@@ -95,12 +102,18 @@ def _stop_head(head: Head) -> None:
 def ray_head() -> Iterator[Head]:
     """``ray start --head`` with 2 CPUs, dashboard and Jobs API on loopback, its own everything."""
     temp_dir = Path(tempfile.mkdtemp(prefix="hr-e2e-", dir="/tmp"))  # short: socket paths
+    token = uuid.uuid4().hex + uuid.uuid4().hex
+    token_file = temp_dir / "auth_token"
+    token_file.write_text(token)
     dash_port = _free_port()
     worker_min = WORKER_PORT_BASE + random.randrange(0, WORKER_PORT_SPAN, WORKER_PORT_WINDOW)
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
     env.update(
         PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",  # the job's `python` is this venv's
         RAY_USAGE_STATS_ENABLED="0",
+        # Ray token authentication, as k8s/ configures it; the token is this head's own.
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN=token,
         YOLO_CONFIG_DIR=str(temp_dir / "yolo"),
         MPLCONFIGDIR=str(temp_dir / "mpl"),
         # What a Kubernetes Secret gives the Ray pods; moto accepts any key pair.
@@ -123,25 +136,27 @@ def ray_head() -> Iterator[Head]:
         cmd, env=env, cwd=temp_dir, start_new_session=True,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
-    head = Head(f"http://127.0.0.1:{dash_port}", temp_dir, session_id=starter.pid)
+    head = Head(f"http://127.0.0.1:{dash_port}", temp_dir, starter.pid, token_file)
     try:
         output, _ = starter.communicate(timeout=HEAD_START_TIMEOUT_S)
         assert starter.returncode == 0, output
-        _wait_for_jobs_api(head.dashboard)
+        _wait_for_jobs_api(head.dashboard, token)
         yield head
     finally:
         if starter.poll() is None:
             starter.kill()
         _stop_head(head)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def _wait_for_jobs_api(url: str) -> None:
+def _wait_for_jobs_api(url: str, token: str) -> None:
     import requests
 
     deadline = time.monotonic() + HEAD_START_TIMEOUT_S
+    auth = {"Authorization": f"Bearer {token}"}
     while True:
         try:
-            if requests.get(f"{url}/api/version", timeout=5).ok:
+            if requests.get(f"{url}/api/version", headers=auth, timeout=5).ok:
                 return
         except requests.RequestException:
             pass
@@ -165,12 +180,12 @@ def test_submit_run_to_real_head(
     for p in slides:
         s3["fs"].put(str(p), f"slides/cohort/{p.name}")
 
-    code = main(["submit", "--address", ray_head.dashboard, "--wait", "--", *_run_args(s3)])
+    code = main(["submit", *ray_head.cli(), "--wait", "--", *_run_args(s3)])
     captured = capsys.readouterr()
     assert code == 0, captured.out[-4000:] + captured.err[-2000:]
     assert "2 committed" in captured.out  # the job's own summary, streamed by --wait
 
-    (job,) = [j for j in list_jobs(ray_head.dashboard) if j.get("submission_id")]
+    (job,) = [j for j in list_jobs(**ray_head.api()) if j.get("submission_id")]
     assert job["status"] == "SUCCEEDED"
     assert job["entrypoint"].startswith("python -m batch run s3://slides/cohort/")
     # Code travelled as an uploaded package; no credential and no local environment did.
@@ -178,9 +193,10 @@ def test_submit_run_to_real_head(
     assert runtime_env["working_dir"].startswith("gcs://")
     assert not any(k.startswith("AWS_") for k in runtime_env.get("env_vars", {}))
     assert set(runtime_env.get("env_vars", {})) <= {"PYTHONUNBUFFERED", "YOLO_OFFLINE"}
-    logs = job_logs(ray_head.dashboard, job["submission_id"])
+    logs = job_logs(job_id=job["submission_id"], **ray_head.api())
+    token = ray_head.token_file.read_text()
     for text in (str(job), logs, captured.out, captured.err):
-        assert HEAD_SECRET not in text and HEAD_KEY_ID not in text
+        assert HEAD_SECRET not in text and HEAD_KEY_ID not in text and token not in text
 
     opts = s3["storage_options"]
     cells = read_table("s3://slides/out", "cells", storage_options=opts).to_pandas()
@@ -192,7 +208,7 @@ def test_submit_run_to_real_head(
     assert (slides_rows.tiles_done == slides_rows.tiles_planned - slides_rows.tiles_skipped).all()
 
     # The CLI's view of the same job.
-    assert main(["jobs", "status", "--address", ray_head.dashboard, "--json", job["submission_id"]]) == 0
+    assert main(["jobs", "status", *ray_head.cli(), "--json", job["submission_id"]]) == 0
     assert '"status": "SUCCEEDED"' in capsys.readouterr().out
 
 
@@ -200,20 +216,29 @@ def test_stop_a_running_job(ray_head: Head, capsys: pytest.CaptureFixture[str]) 
     out = ray_head.temp_dir / "stop-synth"
     # A command that runs for minutes: many large synthetic slides.
     code = main([
-        "submit", "--address", ray_head.dashboard, "--submission-id", "hemaray-e2e-stop", "--",
+        "submit", *ray_head.cli(), "--submission-id", "hemaray-e2e-stop", "--",
         "synth", "--out", str(out), "--slides", "50", "--width", "8192", "--height", "8192",
     ])  # fmt: skip
     assert code == 0
     assert capsys.readouterr().out.strip() == "hemaray-e2e-stop"
     deadline = time.monotonic() + HEAD_START_TIMEOUT_S
-    while job_status(ray_head.dashboard, "hemaray-e2e-stop")["status"] == "PENDING":
+    while job_status(job_id="hemaray-e2e-stop", **ray_head.api())["status"] == "PENDING":
         assert time.monotonic() < deadline, "job never started"
         time.sleep(0.5)
-    assert main(["jobs", "stop", "--address", ray_head.dashboard, "hemaray-e2e-stop"]) == 0
+    assert main(["jobs", "stop", *ray_head.cli(), "hemaray-e2e-stop"]) == 0
     assert "stop requested" in capsys.readouterr().out
-    while job_status(ray_head.dashboard, "hemaray-e2e-stop")["status"] not in ("STOPPED", "FAILED", "SUCCEEDED"):
+    while job_status(job_id="hemaray-e2e-stop", **ray_head.api())["status"] not in ("STOPPED", "FAILED", "SUCCEEDED"):
         assert time.monotonic() < deadline, "job did not stop"
         time.sleep(0.5)
-    assert job_status(ray_head.dashboard, "hemaray-e2e-stop")["status"] == "STOPPED"
-    assert main(["jobs", "list", "--address", ray_head.dashboard]) == 0
+    assert job_status(job_id="hemaray-e2e-stop", **ray_head.api())["status"] == "STOPPED"
+    assert main(["jobs", "list", *ray_head.cli()]) == 0
     assert "hemaray-e2e-stop\tSTOPPED" in capsys.readouterr().out
+
+
+def test_a_token_cluster_refuses_a_client_without_its_token(
+    ray_head: Head, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    wrong = tmp_path / "wrong_token"
+    wrong.write_text("not-the-token-" + uuid.uuid4().hex)
+    assert main(["jobs", "list", "--address", ray_head.dashboard, "--auth-token-file", str(wrong)]) == 1
+    assert "--auth-token-file" in capsys.readouterr().err

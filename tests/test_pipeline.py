@@ -91,9 +91,9 @@ def test_readers_agree(first_run: tuple[Path, int]) -> None:
     out, _ = first_run
     n_arrow = pads.dataset(out / "cells", format="parquet", partitioning="hive").count_rows()
     n_pandas = len(pd.read_parquet(out / "cells"))
-    n_duck, n_ids = duckdb.sql(
+    ((n_duck, n_ids),) = duckdb.sql(
         f"select count(*), count(distinct cell_id) from read_parquet('{out}/cells/*/*.parquet', hive_partitioning=true)"
-    ).fetchone()  # type: ignore[misc]
+    ).fetchall()
     assert n_arrow == n_pandas == n_duck == n_ids > 0
 
 

@@ -117,6 +117,7 @@ def test_tiny_training_offline(image_folder: Path, tmp_path: Path, no_network: l
         assert set(m["per_class"]) == {"benign", "pro_b"}
         assert {"precision", "recall", "f1", "false_negative_rate"} <= set(m["per_class"]["pro_b"])
         assert "patient" in m["split_note"]
+        assert m["by_group"]["n"] == m["n_groups"]  # one label per patient here
         assert (out / f"confusion_{split}.png").is_file()
 
     card = json.loads((out / "tiny.json").read_text())

@@ -194,6 +194,7 @@ def test_tiny_training_offline(two_sets: tuple[Path, Path], tmp_path: Path,
     rc = main([
         "--data", str(yolo), "--data", str(voc), "--model", "yolov8n.yaml", "--epochs", "1",
         "--imgsz", "128", "--batch", "4", "--workers", "0", "--device", "cpu", "--synth-slides", "2",
+        "--mpp", str(SYNTH_MPP),
         "--out", str(out),
     ])
     assert rc == 0

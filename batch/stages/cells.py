@@ -93,7 +93,7 @@ def error_fields(stage: str, error: BaseException) -> dict[str, Any]:
         "error_stage": stage,
         "error_type": type(error).__name__,
         "error_message": str(error),
-        "error_tile": getattr(error, "tile", None),
+        "error_tile": getattr(error, "tile", None) or "",
     }
 
 
@@ -103,8 +103,27 @@ def _object_array(values: list[Any]) -> npt.NDArray[Any]:
     return out
 
 
+#: Typed "absent" values of the tile columns. Intermediate batches never hold None: a column
+#: that is None in every row of a batch would lose its type and fail to concatenate.
+_ABSENT: dict[str, Any] = {
+    **{k: "" for k in ("slide_json", "error_stage", "error_type", "error_message", "error_tile")},
+    **{k: 0 for k in ("n_tiles", "level", "row", "col", "x", "y", "w", "h")},
+    **{k: math.nan for k in ("downsample", "core_x0", "core_y0", "core_x1", "core_y1", "scale", "mpp")},
+}
+
+
+def complete_row(row: dict[str, Any]) -> dict[str, Any]:
+    """``row`` with every tile column present and typed (absent values per ``_ABSENT``)."""
+    out = {k: row.get(k) for k in TILE_COLUMNS}
+    for k, absent in _ABSENT.items():
+        if out[k] is None:
+            out[k] = absent
+    return out
+
+
 def rows_to_batch(rows: list[dict[str, Any]]) -> Batch:
-    return {k: _object_array([r.get(k) for r in rows]) for k in TILE_COLUMNS}
+    rows = [complete_row(r) for r in rows]
+    return {k: _object_array([r[k] for r in rows]) for k in TILE_COLUMNS}
 
 
 # --- plan ------------------------------------------------------------------------------
@@ -248,7 +267,7 @@ def plan_slide(
     if planner is None:
         _PLANNERS.clear()
         planner = _PLANNERS[key] = PlanStage(config, trained_mpp)
-    return planner(row)
+    return [complete_row(r) for r in planner(row)]
 
 
 class _WithMpp:
@@ -348,7 +367,7 @@ class DetectStage:
 
     def __call__(self, batch: Batch) -> Batch:
         idx = [i for i, k in enumerate(batch["kind"]) if k == "tile"]
-        packed: list[bytes | None] = [None] * len(batch["kind"])
+        packed: list[bytes] = [b""] * len(batch["kind"])
         if idx:
             # Tiles are already at the detector's scale (the reader resized them).
             dets = self.detector.detect([batch["image"][i] for i in idx])
@@ -366,7 +385,7 @@ class DetectStage:
         keep = t.owns(cx, cy)
         labels = np.asarray(det.labels)[keep]
         l0 = np.stack([x0, y0, x1, y1], axis=1)[keep]
-        mpp = batch["mpp"][i]
+        mpp = None if math.isnan(float(batch["mpp"][i])) else float(batch["mpp"][i])
         n = int(keep.sum())
         return pa.table(
             {
@@ -395,8 +414,8 @@ MORPH_COLUMNS = (
 
 
 def _detector_mpp(batch: Batch, i: int) -> float | None:
-    mpp = batch["mpp"][i]
-    if mpp is None or (isinstance(mpp, float) and math.isnan(mpp)):
+    mpp = float(batch["mpp"][i])
+    if math.isnan(mpp):
         return None
     return float(mpp) * float(batch["downsample"][i]) / float(batch["scale"][i])
 
@@ -407,10 +426,10 @@ def segment_tiles(batch: Batch, config: Config) -> Batch:
     from batch.stages.segment import SegmentConfig, segment_wbc
 
     seg_cfg = SegmentConfig(min_nucleus_area_um2=config.segmentation.min_nucleus_um2)
-    crops_out: list[bytes | None] = [None] * len(batch["kind"])
+    crops_out: list[bytes] = [b""] * len(batch["kind"])
     cells_out = list(batch["cells"])
     for i, kind in enumerate(batch["kind"]):
-        if kind != "tile" or batch["cells"][i] is None:
+        if kind != "tile" or not batch["cells"][i]:
             continue
         cells = unpack(batch["cells"][i])
         wbc = np.flatnonzero(np.asarray(cells.column("det_class").to_pylist()) == "WBC")
@@ -484,12 +503,12 @@ class ClassifyStage:
     def __call__(self, batch: Batch) -> Batch:
         cells_out = list(batch["cells"])
         for i, kind in enumerate(batch["kind"]):
-            if kind != "tile" or batch["cells"][i] is None:
+            if kind != "tile" or not batch["cells"][i]:
                 continue
             cells = unpack(batch["cells"][i])
             n = cells.num_rows
             data = batch["crops"][i]
-            z = np.load(io.BytesIO(data)) if data is not None else None
+            z = np.load(io.BytesIO(data)) if data else None
             rows = z["rows"] if z is not None else np.zeros(0, np.int64)
             crops = [z[f"crop{j}"] for j in range(len(rows))] if z is not None else []
             cell_masks = [z[f"cell{j}"] for j in range(len(rows))] if z is not None else []
