@@ -191,6 +191,37 @@ def _cmd_bench_pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from batch.config import load_config
+
+    def progress(done: int, total: int) -> None:
+        print(f"\r{done}/{total}", end="", file=sys.stderr, flush=True)
+
+    if args.what == "detector":
+        from batch.evaluate import eval_detector
+
+        result = eval_detector(
+            args.data, args.model, mpp=args.mpp, split=args.split, max_images=args.limit
+        )
+    elif args.what == "classifier":
+        from batch.evaluate_cls import eval_classifier
+
+        result = eval_classifier(args.data, args.model or "all_subtype", limit_per_class=args.limit)
+    else:
+        from batch.eval_images import eval_images
+
+        sets = list(args.set) + ([f"mpp={args.mpp}"] if args.mpp else [])
+        result = eval_images(
+            args.data, load_config(args.config, sets), limit_per_class=args.limit, progress=progress
+        )
+        print(file=sys.stderr)
+    if args.json:
+        _print_json(result)
+    else:
+        print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="hemaray",
@@ -269,6 +300,30 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="reprocess slides already committed in OUT"
     )
     r.set_defaults(func=_cmd_run)
+
+    e = sub.add_parser(
+        "eval", help="score the models on labelled data (the last line is one JSON object)"
+    )
+    e.add_argument("what", choices=["detector", "classifier", "images"])
+    e.add_argument(
+        "--data", required=True, help="VOC/YOLO set (detector) or ImageFolder (classifier, images)"
+    )
+    e.add_argument(
+        "--model", help="model file; classifier: wbc_type, all_subtype or a path (default: shipped)"
+    )
+    e.add_argument(
+        "--mpp", type=float, help="mpp of the images (default: estimated from RBC sizes)"
+    )
+    e.add_argument("--split", help="detector: which split of a YOLO/VOC set (default val)")
+    e.add_argument(
+        "--limit", type=int, help="at most this many images (per class for ImageFolders)"
+    )
+    e.add_argument("--config", help="YAML config (images)")
+    e.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="config override (images)"
+    )
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.set_defaults(func=_cmd_eval)
 
     ev = sub.add_parser("evaluate", help="score a run's cells against a synthetic ground truth")
     ev.add_argument("out", help="the run's output folder or s3:// prefix")
