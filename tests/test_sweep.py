@@ -1,7 +1,9 @@
 """Detector sweep: the seed-000 grid, trials as parallel Ray tasks, one results table.
 
-The Ray test trains a tiny grid (YOLOv8n x {all, last3}, 1 epoch, 64 px
-canvases) on four generated PNG fields converted to a YOLO dataset.
+The Ray test fine-tunes a tiny grid (YOLOv8n x {all, last3}, 1 epoch, 64 px
+canvases) on four generated PNG fields converted to a YOLO dataset, starting
+from the shipped detector's weights (a YOLOv8n) given as local pretrained
+weights through ``--model-template DIR/yolov8{size}.pt``.
 """
 
 from __future__ import annotations
@@ -29,14 +31,16 @@ from batch.sweep import (
 #: YOLO class ids of the generated dataset (TXL-PBC's order).
 YOLO_NAMES = ["WBC", "RBC", "Platelets"]
 FIELD_W, FIELD_H, FIELD_MPP = 256, 192, 0.25
+SHIPPED_DETECTOR = Path(__file__).resolve().parents[1] / "batch" / "models" / "detector.pt"
 
 
 def _yolo_dataset(root: Path) -> Path:
-    """Four synthetic PNG fields as a YOLO set: three train, one val."""
+    """Four synthetic marrow fields (PNG) as a YOLO set: three train, one val with every class."""
     from batch.synth import synth_slides
 
     fields = root / "fields"
-    paths = synth_slides(fields, slides=4, width=FIELD_W, height=FIELD_H, seed=3, mpp=FIELD_MPP, format="png")
+    paths = synth_slides(fields, slides=4, width=FIELD_W, height=FIELD_H, seed=3, mpp=FIELD_MPP,
+                         kind="marrow", format="png")
     truth = pd.read_parquet(fields / "ground_truth.parquet")
     data = root / "yolo"
     for i, path in enumerate(paths):
@@ -112,10 +116,12 @@ def test_results_written_to_s3(s3: dict[str, Any]) -> None:
 
 @pytest.mark.usefixtures("ray_local")
 def test_tiny_grid_trains_in_parallel_on_ray(yolo_data: Path, tmp_path: Path) -> None:
-    out = tmp_path / "sweep"
+    out, weights = tmp_path / "sweep", tmp_path / "weights"
+    weights.mkdir()
+    (weights / "yolov8n.pt").symlink_to(SHIPPED_DETECTOR)
     cfg = SweepConfig(
         data=[str(yolo_data)], out=str(out), sizes=["n"], freezes=["all", "last3"], epochs=1,
-        imgsz=64, batch=4, workers=0, cpus_per_trial=1,
+        imgsz=64, batch=4, workers=0, cpus_per_trial=1, model_template=str(weights / "yolov8{size}.pt"),
     )  # fmt: skip
     table = run_sweep(cfg, echo=lambda s: None)
     rows = table.to_pylist()
@@ -125,6 +131,7 @@ def test_tiny_grid_trains_in_parallel_on_ray(yolo_data: Path, tmp_path: Path) ->
     for r in rows:
         for k in ("precision", "recall", "f1", "map50", "map50_95"):
             assert 0.0 <= r[k] <= 1.0
+        assert r["map50"] > 0, r  # fine-tuned from trained weights: it still finds cells
         assert r["train_time_s"] >= 0 and r["epochs"] == 1
         assert Path(r["weights"]).is_file()
         assert (Path(r["weights"]).parent / "metrics.json").is_file()

@@ -1,0 +1,68 @@
+"""Evaluation commands on generated data: the image-level chain agrees with `hemaray run`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from batch.cli import main
+from batch.config import load_config
+from batch.eval_images import call_images, eval_images
+from batch.inputs import resolve_inputs
+from batch.pipeline import run_pipeline
+from batch.sink import read_table
+from batch.synth import synth_slides
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Synthetic marrow fields as PNGs, filed under their dominant subtype (ImageFolder)."""
+    src = tmp_path_factory.mktemp("fields")
+    synth_slides(src, slides=4, width=640, height=480, seed=21, kind="marrow", format="png")
+    truth = pd.read_parquet(src / "ground_truth.parquet")
+    wbc = truth[truth["class"] == "WBC"]
+    root = tmp_path_factory.mktemp("folder")
+    for sid, group in wbc.groupby("slide_id"):
+        label = group.subtype.value_counts().idxmax()
+        (root / label).mkdir(exist_ok=True)
+        shutil.copy(src / f"{sid}.png", root / label / f"{sid}.png")
+    return root
+
+
+def test_eval_images_matches_run_calls(
+    image_folder: Path, tmp_path: Path, ray_local: None
+) -> None:
+    config = load_config(None, ["mpp=0.25"])
+    paths = sorted(image_folder.glob("*/*.png"))
+    calls = call_images(paths, config)
+    out = tmp_path / "out"
+    result = run_pipeline(resolve_inputs([str(image_folder)]), str(out), config)
+    assert len(result.committed) == len(paths)
+    slides = read_table(str(out), "slides").to_pandas().set_index("slide_uri")
+    for p in paths:
+        row = slides.loc[str(p)]
+        assert row.all_subtype_call == calls[str(p)]["all_subtype_call"]
+        assert row.n_wbc == calls[str(p)]["n_wbc"]
+        assert row.mpp_source == "config"
+    scored = eval_images(image_folder, config)
+    assert scored["n_images"] == len(paths)
+    assert 0.0 <= scored["accuracy"] <= 1.0
+    assert set(scored["per_class"]) == {p.parent.name for p in paths}
+
+
+def test_eval_images_cli_prints_json_last(image_folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["eval", "images", "--data", str(image_folder), "--mpp", "0.25", "--json"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    data = json.loads(last)
+    assert {"accuracy", "macro_f1", "per_class", "confusion"} <= set(data)
+
+
+def test_eval_classifier_on_crops(image_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["eval", "classifier", "--model", "all_subtype", "--data", str(image_folder), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert data["n"] == len(list(image_folder.glob("*/*.png")))
+    assert {"accuracy", "macro_f1", "per_class", "confusion_matrix"} & set(data)
