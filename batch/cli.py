@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from batch.errors import HemarayError
+from batch.submit import add_cluster_commands
 
 __all__ = ["main", "build_parser"]
 
@@ -357,6 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--seed", type=int, default=0)
     bp.add_argument("--gpu", action="store_true", help="run detector and pipeline on CUDA")
     bp.set_defaults(func=_cmd_bench_pipeline)
+    add_cluster_commands(sub)
     return p
 
 

@@ -37,6 +37,7 @@ from batch.sink import OutputStore, SlideWriter
 from batch.stages.cells import (
     ClassifyStage,
     DetectStage,
+    label_sets,
     local_hashes,
     model_files,
     plan_slide,
@@ -125,11 +126,6 @@ def _cells_schema(label_sets: dict[str, list[str]], export_crops: bool) -> pa.Sc
     return pa.schema(fields, metadata=base.metadata)
 
 
-def _label_sets(config: Config) -> dict[str, list[str]]:
-    """Read each classifier's label set from its model file (without keeping the models)."""
-    return ClassifyStage(config).label_sets()
-
-
 def _trained_mpp(config: Config) -> tuple[float | None, str]:
     from batch.models import DEFAULT_DETECTOR, read_model_card, resolve_model
 
@@ -171,8 +167,8 @@ def run_pipeline(
         echo(f"skipping {len(result.skipped)} slide(s) already committed in {store.uri}")
 
     trained_mpp, detector_file = _trained_mpp(config)
-    label_sets = _label_sets(config)
-    schema = _cells_schema(label_sets, config.export.crops)
+    labels = label_sets(config)
+    schema = _cells_schema(labels, config.export.crops)
     files = model_files(config)
     manifest: dict[str, Any] = {
         "run_id": run_id,
@@ -184,7 +180,7 @@ def run_pipeline(
         "ray": ray.__version__,
         "models": {k: {"file": v, "sha256": h} for (k, v), h in zip(files.items(), local_hashes(files).values(), strict=True)},
         "detector_trained_mpp": trained_mpp,
-        "label_sets": label_sets,
+        "label_sets": labels,
         "config": config.to_dict(),
     }  # fmt: skip
 

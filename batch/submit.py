@@ -23,6 +23,13 @@ What travels with a job, and what never does:
   environment of the ``ray start`` that started the head). A submission whose
   command line contains the value of a local secret variable is refused.
 - a non-secret S3 endpoint travels as the command's own ``--endpoint-url``.
+- the cluster's Ray auth token (clusters with ``RAY_AUTH_MODE=token``, as
+  ``k8s/`` sets up) is read from ``--auth-token-file`` and sent as an HTTP
+  header of the Jobs API requests; it is not part of the job either.
+
+``--address`` wins over ``$RAY_ADDRESS`` / ``$RAY_API_SERVER_ADDRESS`` (Ray's
+client would otherwise silently prefer the environment); without
+``--address`` those variables are used.
 
 Exit codes of ``hemaray submit --wait``: the job's driver exit code when the
 job ran and failed (so ``hemaray run``'s 2 for a partial run comes through),
@@ -51,9 +58,12 @@ from batch.errors import HemarayError
 
 __all__ = [
     "DEFAULT_EXCLUDES",
+    "EXIT_INTERRUPTED",
     "EXIT_JOB_FAILED",
     "EXIT_JOB_STOPPED",
+    "JOB_ENV_DEFAULTS",
     "MAX_SHIPPED_FILE_BYTES",
+    "SECRET_ENV_PATTERN",
     "JobClient",
     "SubmitError",
     "SubmittedJob",
@@ -513,6 +523,11 @@ def submit_job(
     root = Path(env["working_dir"]) if "working_dir" in env else None
     args = _config_arg(args, root)
     entrypoint = build_entrypoint(args)
+    if root is None and args[0].endswith(".py"):
+        raise SubmitError(
+            f"job script {args[0]} travels with the code: drop --no-code, or run a hemaray "
+            "command (python -m batch ...) from the cluster image"
+        )
     if root is not None and args[0].endswith(".py") and not (root / args[0]).is_file():
         raise SubmitError(f"job script {args[0]} is not in the shipped project {root}")
     jc = client or _client(address, auth_token_file)
@@ -531,6 +546,11 @@ def submit_job(
         raise SubmitError(f"the cluster refused the job: {e}") from e
     job = SubmittedJob(job_id=job_id, address=str(address), entrypoint=entrypoint)
     if wait:
+        print(
+            f"hemaray submit: job {job_id} submitted; following its logs "
+            "(Ctrl-C stops following, not the job)",
+            file=sys.stderr,
+        )
         job.status, job.exit_code = wait_for_job(jc, job_id, out=out)
     return job
 
@@ -629,18 +649,26 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     command = list(args.job_argv)
     if command and command[0] == "--":
         command = command[1:]
-    job = submit_job(
-        args.address,
-        command,
-        runtime_env=_load_runtime_env(args.runtime_env),
-        wait=args.wait,
-        ship_code=not args.no_code,
-        env_vars=_parse_env(args.env),
-        submission_id=args.submission_id,
-        entrypoint_num_cpus=args.entrypoint_num_cpus,
-        entrypoint_num_gpus=args.entrypoint_num_gpus,
-        auth_token_file=args.auth_token_file,
-    )
+    try:
+        job = submit_job(
+            args.address,
+            command,
+            runtime_env=_load_runtime_env(args.runtime_env),
+            wait=args.wait,
+            ship_code=not args.no_code,
+            env_vars=_parse_env(args.env),
+            submission_id=args.submission_id,
+            entrypoint_num_cpus=args.entrypoint_num_cpus,
+            entrypoint_num_gpus=args.entrypoint_num_gpus,
+            auth_token_file=args.auth_token_file,
+        )
+    except KeyboardInterrupt:
+        print(
+            "hemaray submit: stopped following; the job keeps running "
+            "(hemaray jobs status / logs / stop)",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
     print(f"hemaray submit: job {job.job_id}: {job.entrypoint}", file=sys.stderr)
     if not args.wait:
         print(job.job_id)

@@ -14,6 +14,10 @@ and test. When patient ids are unknown (``all4`` has none) this is the best
 grouping available: cells of one patient in two different images can still
 land in two splits. Say so next to every figure.
 
+Quality: a crop is kept only if the segmentation finds a purple nucleus in
+it (area and mean a* thresholds): on ``all4``'s bluish stain the detector
+calls many red cells WBCs, and those crops carry no nucleus.
+
 Scale: the detector resamples each image from its mpp to the model's trained
 mpp. The mpp comes from ``mpp`` or is estimated from red-cell sizes on a
 sample of images (`batch.stages.detect.CellDetector.estimate_mpp`), and the
@@ -36,11 +40,14 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from batch.stages.crop import DEFAULT_MARGIN, crop_wbcs
+from batch.stages.crop import DEFAULT_MARGIN, crop_regions, crop_wbcs
+from batch.stages.segment import segment_wbc
 
 __all__ = [
     "ALL4_RENAME",
     "DEFAULT_MIN_CONF",
+    "DEFAULT_MIN_NUCLEUS_A",
+    "DEFAULT_MIN_NUCLEUS_UM2",
     "DEFAULT_MPP_SAMPLES",
     "DetectorLike",
     "WeakCropReport",
@@ -52,6 +59,11 @@ log = logging.getLogger(__name__)
 
 #: Minimum detector confidence of a WBC box that becomes a crop.
 DEFAULT_MIN_CONF = 0.4
+#: A crop is kept only if segmentation finds a nucleus at least this large (um^2) ...
+DEFAULT_MIN_NUCLEUS_UM2 = 15.0
+#: ... and this purple (mean CIELAB a*): red cells mistaken for WBCs score about 5-12,
+#: WBC nuclei 22-70 on all4.
+DEFAULT_MIN_NUCLEUS_A = 18.0
 #: Images per class used to estimate a dataset's mpp.
 DEFAULT_MPP_SAMPLES = 8
 #: Folder names of the Kaggle ALL set -> hemaray's subtype labels.
@@ -86,6 +98,7 @@ class WeakCropReport:
     mpp: float | None
     images: int = 0
     images_without_wbc: int = 0
+    rejected_no_nucleus: int = 0
     crops_per_label: dict[str, int] = field(default_factory=dict)
     unreadable: list[str] = field(default_factory=list)
 
@@ -96,6 +109,7 @@ class WeakCropReport:
             "mpp": self.mpp,
             "images": self.images,
             "images_without_wbc": self.images_without_wbc,
+            "rejected_no_nucleus": self.rejected_no_nucleus,
             "crops_per_label": dict(self.crops_per_label),
             "unreadable": list(self.unreadable),
         }
@@ -153,6 +167,8 @@ def weak_crops(
     mpp_samples: int = DEFAULT_MPP_SAMPLES,
     margin: float = DEFAULT_MARGIN,
     min_conf: float = DEFAULT_MIN_CONF,
+    min_nucleus_um2: float | None = DEFAULT_MIN_NUCLEUS_UM2,
+    min_nucleus_a: float = DEFAULT_MIN_NUCLEUS_A,
     rename: dict[str, str] | None = None,
     max_per_class: int | None = None,
     batch_size: int = 8,
@@ -178,6 +194,10 @@ def weak_crops(
         Crop margin (the pipeline's).
     min_conf
         Minimum WBC confidence.
+    min_nucleus_um2, min_nucleus_a
+        Keep a crop only if `batch.stages.segment.segment_wbc` (with the box)
+        finds a nucleus of at least this area and mean a*: drops red cells
+        the detector mistakes for WBCs. None (or an unknown mpp) skips the check.
     rename
         Folder name -> label (e.g. `ALL4_RENAME`).
     max_per_class
@@ -211,6 +231,12 @@ def weak_crops(
     if WBC not in detector.class_names:
         raise ValueError(f"the detector has no {WBC!r} class; its classes: {detector.class_names}")
     wbc_id = detector.class_names.index(WBC)
+    # (mpp, min area, min a*) when crops are checked for a nucleus.
+    nucleus_check: tuple[float, float, float] | None = None
+    if min_nucleus_um2 is not None and mpp is not None:
+        nucleus_check = (mpp, min_nucleus_um2, min_nucleus_a)
+    elif min_nucleus_um2 is not None:
+        log.warning("unknown mpp: the nucleus check on crops is skipped")
     report = WeakCropReport(out=out, mpp=mpp)
     counts: Counter[str] = Counter()
     out.mkdir(parents=True, exist_ok=True)
@@ -238,9 +264,16 @@ def weak_crops(
                 continue
             source = p.relative_to(data).as_posix()
             stem = re.sub(r"[^A-Za-z0-9_.-]", "_", p.stem)
-            for k, (crop, box, score) in enumerate(
-                zip(crop_wbcs(rgb, boxes, margin=margin), boxes, scores, strict=True)
+            regions = crop_regions(boxes, margin=margin)
+            crops = crop_wbcs(rgb, boxes, margin=margin)
+            for k, (crop, box, region, score) in enumerate(
+                zip(crops, boxes, regions, scores, strict=True)
             ):
+                if nucleus_check is not None and not _has_nucleus(
+                    crop, box, region, *nucleus_check
+                ):
+                    report.rejected_no_nucleus += 1
+                    continue
                 rel = f"{label}/{stem}__wbc{k}.png"
                 if not cv2.imwrite(str(out / rel), np.ascontiguousarray(crop[..., ::-1])):
                     raise OSError(f"could not write {out / rel}")
@@ -267,6 +300,24 @@ def weak_crops(
         crop_rows,
     )
     return report
+
+
+def _has_nucleus(
+    crop: npt.NDArray[np.uint8],
+    box: npt.NDArray[np.float64],
+    region: npt.NDArray[np.int64],
+    mpp: float,
+    min_area_um2: float,
+    min_mean_a: float,
+) -> bool:
+    cell_box = (
+        float(box[0] - region[0]),
+        float(box[1] - region[1]),
+        float(box[2] - region[0]),
+        float(box[3] - region[1]),
+    )
+    m = segment_wbc(crop, mpp=mpp, cell_box=cell_box).morphometrics()
+    return bool(m["nucleus_area_um2"] >= min_area_um2 and m["nucleus_mean_a"] >= min_mean_a)
 
 
 def _write_csv(path: Path, fields: list[str], rows: Sequence[dict[str, Any]]) -> None:

@@ -21,7 +21,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from batch.stages.crop import DEFAULT_MARGIN  # noqa: E402
-from batch.weak_labels import ALL4_RENAME, DEFAULT_MIN_CONF, DEFAULT_MPP_SAMPLES, weak_crops  # noqa: E402
+from batch.weak_labels import (  # noqa: E402
+    ALL4_RENAME,
+    DEFAULT_MIN_CONF,
+    DEFAULT_MIN_NUCLEUS_A,
+    DEFAULT_MIN_NUCLEUS_UM2,
+    DEFAULT_MPP_SAMPLES,
+    weak_crops,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,6 +44,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mpp-samples", type=int, default=DEFAULT_MPP_SAMPLES)
     p.add_argument("--margin", type=float, default=DEFAULT_MARGIN)
     p.add_argument("--min-conf", type=float, default=DEFAULT_MIN_CONF)
+    p.add_argument(
+        "--min-nucleus-um2",
+        type=float,
+        default=DEFAULT_MIN_NUCLEUS_UM2,
+        help="keep crops whose segmented nucleus is at least this large; <= 0: no check",
+    )
+    p.add_argument("--min-nucleus-a", type=float, default=DEFAULT_MIN_NUCLEUS_A)
     p.add_argument(
         "--all4", action="store_true", help="rename Benign/Early/Pre/Pro to subtype labels"
     )
@@ -63,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         mpp_samples=args.mpp_samples,
         margin=args.margin,
         min_conf=args.min_conf,
+        min_nucleus_um2=args.min_nucleus_um2 if args.min_nucleus_um2 > 0 else None,
+        min_nucleus_a=args.min_nucleus_a,
         rename=rename,
         max_per_class=args.max_per_class,
         seed=args.seed,

@@ -38,7 +38,7 @@ VENV_BIN = Path(sys.executable).parent
 RAY_BIN = VENV_BIN / "ray"
 #: Seconds the head may take to come up, and its processes to end after SIGTERM.
 HEAD_START_TIMEOUT_S = 120
-HEAD_STOP_GRACE_S = 10
+HEAD_STOP_GRACE_S = 5
 #: Worker ports of the test head: a window outside Ray's default 10002-19999 and the
 #: kernel's ephemeral range, so it cannot collide with the session's own local Ray.
 WORKER_PORT_BASE, WORKER_PORT_SPAN, WORKER_PORT_WINDOW = 20000, 9000, 200

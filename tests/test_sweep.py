@@ -8,10 +8,10 @@ weights through ``--model-template DIR/yolov8{size}.pt``.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
-import cv2
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
@@ -47,7 +47,7 @@ def _yolo_dataset(root: Path) -> Path:
         split = "val" if i == len(paths) - 1 else "train"
         (data / "images" / split).mkdir(parents=True, exist_ok=True)
         (data / "labels" / split).mkdir(parents=True, exist_ok=True)
-        cv2.imwrite(str(data / "images" / split / path.name), cv2.imread(str(path)))
+        shutil.copy(path, data / "images" / split / path.name)
         lines = []
         for row in truth[truth.slide_id == path.stem].to_dict("records"):
             cls = YOLO_NAMES.index("Platelets" if row["class"] == "platelet" else row["class"])
@@ -97,7 +97,7 @@ def test_a_failed_trial_is_a_row(tmp_path: Path) -> None:
 
 
 def test_results_written_to_s3(s3: dict[str, Any]) -> None:
-    rows = [
+    rows: list[dict[str, Any]] = [
         {"model": "yolov8s", "freeze": "all", "status": "ok", "map50": 0.5},
         {"model": "yolov8n", "freeze": "last3", "status": "ok", "map50": 0.4},
         {"model": "yolov8n", "freeze": "all", "status": "failed", "error": "boom"},

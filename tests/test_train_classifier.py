@@ -229,7 +229,7 @@ def test_config_validation(tmp_path: Path) -> None:
 
 
 class _FakeDetector:
-    """Finds one WBC (the drawn cell) per image, plus an RBC; no weights needed."""
+    """Finds the drawn cell, an RBC and a false WBC per image; no weights needed."""
 
     class_names = ("RBC", "WBC", "platelet")
 
@@ -242,9 +242,10 @@ class _FakeDetector:
         self.mpps.append(mpp)
         return [
             Detections(
-                np.array([[6, 6, 42, 42], [0, 0, 10, 10]], np.float32),
-                np.array([1, 0]),
-                np.array([0.9, 0.8], np.float32),
+                # The drawn cell; an RBC; a "WBC" on bare background (no nucleus: rejected).
+                np.array([[6, 6, 42, 42], [0, 0, 10, 10], [0, 0, 8, 8]], np.float32),
+                np.array([1, 0, 1]),
+                np.array([0.9, 0.8, 0.9], np.float32),
                 self.class_names,
             )
             for _ in tiles
@@ -262,6 +263,7 @@ def test_weak_crops_label_by_image_and_group_by_source(image_folder: Path, tmp_p
     report = weak_crops(image_folder, out, detector, rename={"Benign": "benign", "Pro": "pro_b"})
     assert report.mpp == pytest.approx(0.3) and set(detector.mpps) == {0.3}
     assert report.crops_per_label == {"benign": 8, "pro_b": 12}
+    assert report.rejected_no_nucleus == 20 and report.images == 20
     with open(out / "groups.csv") as fh:
         groups = list(csv.DictReader(fh))
     assert len(groups) == 20
@@ -271,7 +273,8 @@ def test_weak_crops_label_by_image_and_group_by_source(image_folder: Path, tmp_p
         assert row["group"].split("/")[0] == {"benign": "Benign", "pro_b": "Pro"}[label]
         assert name.startswith(Path(row["group"]).stem + "__wbc")
     crop = cv2.imread(str(out / groups[0]["file"]))
-    assert crop is not None and crop.shape[:2] == (48, 48)  # 36 px box + 15 % margin each side, padded at the edge
+    # A 36 px box plus 15 % on each side, padded where it leaves the image.
+    assert crop is not None and crop.shape[:2] == (48, 48)
     # The crops train like any ImageFolder, grouped by source image.
     records = assign_groups(discover_images(out), out, groups_csv=out / "groups.csv")
     assert {r.group for r in records} == {g["group"] for g in groups}

@@ -45,6 +45,7 @@ __all__ = [
     "error_fields",
     "rows_to_batch",
     "shipped_or_path",
+    "label_sets",
     "TILE_COLUMNS",
 ]
 
@@ -108,7 +109,10 @@ def _object_array(values: list[Any]) -> npt.NDArray[Any]:
 _ABSENT: dict[str, Any] = {
     **{k: "" for k in ("slide_json", "error_stage", "error_type", "error_message", "error_tile")},
     **{k: 0 for k in ("n_tiles", "level", "row", "col", "x", "y", "w", "h")},
-    **{k: math.nan for k in ("downsample", "core_x0", "core_y0", "core_x1", "core_y1", "scale", "mpp")},
+    **{
+        k: math.nan
+        for k in ("downsample", "core_x0", "core_y0", "core_x1", "core_y1", "scale", "mpp")
+    },
 }
 
 
@@ -335,14 +339,19 @@ def _task(batch: Batch, i: int) -> TileTask:
     )  # fmt: skip
 
 
+#: Detector settings that change which boxes come out (placement settings such as actors,
+#: device or batch size do not, so they do not change cell ids).
+_RESULT_DETECT_FIELDS = ("conf", "iou", "max_det")
+
+
 def _model_key(config: Config, detector_sha: str) -> str:
-    """What the cell ids depend on besides slide and box: weights and the tiling/detector config."""
-    key = json.dumps(
-        {"det": detector_sha, "tiling": asdict(config.tiling), "detect": asdict(config.detect)},
-        sort_keys=True,
-    )
+    """What the cell ids depend on besides slide and box: weights and result-changing settings."""
     import hashlib
 
+    detect = {k: getattr(config.detect, k) for k in _RESULT_DETECT_FIELDS}
+    key = json.dumps(
+        {"det": detector_sha, "tiling": asdict(config.tiling), "detect": detect}, sort_keys=True
+    )
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
@@ -497,30 +506,40 @@ class ClassifyStage:
             )  # fmt: skip
             self.classifiers.append((spec, clf, file_sha256(clf.model_path)[:12]))
 
-    def label_sets(self) -> dict[str, list[str]]:
-        return {spec.name: list(clf.class_names) for spec, clf, _ in self.classifiers}
-
     def __call__(self, batch: Batch) -> Batch:
         cells_out = list(batch["cells"])
+        # Gather every WBC crop of the batch so each classifier runs once per batch, not per tile.
+        tiles: list[tuple[int, pa.Table, npt.NDArray[np.int64], Any]] = []
+        crops: list[npt.NDArray[np.uint8]] = []
+        cell_masks: list[npt.NDArray[np.bool_]] = []
         for i, kind in enumerate(batch["kind"]):
             if kind != "tile" or not batch["cells"][i]:
                 continue
-            cells = unpack(batch["cells"][i])
-            n = cells.num_rows
             data = batch["crops"][i]
             z = np.load(io.BytesIO(data)) if data else None
             rows = z["rows"] if z is not None else np.zeros(0, np.int64)
-            crops = [z[f"crop{j}"] for j in range(len(rows))] if z is not None else []
-            cell_masks = [z[f"cell{j}"] for j in range(len(rows))] if z is not None else []
-            for spec, clf, version in self.classifiers:
+            tiles.append((i, unpack(batch["cells"][i]), rows, z))
+            if z is not None:
+                crops += [z[f"crop{j}"] for j in range(len(rows))]
+                cell_masks += [z[f"cell{j}"] for j in range(len(rows))]
+        results = [
+            clf.classify(crops, cell_masks) if crops else None for _, clf, _ in self.classifiers
+        ]
+        offset = 0
+        for i, cells, rows, z in tiles:
+            n = cells.num_rows
+            for (spec, _, version), res in zip(self.classifiers, results, strict=True):
                 labels: list[str | None] = [None] * n
                 confs = np.full(n, np.nan, np.float32)
                 probs: list[list[float] | None] = [None] * n
-                if len(rows):
-                    lab, conf, pr = clf.classify(crops, cell_masks)
+                if res is not None:
+                    lab, conf, pr = res
                     for j, r in enumerate(rows):
-                        labels[r], confs[r], probs[r] = lab[j], conf[j], pr[j].tolist()
-                has = [p is not None for p in probs]
+                        labels[r], confs[r], probs[r] = (
+                            lab[offset + j],
+                            conf[offset + j],
+                            pr[offset + j].tolist(),
+                        )
                 cells = cells.append_column(f"{spec.name}_label", pa.array(labels, pa.string()))
                 cells = cells.append_column(
                     f"{spec.name}_confidence", pa.array(confs, pa.float32(), mask=np.isnan(confs))
@@ -530,21 +549,39 @@ class ClassifyStage:
                 )
                 cells = cells.append_column(
                     f"{spec.name}_version",
-                    pa.array([version if h else None for h in has], pa.string()),
+                    pa.array([version if p is not None else None for p in probs], pa.string()),
                 )
             if self.config.export.crops:
                 crop_png: list[bytes | None] = [None] * n
                 mask_png: list[bytes | None] = [None] * n
                 for j, r in enumerate(rows):
-                    crop_png[r] = _png(cv2.cvtColor(crops[j], cv2.COLOR_RGB2BGR))
-                    mask_png[r] = (
-                        _png(z[f"nucleus{j}"].astype(np.uint8) * 255) if z is not None else None
-                    )
+                    crop_png[r] = _png(cv2.cvtColor(crops[offset + j], cv2.COLOR_RGB2BGR))
+                    mask_png[r] = _png(z[f"nucleus{j}"].astype(np.uint8) * 255)
                 cells = cells.append_column("crop_png", pa.array(crop_png, pa.binary()))
                 cells = cells.append_column("mask_png", pa.array(mask_png, pa.binary()))
+            offset += len(rows)
             cells_out[i] = pack(cells.drop(list(TILE_BOX_COLUMNS)))
         out = {k: v for k, v in batch.items() if k != "crops"}
         return {**out, "cells": _object_array(cells_out)}
+
+
+def label_sets(config: Config) -> dict[str, list[str]]:
+    """Each classifier's label set, from its model card (the model is loaded only without one)."""
+    from batch.models import read_model_card, resolve_model
+
+    out: dict[str, list[str]] = {}
+    for spec in config.classifiers:
+        local = resolve_model(
+            shipped_or_path(spec.model), storage_options=config.storage.storage_options()
+        )
+        card = read_model_card(local)
+        if card is not None and card.class_names:
+            out[spec.name] = list(card.class_names)
+        else:
+            from batch.stages.classify import WbcClassifier
+
+            out[spec.name] = list(WbcClassifier(local, name=spec.name, device="cpu").class_names)
+    return out
 
 
 def model_files(config: Config) -> dict[str, str]:
