@@ -884,7 +884,7 @@ def _train(cfg: TrainDetectorConfig, out: Path) -> dict[str, Any]:
         task="detect",
         class_names=list(DETECTOR_CLASSES),
         trained_mpp=cfg.target_mpp,
-        architecture=cfg.model,
+        architecture=_architecture(cfg.model),
         imgsz=cfg.imgsz,
         training_time_s=round(train_time, 1),
         # The command that trained these weights (a --skip-training rerun only re-evaluates).
@@ -910,6 +910,8 @@ def _train(cfg: TrainDetectorConfig, out: Path) -> dict[str, Any]:
         sets_metrics[f"{source}/val"] = evaluate_images(detector, own, mpp=eval_mpp)
     if synth_val:
         sets_metrics["synthetic/val"] = evaluate_images(detector, synth_val, mpp=eval_mpp)
+    for m in sets_metrics.values():
+        m["split"] = "val"
     headline = sets_metrics.get("val") or next(iter(sets_metrics.values()))
     metrics: dict[str, Any] = {
         **{k: headline[k] for k in _HEADLINE_KEYS},
@@ -969,6 +971,18 @@ def _train(cfg: TrainDetectorConfig, out: Path) -> dict[str, Any]:
     }
     write_model_card(card, weights)
     return metrics
+
+
+def _architecture(model: str) -> str:
+    """The model's architecture for the card; a starting ``.pt`` with a card names its own."""
+    from batch.models import read_model_card
+
+    path = Path(model)
+    if path.suffix == ".pt" and path.is_file():
+        parent = read_model_card(path)
+        base = parent.architecture if parent is not None and parent.architecture else "unknown"
+        return f"{base}, fine-tuned from {path.name}"
+    return model
 
 
 def _class_weight_kwargs(cls_pw: float) -> dict[str, Any]:

@@ -63,8 +63,6 @@ TILE_BOX_COLUMNS = ("tx0", "ty0", "tx1", "ty1")
 SLIDE_CACHE_SIZE = 8
 #: Centre region (detector pixels) used to estimate an unknown mpp from RBC sizes.
 MPP_PROBE_SIDE = 1024
-#: Resize factors tried when estimating an unknown mpp (photos are often much finer than 0.25 um/px).
-MPP_PROBE_FACTORS = (1.0, 0.5, 0.25)
 
 
 def pack(table: pa.Table) -> bytes:
@@ -183,9 +181,7 @@ class PlanStage:
         self._detector: Any = None
 
     def _estimate_mpp(self, slide: Any) -> float | None:
-        """Median RBC diameter (7.5 um) on a central region, at a few resize factors."""
-        from batch.stages.detect import estimate_mpp_from_rbc
-
+        """The detector's own scale estimate (RBC sizes, ~7.5 um) on a central region."""
         if self._detector is None:
             from batch.models import load_detector
 
@@ -195,18 +191,11 @@ class PlanStage:
                 conf=d.conf, iou=d.iou, max_det=d.max_det,
             )  # fmt: skip
         info = slide.info
-        best: tuple[int, float] | None = None
-        for factor in MPP_PROBE_FACTORS:
-            side = round(MPP_PROBE_SIDE / factor)
-            x, y = max(0, (info.width - side) // 2), max(0, (info.height - side) // 2)
-            region = slide.read_region(x, y, min(side, info.width), min(side, info.height))
-            img = cv2.resize(region, None, fx=factor, fy=factor, interpolation=cv2.INTER_AREA)
-            det = self._detector.detect([img])[0]
-            est = estimate_mpp_from_rbc(det.boxes / factor, det.labels)
-            n_rbc = int((det.labels == "RBC").sum())
-            if est is not None and (best is None or n_rbc > best[0]):
-                best = (n_rbc, est)
-        return best[1] if best else None
+        side = MPP_PROBE_SIDE
+        x, y = max(0, (info.width - side) // 2), max(0, (info.height - side) // 2)
+        region = slide.read_region(x, y, min(side, info.width), min(side, info.height))
+        estimate = self._detector.estimate_mpp(region)
+        return float(estimate) if estimate is not None else None
 
     def __call__(self, row: dict[str, Any]) -> list[dict[str, Any]]:
         base = {"slide_id": row["slide_id"], "slide_uri": row["slide_uri"], "n_tiles": 0}

@@ -460,10 +460,11 @@ class CellDetector:
         ``candidates`` is used. Needs a model with a trained mpp and an RBC class.
 
         Measured with the shipped detector: synthetic fields drawn at 0.25 and
-        resized to 0.125 / 0.5 um/px come back within 3%; on the TXL-PBC and
-        BCCD validation photos the estimate is within ~10% of the scale their
-        labelled RBCs give (median ratio ~1.0-1.06), and detection metrics at
-        the estimated scale equal those at the labelled scale. An
+        resized to 0.125 / 0.5 um/px come back ~5% fine; on TXL-PBC validation
+        photos the estimate is within 5% of the scale their labelled RBCs give
+        (median ratio 1.01, 10-90% 0.99-1.05), and detection metrics at the
+        estimated scale equal those at the labelled scale (model card,
+        ``val/mpp_auto``). An
         under-trained model draws RBC boxes at its own preferred size
         whatever the scale (an epoch-7 checkpoint was off by up to 75% on
         BCCD), so re-check this on a new model; give the mpp when it is known.
