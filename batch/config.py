@@ -122,6 +122,8 @@ class DetectConfig:
     iou: float = 0.6
     #: Boxes kept per tile; ultralytics' default of 300 is too low for dense smear tiles.
     max_det: int = 1000
+    #: Class-agnostic NMS: one cell gets one box even when classes compete.
+    agnostic_nms: bool = True
     #: Tiles per forward pass.
     batch_size: int = 8
     #: Detector actors; 0: one per GPU, or one on a CPU-only cluster.

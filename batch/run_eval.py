@@ -100,6 +100,7 @@ def evaluate_run(
     cells["slide_id"] = cells["slide_id"].astype(str)
     counts = {c: [0, 0, 0] for c in CLASSES}  # tp, n_pred, n_true
     dup = 0
+    seam_dup = 0
     n_wbc_true = 0
     sub_right = sub_total = 0
     slides = sorted(set(truth.slide_id.astype(str)))
@@ -117,8 +118,17 @@ def evaluate_run(
                 n_wbc_true += len(t)
                 # Duplicates: any output row (of any class) overlapping a true WBC at IoU >= iou.
                 pairs = _candidates(p_s.reset_index(drop=True), t)
-                hits = pairs[pairs.iou >= iou].groupby("j").size()
+                close = pairs[pairs.iou >= iou]
+                hits = close.groupby("j").size()
                 dup += int((hits > 1).sum())
+                if {"tile_row", "tile_col"} <= set(p_s.columns) and len(close):
+                    tiles = p_s.reset_index(drop=True)[["tile_row", "tile_col"]].to_numpy()[
+                        close.i.to_numpy()
+                    ]
+                    per_gt = pd.DataFrame(
+                        {"j": close.j.to_numpy(), "tile": [f"{r}:{c}" for r, c in tiles]}
+                    )
+                    seam_dup += int((per_gt.groupby("j").tile.nunique() > 1).sum())
                 if "all_subtype_label" in p.columns and "subtype" in t.columns and len(mp):
                     pred_lab = p.all_subtype_label.to_numpy()[mp]
                     true_lab = t.subtype.to_numpy()[mt]
@@ -131,6 +141,7 @@ def evaluate_run(
         "iou_threshold": iou,
         "per_class": per_class,
         "wbc_duplicates": dup,
+        "wbc_seam_duplicates": seam_dup,
         "wbc_true": n_wbc_true,
         "subtype_accuracy": round(sub_right / sub_total, 4) if sub_total else None,
         "subtype_matched": sub_total,

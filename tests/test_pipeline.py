@@ -82,6 +82,7 @@ def test_seam_cells_counted_once(first_run: tuple[Path, int], truth: pd.DataFram
     out, _ = first_run
     result = evaluate_run(_cells(out), truth)
     assert result["wbc_true"] > 20
+    assert result["wbc_seam_duplicates"] == 0
     assert result["wbc_duplicates"] == 0
     # The shipped detector finds most synthetic WBCs (figure printed for the record).
     assert result["per_class"]["WBC"]["recall"] > 0.7, result

@@ -330,7 +330,7 @@ def _task(batch: Batch, i: int) -> TileTask:
 
 #: Detector settings that change which boxes come out (placement settings such as actors,
 #: device or batch size do not, so they do not change cell ids).
-_RESULT_DETECT_FIELDS = ("conf", "iou", "max_det")
+_RESULT_DETECT_FIELDS = ("conf", "iou", "max_det", "agnostic_nms")
 
 
 def _model_key(config: Config, detector_sha: str) -> str:
@@ -359,6 +359,7 @@ class DetectStage:
         self.detector = load_detector(
             d.model, storage_options=config.storage.storage_options(), device=d.device,
             conf=d.conf, iou=d.iou, max_det=d.max_det, batch_size=d.batch_size,
+            agnostic_nms=d.agnostic_nms,
         )  # fmt: skip
         self.version = self.detector.sha256[:12]
         self.model_key = _model_key(config, self.detector.sha256)

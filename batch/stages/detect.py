@@ -245,6 +245,9 @@ class CellDetector:
         without a card). None with no card: tiles are never resampled.
     storage_options
         fsspec options for a remote ``model_path``.
+    agnostic_nms
+        Class-agnostic NMS (default): overlapping boxes of different classes
+        are one cell, kept once with its most confident class.
     """
 
     def __init__(
@@ -259,6 +262,7 @@ class CellDetector:
         batch_size: int = DEFAULT_BATCH_SIZE,
         trained_mpp: float | None = None,
         storage_options: dict[str, Any] | None = None,
+        agnostic_nms: bool = True,
     ) -> None:
         if not 0 <= conf <= 1 or not 0 < iou <= 1:
             raise ValueError(f"conf must be in [0, 1] and iou in (0, 1]; got {conf}, {iou}")
@@ -283,6 +287,9 @@ class CellDetector:
         self.iou = iou
         self.max_det = max_det
         self.batch_size = batch_size
+        # One object is one cell: suppress overlapping boxes across classes too, so a cell the
+        # network half-believes is a WBC and half an RBC gives one row, not two.
+        self.agnostic_nms = agnostic_nms
         self._model, raw_names = self._load()
         self._names = tuple(normalize_class_name(n) for n in raw_names)
 
@@ -419,6 +426,7 @@ class CellDetector:
             conf=conf,
             iou=self.iou,
             max_det=self.max_det,
+            agnostic_nms=self.agnostic_nms,
             device=self.device,
             verbose=False,
             **self._precision_kwargs(),
