@@ -22,6 +22,15 @@ def _print_json(obj: Any) -> None:
     print(json.dumps(obj, default=str))
 
 
+def _print_result(result: dict[str, Any], as_json: bool) -> None:
+    """A benchmark's figures: one JSON object (last line) or one aligned line per figure."""
+    if as_json:
+        _print_json(result)
+    else:
+        for k, v in result.items():
+            print(f"{k:>28}: {v}")
+
+
 def _cmd_synth(args: argparse.Namespace) -> int:
     from batch.synth import synth_slides
 
@@ -168,11 +177,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         print(f"generating a {args.width} x {args.height} synthetic smear ...", file=sys.stderr)
         (slide,) = synth_slides(tmp, slides=1, width=args.width, height=args.height, seed=args.seed)
         result = bench_io(slide_path=slide, regions=args.regions, seed=args.seed, workdir=tmp)
-    if args.json:
-        _print_json(result)
-    else:
-        for k, v in result.items():
-            print(f"{k:>28}: {v}")
+    _print_result(result, args.json)
     return 0
 
 
@@ -184,11 +189,7 @@ def _cmd_bench_pipeline(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     result = bench_pipeline(width=args.width, height=args.height, seed=args.seed, gpu=args.gpu)
-    if args.json:
-        _print_json(result)
-    else:
-        for k, v in result.items():
-            print(f"{k:>28}: {v}")
+    _print_result(result, args.json)
     return 0
 
 

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import yaml
 
 from batch.errors import ConfigError
+from batch.slides import DEFAULT_MAX_PIXELS  # the reader's per-slide pixel budget
 
 __all__ = [
     "Config",
@@ -34,8 +35,6 @@ __all__ = [
 #: Default overlap between tiles in microns: >= the largest cell we expect whole
 #: (monocytes reach ~30 um, MORPHOLOGY.md); 128 px at 0.25 um/px.
 DEFAULT_OVERLAP_UM = 32.0
-#: Level-0 pixels per slide allowed before a slide is refused unread (200k x 200k).
-DEFAULT_MAX_PIXELS = 200_000 * 200_000
 
 
 @dataclass
