@@ -199,7 +199,18 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     def progress(done: int, total: int) -> None:
         print(f"\r{done}/{total}", end="", file=sys.stderr, flush=True)
 
-    if args.what == "detector":
+    if args.what != "synthetic" and not args.data:
+        print(f"hemaray eval {args.what}: error: --data is required", file=sys.stderr)
+        return 2
+    if args.what == "synthetic":
+        from batch.eval_synthetic import eval_synthetic
+
+        result = eval_synthetic(
+            load_config(args.config, list(args.set)), seed=args.seed, slides=args.slides,
+            width=args.size, height=args.size, kind=args.kind, progress=progress,
+        )  # fmt: skip
+        print(file=sys.stderr)
+    elif args.what == "detector":
         from batch.evaluate import eval_detector
 
         result = eval_detector(
@@ -306,9 +317,17 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser(
         "eval", help="score the models on labelled data (the last line is one JSON object)"
     )
-    e.add_argument("what", choices=["detector", "classifier", "images"])
+    e.add_argument("what", choices=["detector", "classifier", "images", "synthetic"])
     e.add_argument(
-        "--data", required=True, help="VOC/YOLO set (detector) or ImageFolder (classifier, images)"
+        "--data", help="VOC/YOLO set (detector) or ImageFolder (classifier, images)"
+    )
+    e.add_argument("--seed", type=int, default=0, help="synthetic: generator seed")
+    e.add_argument("--slides", type=int, default=2, help="synthetic: number of slides")
+    e.add_argument(
+        "--size", type=int, default=4096, help="synthetic: slide width and height (px)"
+    )
+    e.add_argument(
+        "--kind", choices=["blood", "marrow"], default="blood", help="synthetic: smear kind"
     )
     e.add_argument(
         "--model", help="model file; classifier: wbc_type, all_subtype or a path (default: shipped)"
@@ -320,9 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--limit", type=int, help="at most this many images (per class for ImageFolders)"
     )
-    e.add_argument("--config", help="YAML config (images)")
+    e.add_argument("--config", help="YAML config (images, synthetic)")
     e.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="config override (images)"
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="config override (images, synthetic)"
     )
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.set_defaults(func=_cmd_eval)

@@ -11,11 +11,13 @@ WBC gets no call and counts as wrong.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from batch.calls import SlideTally
 from batch.config import Config
@@ -30,7 +32,9 @@ from batch.stages.cells import (
     unpack,
 )
 
-__all__ = ["eval_images", "folder_label", "call_images"]
+__all__ = ["eval_images", "folder_label", "call_images", "chain_cells"]
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 #: Folder names of the public ALL image set -> all_subtype labels.
@@ -57,16 +61,15 @@ def folder_label(name: str) -> str:
     return FOLDER_ALIASES.get(name.strip().lower(), name.strip().lower())
 
 
-def call_images(
+def chain_cells(
     paths: list[Path], config: Config, *, progress: Callable[[int, int], None] | None = None
-) -> dict[str, dict[str, Any]]:
-    """Run the chain on each image; return ``{path: SlideTally.summary()}`` (keys as str)."""
+) -> Iterator[tuple[str, pa.Table]]:
+    """Run the chain over every tile of each image or slide; yield ``(path, cells of one tile)``."""
     from batch.pipeline import _trained_mpp
 
     trained_mpp, _ = _trained_mpp(config)
     detect = DetectStage(config)
     classify = ClassifyStage(config)
-    tallies: dict[str, SlideTally] = {str(p): SlideTally() for p in paths}
     rows: list[dict[str, Any]] = []
     for p in paths:
         rows.extend(
@@ -77,11 +80,25 @@ def call_images(
         batch = rows_to_batch(rows[start : start + CHUNK])
         batch = classify(segment_tiles(detect(read_tiles(batch, config)), config))
         for i, kind in enumerate(batch["kind"]):
+            if kind == "error":  # the image gets no cells (no call), as in a run's failures
+                log.warning(
+                    "%s: %s at %s: %s", batch["slide_uri"][i], batch["error_type"][i],
+                    batch["error_stage"][i], batch["error_message"][i],
+                )  # fmt: skip
             if kind == "tile" and batch["cells"][i]:
-                tallies[str(batch["slide_uri"][i])].add(unpack(batch["cells"][i]))
+                yield str(batch["slide_uri"][i]), unpack(batch["cells"][i])
         done += len(batch["kind"])
         if progress:
             progress(done, len(rows))
+
+
+def call_images(
+    paths: list[Path], config: Config, *, progress: Callable[[int, int], None] | None = None
+) -> dict[str, dict[str, Any]]:
+    """Run the chain on each image; return ``{path: SlideTally.summary()}`` (keys as str)."""
+    tallies: dict[str, SlideTally] = {str(p): SlideTally() for p in paths}
+    for path, cells in chain_cells(paths, config, progress=progress):
+        tallies[path].add(cells)
     return {k: t.summary() for k, t in tallies.items()}
 
 

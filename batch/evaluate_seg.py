@@ -37,6 +37,7 @@ __all__ = [
     "eval_segmentation",
     "iou",
     "main",
+    "score_cells",
     "summarize",
 ]
 
@@ -125,32 +126,50 @@ def eval_segmentation(
             raise ValueError(f"cannot read the image of slide {slide_id!r} in {folder}")
         image = np.ascontiguousarray(bgr[..., ::-1], dtype=np.uint8)
         boxes = cells[["x0", "y0", "x1", "y1"]].to_numpy(dtype=np.float64)
-        regions = crop_regions(boxes, margin=margin)
         crops = crop_wbcs(image, boxes, margin=margin)
-        for (_, cell), box, region, crop in zip(
-            cells.iterrows(), boxes, regions, crops, strict=True
-        ):
-            rx0, ry0 = int(region[0]), int(region[1])
-            truth = np.zeros(crop.shape[:2], dtype=bool)
-            m = decode_mask(cell["nucleus_mask"])
-            ox, oy = int(cell["x0"]) - rx0, int(cell["y0"]) - ry0
-            truth[oy : oy + m.shape[0], ox : ox + m.shape[1]] = m
-            mpp = float(cell["mpp"])
-            cell_box = (box[0] - rx0, box[1] - ry0, box[2] - rx0, box[3] - ry0) if use_box else None
-            seg = segment_wbc(crop, mpp=mpp, config=config, cell_box=cell_box)
-            rows.append(
-                {
-                    "slide_id": str(slide_id),
-                    "object_id": int(cell["object_id"]),
-                    "subtype": cell.get("subtype"),
-                    "zone": cell.get("zone"),
-                    "dice": dice(seg.nucleus_mask, truth),
-                    "iou": iou(seg.nucleus_mask, truth),
-                    "nucleus_area_um2": float(seg.nucleus_mask.sum()) * mpp**2,
-                    "true_nucleus_area_um2": float(truth.sum()) * mpp**2,
-                    "found": seg.found,
-                }
-            )
+        rows += score_cells(cells, crops, margin=margin, config=config, use_box=use_box)
+    return pd.DataFrame(rows)
+
+
+def score_cells(
+    cells: pd.DataFrame,
+    crops: Sequence[npt.NDArray[np.uint8]],
+    *,
+    margin: float = DEFAULT_MARGIN,
+    config: SegmentConfig | None = None,
+    use_box: bool = True,
+) -> list[dict[str, Any]]:
+    """Segment each ground-truth WBC's crop and score it against the exact nucleus mask.
+
+    ``crops[k]`` is the image inside ``crop_regions`` of ``cells``' k-th box
+    (level-0 pixels, same ``margin``), however it was read.
+    """
+    boxes = cells[["x0", "y0", "x1", "y1"]].to_numpy(dtype=np.float64)
+    regions = crop_regions(boxes, margin=margin)
+    rows: list[dict[str, Any]] = []
+    for (_, cell), box, region, crop in zip(cells.iterrows(), boxes, regions, crops, strict=True):
+        rx0, ry0 = int(region[0]), int(region[1])
+        truth = np.zeros(crop.shape[:2], dtype=bool)
+        m = decode_mask(cell["nucleus_mask"])
+        ox, oy = int(cell["x0"]) - rx0, int(cell["y0"]) - ry0
+        truth[oy : oy + m.shape[0], ox : ox + m.shape[1]] = m
+        mpp = float(cell["mpp"])
+        cell_box = (box[0] - rx0, box[1] - ry0, box[2] - rx0, box[3] - ry0) if use_box else None
+        seg = segment_wbc(crop, mpp=mpp, config=config, cell_box=cell_box)
+        rows.append(
+            {
+                "slide_id": str(cell["slide_id"]),
+                "object_id": int(cell["object_id"]),
+                "subtype": cell.get("subtype"),
+                "zone": cell.get("zone"),
+                "dice": dice(seg.nucleus_mask, truth),
+                "iou": iou(seg.nucleus_mask, truth),
+                "nucleus_area_um2": float(seg.nucleus_mask.sum()) * mpp**2,
+                "true_nucleus_area_um2": float(truth.sum()) * mpp**2,
+                "found": seg.found,
+            }
+        )
+    return rows
     return pd.DataFrame(rows)
 
 

@@ -27,6 +27,8 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,6 +47,7 @@ __all__ = [
     "ModelLoadError",
     "card_path_for",
     "file_sha256",
+    "keep_torch_threads",
     "load_detector",
     "model_cache_dir",
     "read_model_card",
@@ -52,6 +55,25 @@ __all__ = [
     "resolve_model",
     "write_model_card",
 ]
+
+@contextmanager
+def keep_torch_threads() -> Iterator[None]:
+    """Keep torch's intra-op thread count across an ultralytics call.
+
+    On its first ``predict`` on CPU, ultralytics' ``select_device`` sets
+    ``torch.set_num_threads(cpu_count - 1)``: one thread on a 2-core machine,
+    half the speed. Whatever the process chose before (torch's default, or
+    ``execution.torch_threads``) is put back afterwards.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
 
 #: Directory of the weights shipped inside the package.
 MODELS_DIR = Path(__file__).resolve().parent / "models"

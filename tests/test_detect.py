@@ -8,6 +8,7 @@ shipped weights are checked on synthetic smears from ``batch.synth``.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -362,3 +363,18 @@ def test_eval_detector_on_a_voc_set(shipped: CellDetector, synth_field: dict[str
     assert set(m["per_class"]["RBC"]) >= {"ap50", "ap50_95", "precision", "recall", "f1"}
     assert m["per_class"]["RBC"]["ap50"] > 0.3
     assert m["model_sha256"] == shipped.sha256
+
+
+def test_predict_keeps_the_processes_torch_threads() -> None:
+    """ultralytics' first CPU predict sets torch to cpu_count - 1 threads; the detector undoes it."""
+    import torch
+
+    before = torch.get_num_threads()
+    wanted = (os.cpu_count() or 1) + 2  # never what ultralytics would pick
+    torch.set_num_threads(wanted)
+    try:
+        fresh = load_detector(device="cpu")  # a new model: its first predict sets the device up
+        fresh.detect([np.full((64, 64, 3), 230, np.uint8)])
+        assert torch.get_num_threads() == wanted
+    finally:
+        torch.set_num_threads(before)

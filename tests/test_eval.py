@@ -66,3 +66,17 @@ def test_eval_classifier_on_crops(image_folder: Path, tmp_path: Path, capsys: py
     data = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert data["n"] == len(list(image_folder.glob("*/*.png")))
     assert {"accuracy", "macro_f1", "per_class", "confusion_matrix"} & set(data)
+
+
+def test_eval_synthetic_cli_scores_detection_and_segmentation(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    argv = ["eval", "synthetic", "--seed", "5", "--slides", "1", "--size", "2048", "--json"]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(result["per_class"]) == {"RBC", "WBC", "platelet"}
+    wbc = result["per_class"]["WBC"]
+    assert wbc["n_true"] > 0 and result["seg_cells"] == wbc["n_true"]
+    # The shipped detector finds the generator's WBCs, each once; the seeds' segmentation fits.
+    assert result["wbc_f1"] >= 0.8 and result["wbc_duplicates"] == 0
+    assert 0.8 <= result["seg_dice"] <= 1.0 and 0.0 < result["seg_iou"] <= result["seg_dice"]

@@ -38,6 +38,7 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
+from batch.models import keep_torch_threads
 from batch.stages.crop import estimate_background, letterbox
 from batch.stages.detect import select_device
 
@@ -214,9 +215,10 @@ class WbcClassifier:
                 np.ascontiguousarray(im[..., ::-1])
                 for im in images[start : start + self.batch_size]
             ]
-            results: Any = self.model.predict(
-                chunk, imgsz=self.imgsz, device=self.device, verbose=False, **self._precision
-            )
+            with keep_torch_threads():
+                results: Any = self.model.predict(
+                    chunk, imgsz=self.imgsz, device=self.device, verbose=False, **self._precision
+                )
             probs.extend(r.probs.data.float().cpu().numpy() for r in results)
         return np.stack(probs).astype(np.float32)
 

@@ -30,7 +30,13 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from batch.models import ModelCard, file_sha256, read_model_card, resolve_model
+from batch.models import (
+    ModelCard,
+    file_sha256,
+    keep_torch_threads,
+    read_model_card,
+    resolve_model,
+)
 
 __all__ = [
     "DEFAULT_CONF",
@@ -420,17 +426,18 @@ class CellDetector:
         ultralytics' letterbox neither resizes nor pads them.
         """
         height, width = batch[0].shape[:2]
-        results = self._model.predict(
-            batch,
-            imgsz=[height, width],
-            conf=conf,
-            iou=self.iou,
-            max_det=self.max_det,
-            agnostic_nms=self.agnostic_nms,
-            device=self.device,
-            verbose=False,
-            **self._precision_kwargs(),
-        )
+        with keep_torch_threads():
+            results = self._model.predict(
+                batch,
+                imgsz=[height, width],
+                conf=conf,
+                iou=self.iou,
+                max_det=self.max_det,
+                agnostic_nms=self.agnostic_nms,
+                device=self.device,
+                verbose=False,
+                **self._precision_kwargs(),
+            )
         out = []
         for res in results:
             boxes = res.boxes
