@@ -372,9 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bp.add_argument("--json", action="store_true")
     bp.add_argument(
-        "--width", type=int, default=4096, help="base slide width (the 4x slide doubles both sides)"
+        "--width", type=int, default=8192, help="base slide width (the 4x slide doubles both sides)"
     )
-    bp.add_argument("--height", type=int, default=3072, help="base slide height")
+    bp.add_argument("--height", type=int, default=6144, help="base slide height")
     bp.add_argument("--seed", type=int, default=0)
     bp.add_argument("--gpu", action="store_true", help="run detector and pipeline on CUDA")
     bp.set_defaults(func=_cmd_bench_pipeline)

@@ -125,7 +125,7 @@ class DetectConfig:
     agnostic_nms: bool = True
     #: Tiles per forward pass.
     batch_size: int = 8
-    #: Detector actors; 0: one per GPU, or one on a CPU-only cluster.
+    #: Detector actors; 0: one per GPU, or on a CPU-only cluster one per CPU (at most 16).
     actors: int = 0
     #: GPUs per detector actor when the cluster has GPUs.
     gpus_per_actor: float = 1.0
@@ -187,27 +187,36 @@ class ExecutionConfig:
 
     #: Concurrent tile-read tasks; 0: the cluster's CPU count.
     read_concurrency: int = 0
-    #: Tiles per read task batch.
-    read_batch_size: int = 4
+    #: Crop + segment workers (a CPU actor pool); 0: half the cluster's CPU count (at least one).
+    segment_concurrency: int = 0
+    #: Tiles per read batch, which is also one block of decoded tiles; 0: detect.batch_size
+    #: (each block then feeds one detector batch as it is).
+    read_batch_size: int = 0
     #: CPUs reserved per plan / read / segment task (fractions let them share cores with the
     #: detector, whose torch threads use every core anyway).
     cpu_per_task: float = 0.25
-    #: CPUs reserved per detector actor on CPU-only clusters.
-    cpu_per_actor: float = 1.0
+    #: CPUs reserved per detector actor on CPU-only clusters (a logical share: the lighter
+    #: stages run beside the detectors on the same cores).
+    cpu_per_actor: float = 0.5
     #: CPUs reserved per classifier actor on CPU-only clusters.
     cpu_per_classifier: float = 0.5
     #: Classifier actors; 0: one per GPU, or one on a CPU-only cluster.
     classify_actors: int = 0
     classify_batch_size: int = 16
     gpus_per_classifier: float = 0.25
-    #: Torch threads in each CPU actor; 0: all the node's cores.
+    #: Torch threads in each CPU detector actor; 0: the node's cores / detector actors (>= 1).
     torch_threads: int = 0
+    #: Torch threads in each CPU classifier actor; 0: one per reserved CPU (at least one), so
+    #: the small classifiers do not take cores from the detector.
+    classify_threads: int = 0
     #: Testing hook: "SLIDE_ID:ROW:COL" makes that tile's read raise (fault tests use it).
     inject_read_fault: str | None = None
 
     def validate(self) -> None:
-        if self.read_batch_size < 1 or self.classify_batch_size < 1:
-            raise ConfigError("execution batch sizes must be >= 1")
+        if self.read_batch_size < 0 or self.classify_batch_size < 1:
+            raise ConfigError("execution batch sizes must be >= 1 (read_batch_size 0: derived)")
+        if self.torch_threads < 0 or self.classify_threads < 0:
+            raise ConfigError("execution.torch_threads and classify_threads must be >= 0")
         if self.cpu_per_task <= 0 or self.cpu_per_actor <= 0:
             raise ConfigError("execution.cpu_per_task and cpu_per_actor must be > 0")
 

@@ -9,6 +9,12 @@ these callables on Ray resources, and the tests call them directly.
 Row ``kind``: ``tile`` (process it), ``empty`` (a slide with no tile to
 process; commits with zero cells) or ``error`` (the slide failed at
 ``error_stage``; the driver records it and drops the slide).
+
+Columns grow and shrink along the way: ``read_tiles`` adds the decoded
+``image``; `DetectStage` adds ``cells`` and, through `crop_tiles`, swaps the
+image for the WBC crops (``wbc_crops``), so megabytes of pixels stop at the
+detector; `segment_tiles` turns those into ``crops`` (crops + masks);
+`ClassifyStage` drops them again.
 """
 
 from __future__ import annotations
@@ -40,7 +46,9 @@ __all__ = [
     "plan_slide",
     "read_tiles",
     "DetectStage",
+    "crop_tiles",
     "segment_tiles",
+    "SegmentStage",
     "ClassifyStage",
     "error_fields",
     "rows_to_batch",
@@ -344,6 +352,20 @@ def _model_key(config: Config, detector_sha: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
+def _set_threads(threads: int) -> None:
+    """Apply the stage's torch thread count in the calling thread.
+
+    Ray Data calls an actor's UDF from a thread of its own; OpenMP keeps the
+    thread count per thread, and a new thread starts from ``OMP_NUM_THREADS``
+    (which Ray sets to the actor's CPU reservation, 1). Measured here: the
+    detector ran ~40 % slower in such a thread until the count was set in it.
+    """
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 class DetectStage:
     """Run the detector over the tile images; keep boxes whose centre the tile's core owns."""
 
@@ -352,6 +374,7 @@ class DetectStage:
 
         from batch.models import load_detector
 
+        self.threads = threads
         if threads:
             torch.set_num_threads(threads)
         d = config.detect
@@ -365,6 +388,7 @@ class DetectStage:
         self.model_key = _model_key(config, self.detector.sha256)
 
     def __call__(self, batch: Batch) -> Batch:
+        _set_threads(self.threads)
         idx = [i for i, k in enumerate(batch["kind"]) if k == "tile"]
         packed: list[bytes] = [b""] * len(batch["kind"])
         if idx:
@@ -372,7 +396,7 @@ class DetectStage:
             dets = self.detector.detect([batch["image"][i] for i in idx])
             for i, det in zip(idx, dets, strict=True):
                 packed[i] = pack(self._cells(batch, i, det))
-        return {**batch, "cells": _object_array(packed)}
+        return crop_tiles({**batch, "cells": _object_array(packed)}, self.config)
 
     def _cells(self, batch: Batch, i: int, det: Any) -> pa.Table:
         t = _task(batch, i)
@@ -419,9 +443,41 @@ def _detector_mpp(batch: Batch, i: int) -> float | None:
     return float(mpp) * float(batch["downsample"][i]) / float(batch["scale"][i])
 
 
+def crop_tiles(batch: Batch, config: Config) -> Batch:
+    """Cut every WBC's crop from its tile image; the tile image goes no further.
+
+    Adds ``wbc_crops`` per tile (``.npz`` bytes: ``crop0, crop1, ...`` in WBC
+    row order, ``rows`` and the tile's background colour ``bg``) and drops
+    ``image``, so only crops (kilobytes), not decoded tiles (megabytes), travel
+    on to segmentation.
+    """
+    from batch.stages.crop import crop_wbcs, estimate_background
+
+    out: list[bytes] = [b""] * len(batch["kind"])
+    for i, kind in enumerate(batch["kind"]):
+        if kind != "tile" or not batch["cells"][i]:
+            continue
+        cells = unpack(batch["cells"][i])
+        wbc = np.flatnonzero(np.asarray(cells.column("det_class").to_pylist()) == "WBC")
+        if not len(wbc):
+            continue
+        image = batch["image"][i]
+        boxes = np.stack([cells.column(c).to_numpy()[wbc] for c in TILE_BOX_COLUMNS], axis=1)
+        bg = estimate_background(image)
+        crops = crop_wbcs(image, boxes, margin=config.segmentation.crop_margin, background=bg)
+        buf = io.BytesIO()
+        arrays: dict[str, npt.NDArray[Any]] = {f"crop{j}": c for j, c in enumerate(crops)}
+        arrays["rows"] = wbc
+        arrays["bg"] = np.asarray(bg, np.int64)
+        np.savez(buf, **arrays)  # type: ignore[arg-type]
+        out[i] = buf.getvalue()
+    rest = {k: v for k, v in batch.items() if k != "image"}
+    return {**rest, "wbc_crops": _object_array(out)}
+
+
 def segment_tiles(batch: Batch, config: Config) -> Batch:
-    """Crop every WBC from its tile image and segment it; adds morphometrics, packs crops + masks."""
-    from batch.stages.crop import crop_regions, crop_wbcs, estimate_background
+    """Segment every WBC crop (from `crop_tiles`); adds morphometrics, packs crops + masks."""
+    from batch.stages.crop import crop_regions
     from batch.stages.segment import SegmentConfig, segment_wbc
 
     seg_cfg = SegmentConfig(min_nucleus_area_um2=config.segmentation.min_nucleus_um2)
@@ -431,13 +487,13 @@ def segment_tiles(batch: Batch, config: Config) -> Batch:
         if kind != "tile" or not batch["cells"][i]:
             continue
         cells = unpack(batch["cells"][i])
-        wbc = np.flatnonzero(np.asarray(cells.column("det_class").to_pylist()) == "WBC")
         morph = {k: np.full(cells.num_rows, np.nan) for k in MORPH_COLUMNS}
-        if len(wbc):
-            image = batch["image"][i]
+        if batch["wbc_crops"][i]:
+            z = np.load(io.BytesIO(batch["wbc_crops"][i]))
+            wbc = z["rows"]
+            bg = tuple(int(v) for v in z["bg"])
+            crops = [z[f"crop{j}"] for j in range(len(wbc))]
             boxes = np.stack([cells.column(c).to_numpy()[wbc] for c in TILE_BOX_COLUMNS], axis=1)
-            bg = estimate_background(image)
-            crops = crop_wbcs(image, boxes, margin=config.segmentation.crop_margin, background=bg)
             crop_mpp = _detector_mpp(batch, i) or config.tiling.fallback_mpp
             regions = crop_regions(boxes, margin=config.segmentation.crop_margin)
             masks = []
@@ -461,8 +517,18 @@ def segment_tiles(batch: Batch, config: Config) -> Batch:
         for k, values in morph.items():
             cells = cells.append_column(k, pa.array(values, pa.float64(), mask=np.isnan(values)))
         cells_out[i] = pack(cells)
-    out = {k: v for k, v in batch.items() if k != "image"}
+    out = {k: v for k, v in batch.items() if k != "wbc_crops"}
     return {**out, "cells": _object_array(cells_out), "crops": _object_array(crops_out)}
+
+
+class SegmentStage:
+    """`segment_tiles` in a long-lived worker (Ray Data actor pool): no process per block."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+
+    def __call__(self, batch: Batch) -> Batch:
+        return segment_tiles(batch, self.config)
 
 
 # --- classify ------------------------------------------------------------------------------
@@ -484,6 +550,7 @@ class ClassifyStage:
         from batch.models import file_sha256
         from batch.stages.classify import WbcClassifier
 
+        self.threads = threads
         if threads:
             torch.set_num_threads(threads)
         self.config = config
@@ -497,6 +564,7 @@ class ClassifyStage:
             self.classifiers.append((spec, clf, file_sha256(clf.model_path)[:12]))
 
     def __call__(self, batch: Batch) -> Batch:
+        _set_threads(self.threads)
         cells_out = list(batch["cells"])
         # Gather every WBC crop of the batch so each classifier runs once per batch, not per tile.
         tiles: list[tuple[int, pa.Table, npt.NDArray[np.int64], Any]] = []
