@@ -386,12 +386,12 @@ def bench_pipeline(
         detector.detect(tiles[: detector.batch_size])  # warm-up
         threads = torch.get_num_threads()
 
-        def floor_seconds() -> float:
+        def floor_seconds(det: Any, images: list[Any]) -> float:
             t0 = time.perf_counter()
-            detector.detect(tiles)
+            det.detect(images)
             return time.perf_counter() - t0
 
-        floor_s = [floor_seconds()]
+        floor_s = [floor_seconds(detector, tiles)]
         n_floor = len(tiles)
 
         env = dict(os.environ)
@@ -408,7 +408,7 @@ def bench_pipeline(
 
         # Again after the runs, on the same tiles: the faster of the two is the floor, so a
         # slow spell of this shared machine cannot flatter the ratio.
-        floor_s.append(floor_seconds())
+        floor_s.append(floor_seconds(detector, tiles))
         det_s = min(floor_s)
         del detector, batch, tiles
         big_m = runs["big"]["manifest"]

@@ -491,7 +491,8 @@ def segment_tiles(batch: Batch, config: Config) -> Batch:
         if batch["wbc_crops"][i]:
             z = np.load(io.BytesIO(batch["wbc_crops"][i]))
             wbc = z["rows"]
-            bg = tuple(int(v) for v in z["bg"])
+            r, g, b = (int(v) for v in z["bg"])
+            bg = (r, g, b)
             crops = [z[f"crop{j}"] for j in range(len(wbc))]
             boxes = np.stack([cells.column(c).to_numpy()[wbc] for c in TILE_BOX_COLUMNS], axis=1)
             crop_mpp = _detector_mpp(batch, i) or config.tiling.fallback_mpp
