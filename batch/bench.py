@@ -276,8 +276,10 @@ def bench_io(
 
 # ------------------------------------------------------------------ pipeline
 
-#: Seconds between memory samples of the run's process tree.
-RSS_SAMPLE_S = 0.2
+#: Seconds between memory samples of the run's process tree. One sample (PSS of ~15 processes
+#: that map the object store) costs ~75 ms of CPU here; at 0.2 s the sampler took ~13 % of this
+#: 2-core machine from the run it was timing.
+RSS_SAMPLE_S = 1.0
 
 
 def _tree_memory(root: Any) -> int:
