@@ -83,3 +83,34 @@ def test_no_boxes_and_bad_tiles() -> None:
     assert crop_wbcs(_tile(), np.zeros((0, 4))) == []
     with pytest.raises(ValueError, match="RGB uint8"):
         crop_wbcs(np.zeros((10, 10), np.uint8), np.array([[0, 0, 5, 5]]))
+
+
+def test_crop_tiles_ships_crops_not_tiles_and_segment_reads_them() -> None:
+    """The tile image stops at the detector stage: only the WBC crops travel on, unchanged."""
+    import io
+
+    import pyarrow as pa
+
+    from batch.config import Config
+    from batch.stages.cells import crop_tiles, pack, rows_to_batch, segment_tiles
+
+    rng = np.random.default_rng(0)
+    tile = np.full((64, 64, 3), 235, np.uint8)
+    tile[20:40, 10:30] = rng.integers(60, 120, (20, 20, 3), dtype=np.uint8)
+    cells = pa.table(
+        {
+            "det_class": ["RBC", "WBC"],
+            "tx0": [0.0, 10.0], "ty0": [0.0, 20.0], "tx1": [8.0, 30.0], "ty1": [8.0, 40.0],
+        }
+    )  # fmt: skip
+    batch = rows_to_batch([{"slide_id": "s", "slide_uri": "s.tif", "kind": "tile", "n_tiles": 1}])
+    batch = {**batch, "image": tile[None], "cells": np.array([pack(cells)], dtype=object)}
+    out = crop_tiles(batch, Config())
+    assert "image" not in out
+    z = np.load(io.BytesIO(out["wbc_crops"][0]))
+    assert z["rows"].tolist() == [1]  # only the WBC row is cropped
+    bg = tuple(int(v) for v in z["bg"])
+    expected = crop_wbcs(tile, [[10, 20, 30, 40]], margin=Config().segmentation.crop_margin, background=bg)
+    np.testing.assert_array_equal(z["crop0"], expected[0])
+    seg = segment_tiles(out, Config())
+    assert "wbc_crops" not in seg and seg["crops"][0]
