@@ -1,8 +1,9 @@
 """The Ray Data pipeline: slides in, per-cell Parquet out. Wiring and placement only.
 
     slides -> plan (flat_map, CPU) -> read/decode (map_batches, CPU tasks)
-           -> detect (actor pool; num_gpus when the cluster has GPUs)
-           -> crop + segment (CPU tasks) -> classify (actor pool)
+           -> detect + crop WBCs (actor pool; num_gpus when the cluster has GPUs,
+              else one single-threaded actor per core)
+           -> segment (small CPU actor pool) -> classify (actor pool)
            -> driver: per-slide writers, atomic commit per slide (batch.sink)
 
 All image logic lives in ``batch.stages``; this module chooses resources and
