@@ -352,20 +352,6 @@ def _model_key(config: Config, detector_sha: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-def _set_threads(threads: int) -> None:
-    """Apply the stage's torch thread count in the calling thread.
-
-    Ray Data calls an actor's UDF from a thread of its own; OpenMP keeps the
-    thread count per thread, and a new thread starts from ``OMP_NUM_THREADS``
-    (which Ray sets to the actor's CPU reservation, 1). Measured here: the
-    detector ran ~40 % slower in such a thread until the count was set in it.
-    """
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
-
-
 class DetectStage:
     """Run the detector over the tile images; keep boxes whose centre the tile's core owns."""
 
@@ -374,7 +360,6 @@ class DetectStage:
 
         from batch.models import load_detector
 
-        self.threads = threads
         if threads:
             torch.set_num_threads(threads)
         d = config.detect
@@ -388,7 +373,6 @@ class DetectStage:
         self.model_key = _model_key(config, self.detector.sha256)
 
     def __call__(self, batch: Batch) -> Batch:
-        _set_threads(self.threads)
         idx = [i for i, k in enumerate(batch["kind"]) if k == "tile"]
         packed: list[bytes] = [b""] * len(batch["kind"])
         if idx:
@@ -551,7 +535,6 @@ class ClassifyStage:
         from batch.models import file_sha256
         from batch.stages.classify import WbcClassifier
 
-        self.threads = threads
         if threads:
             torch.set_num_threads(threads)
         self.config = config
@@ -565,7 +548,6 @@ class ClassifyStage:
             self.classifiers.append((spec, clf, file_sha256(clf.model_path)[:12]))
 
     def __call__(self, batch: Batch) -> Batch:
-        _set_threads(self.threads)
         cells_out = list(batch["cells"])
         # Gather every WBC crop of the batch so each classifier runs once per batch, not per tile.
         tiles: list[tuple[int, pa.Table, npt.NDArray[np.int64], Any]] = []
