@@ -181,6 +181,10 @@ class SegmentationConfig:
             raise ConfigError(f"segmentation.crop_margin must be in [0, 1], got {self.crop_margin}")
 
 
+#: Values of ``execution.placement``.
+PLACEMENTS = ("auto", "staged", "fused")
+
+
 @dataclass
 class ExecutionConfig:
     """Ray Data placement: concurrency and batch sizes (0 = derive from the cluster)."""
@@ -209,6 +213,12 @@ class ExecutionConfig:
     #: Torch threads in each CPU classifier actor; 0: one per reserved CPU (at least one), so
     #: the small classifiers do not take cores from the detector.
     classify_threads: int = 0
+    #: Where the per-tile model work runs. "staged": detect, crop + segment and classify are
+    #: separate actor pools (GPU detectors, CPU segmentation, fractional-GPU classifiers).
+    #: "fused": one actor per core does detect, crop, segment and classify on its own tiles
+    #: (no hand-offs through the object store, two fewer worker processes). "auto": staged when
+    #: the cluster has GPUs and detect.device allows them, fused otherwise.
+    placement: str = "auto"
     #: Testing hook: "SLIDE_ID:ROW:COL" makes that tile's read raise (fault tests use it).
     inject_read_fault: str | None = None
 
@@ -219,6 +229,10 @@ class ExecutionConfig:
             raise ConfigError("execution.torch_threads and classify_threads must be >= 0")
         if self.cpu_per_task <= 0 or self.cpu_per_actor <= 0:
             raise ConfigError("execution.cpu_per_task and cpu_per_actor must be > 0")
+        if self.placement not in PLACEMENTS:
+            raise ConfigError(
+                f"execution.placement must be one of {PLACEMENTS}, got {self.placement!r}"
+            )
 
 
 @dataclass

@@ -23,12 +23,10 @@ from batch.calls import SlideTally
 from batch.config import Config
 from batch.ids import slide_id_for
 from batch.stages.cells import (
-    ClassifyStage,
-    DetectStage,
+    CellStage,
     plan_slide,
     read_tiles,
     rows_to_batch,
-    segment_tiles,
     unpack,
 )
 
@@ -68,8 +66,7 @@ def chain_cells(
     from batch.pipeline import _trained_mpp
 
     trained_mpp, _ = _trained_mpp(config)
-    detect = DetectStage(config)
-    classify = ClassifyStage(config)
+    chain = CellStage(config)
     rows: list[dict[str, Any]] = []
     for p in paths:
         rows.extend(
@@ -78,7 +75,7 @@ def chain_cells(
     done = 0
     for start in range(0, len(rows), CHUNK):
         batch = rows_to_batch(rows[start : start + CHUNK])
-        batch = classify(segment_tiles(detect(read_tiles(batch, config)), config))
+        batch = chain(read_tiles(batch, config))
         for i, kind in enumerate(batch["kind"]):
             if kind == "error":  # the image gets no cells (no call), as in a run's failures
                 log.warning(

@@ -1,10 +1,19 @@
 """The Ray Data pipeline: slides in, per-cell Parquet out. Wiring and placement only.
 
     slides -> plan (flat_map, CPU) -> read/decode (map_batches, CPU tasks)
-           -> detect + crop WBCs (actor pool; num_gpus when the cluster has GPUs,
-              else one single-threaded actor per core)
-           -> segment (small CPU actor pool) -> classify (actor pool)
+           -> detect + crop WBCs -> segment -> classify
            -> driver: per-slide writers, atomic commit per slide (batch.sink)
+
+The per-tile model work has two placements (``execution.placement``):
+
+- ``staged`` (the default on GPU clusters): detect + crop in an actor pool
+  with ``num_gpus`` per actor, segmentation in a small CPU actor pool,
+  classification in an actor pool with a GPU fraction per actor.
+- ``fused`` (the default on CPU-only clusters): one single-threaded actor per
+  core runs detect, crop, segment and classify on its own tiles
+  (`batch.stages.cells.CellStage`). On 2 cores this removed two worker
+  processes, two operators from Ray Data's scheduling loop and every
+  hand-off of crops and cell tables through the object store.
 
 All image logic lives in ``batch.stages``; this module chooses resources and
 keeps the books: a slide commits when all its planned tiles have come back,
@@ -37,6 +46,7 @@ from batch.config import Config
 from batch.inputs import SlideInput
 from batch.sink import OutputStore, SlideWriter
 from batch.stages.cells import (
+    CellStage,
     ClassifyStage,
     DetectStage,
     SegmentStage,
@@ -48,7 +58,7 @@ from batch.stages.cells import (
     unpack,
 )
 
-__all__ = ["RunResult", "run_pipeline", "Resources", "cluster_resources"]
+__all__ = ["RunResult", "run_pipeline", "Resources", "cluster_resources", "placement"]
 
 log = logging.getLogger(__name__)
 
@@ -221,6 +231,14 @@ def run_pipeline(
     return result
 
 
+def placement(config: Config, res: Resources) -> str:
+    """``execution.placement`` resolved: "staged" on GPU clusters, "fused" on CPU-only ones."""
+    chosen = config.execution.placement
+    if chosen == "auto":
+        return "staged" if res.gpus > 0 and config.detect.device != "cpu" else "fused"
+    return chosen
+
+
 def _build_dataset(todo: list[SlideInput], config: Config, trained_mpp: float | None) -> Any:
     import ray
 
@@ -280,6 +298,14 @@ def _build_dataset(todo: list[SlideInput], config: Config, trained_mpp: float | 
     det_res: dict[str, Any] = (
         {"num_gpus": config.detect.gpus_per_actor} if use_gpu else {"num_cpus": ex.cpu_per_actor}
     )
+    if placement(config, res) == "fused":
+        # One worker per core takes its tiles through the whole chain: no crops or cell tables
+        # through the object store, two fewer worker processes and operators competing with the
+        # detectors for the cores (measured: see the module docstring).
+        return ds.map_batches(
+            CellStage, fn_constructor_args=(config, threads),
+            batch_size=config.detect.batch_size, compute=actors(size=det_actors), batch_format="numpy", **det_res,
+        )  # fmt: skip
     ds = ds.map_batches(
         DetectStage, fn_constructor_args=(config, threads),
         batch_size=config.detect.batch_size, compute=actors(size=det_actors), batch_format="numpy", **det_res,

@@ -32,6 +32,7 @@ def test_defaults_and_overrides(tmp_path: Path) -> None:
         ("tiling.tile_size=16", "tiling.tile_size"),
         ("tiling.overlap_px=400", "tiling.overlap_px"),
         ("storage.endpoint_url=ftp://x", "storage.endpoint_url"),
+        ("execution.placement=gpu", "execution.placement"),
         ("nonsense", "--set"),
     ],
 )

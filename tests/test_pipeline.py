@@ -20,7 +20,7 @@ import schemas
 from batch.cli import main
 from batch.config import load_config
 from batch.inputs import resolve_inputs
-from batch.pipeline import run_pipeline
+from batch.pipeline import cluster_resources, placement, run_pipeline
 from batch.run_eval import evaluate_run
 from batch.sink import read_table
 from batch.synth import synth_slides
@@ -108,12 +108,16 @@ def test_rerun_skips_and_adds_nothing(first_run: tuple[Path, int], slides_dir: P
     pd.testing.assert_frame_equal(before, after)
 
 
-def test_two_runs_identical_and_overwrite(
+def test_two_runs_identical_across_placements_and_overwrite(
     first_run: tuple[Path, int], slides_dir: Path, tmp_path: Path
 ) -> None:
     out, _ = first_run
     other = tmp_path / "again"
-    result = run_pipeline(resolve_inputs([str(slides_dir)]), str(other), load_config())
+    # The second run uses the other placement: the default on this CPU-only instance is "fused"
+    # (one actor runs the whole chain); "staged" is the GPU wiring (separate actor pools).
+    staged = load_config(None, ["execution.placement=staged"])
+    assert placement(load_config(), cluster_resources()) == "fused"
+    result = run_pipeline(resolve_inputs([str(slides_dir)]), str(other), staged)
     assert sorted(result.committed) == ["slide_0000", "slide_0001"]
     for sid in result.committed:
         a = (out / f"cells/slide_id={sid}/part-0.parquet").read_bytes()

@@ -606,6 +606,24 @@ class ClassifyStage:
         return {**out, "cells": _object_array(cells_out)}
 
 
+class CellStage:
+    """Detect + crop, segment and classify in one worker: the chain a tile goes through.
+
+    The pipeline's ``fused`` placement (CPU-only clusters: one such actor per
+    core) and the in-process chain of ``hemaray eval``. Each stage is the same
+    object or function the ``staged`` placement runs in its own actor pool,
+    so both placements write the same cells.
+    """
+
+    def __init__(self, config: Config, threads: int = 0) -> None:
+        self.config = config
+        self.detect = DetectStage(config, threads)
+        self.classify = ClassifyStage(config, threads)
+
+    def __call__(self, batch: Batch) -> Batch:
+        return self.classify(segment_tiles(self.detect(batch), self.config))
+
+
 def label_sets(config: Config) -> dict[str, list[str]]:
     """Each classifier's label set, from its model card (the model is loaded only without one)."""
     from batch.models import read_model_card, resolve_model

@@ -260,26 +260,26 @@ def kmeans_1d(values: npt.ArrayLike, k: int = 2) -> tuple[list[float], list[floa
     m = occupied.size
 
     def sse(i: npt.NDArray[np.int64], j: npt.NDArray[np.int64]) -> npt.NDArray[np.float64]:
+        # Clusters [i, j) of occupied bins; every bin in them has a count, so n > 0.
         n = pc[j] - pc[i]
         sm = ps[j] - ps[i]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            out = pq[j] - pq[i] - np.where(n > 0, sm * sm / n, 0.0)
-        return np.asarray(out, dtype=np.float64)
+        return np.asarray(pq[j] - pq[i] - sm * sm / n, dtype=np.float64)
 
+    t = np.arange(1, m)
+    first = sse(np.zeros_like(t), t)  # [0, t)
+    last = sse(t, np.full_like(t, m))  # [t, m)
     if k == 2:
-        t = np.arange(1, m)
-        cost = sse(np.zeros_like(t), t) + sse(t, np.full_like(t, m))
-        cuts = [int(t[np.argmin(cost)])]
+        cuts = [int(t[np.argmin(first + last)])]
     else:
-        t1, t2 = np.meshgrid(np.arange(1, m), np.arange(1, m), indexing="ij")
-        valid = t1 < t2
-        cost = np.where(
-            valid,
-            sse(np.zeros_like(t1), t1) + sse(t1, t2) + sse(t2, np.full_like(t2, m)),
-            np.inf,
-        )
+        # Middle cluster [t1, t2) by broadcasting prefix sums (no index gathers on the grid).
+        n = pc[t][None, :] - pc[t][:, None]
+        sm = ps[t][None, :] - ps[t][:, None]
+        valid = n > 0  # exactly t1 < t2: counts are positive
+        with np.errstate(divide="ignore", invalid="ignore"):
+            middle = pq[t][None, :] - pq[t][:, None] - sm * sm / n
+        cost = np.where(valid, first[:, None] + middle + last[None, :], np.inf)
         best = int(np.argmin(cost))
-        cuts = [int(t1.ravel()[best]), int(t2.ravel()[best])]
+        cuts = [int(t[best // len(t)]), int(t[best % len(t)])]
     bounds = [0, *cuts, m]
     means = [float((ps[j] - ps[i]) / (pc[j] - pc[i])) for i, j in itertools.pairwise(bounds)]
     # Threshold: halfway between the largest value below the cut and the smallest above it.
