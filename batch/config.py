@@ -219,6 +219,10 @@ class ExecutionConfig:
     #: (no hand-offs through the object store, two fewer worker processes). "auto": staged when
     #: the cluster has GPUs and detect.device allows them, fused otherwise.
     placement: str = "auto"
+    #: Object store memory (MB) the run's dataset may fill with decoded tiles in flight; bounds
+    #: a run's memory whatever the slide size. 0: 4 read batches per detector actor, at least
+    #: 256 MB.
+    object_store_mb: int = 0
     #: Testing hook: "SLIDE_ID:ROW:COL" makes that tile's read raise (fault tests use it).
     inject_read_fault: str | None = None
 
@@ -229,6 +233,8 @@ class ExecutionConfig:
             raise ConfigError("execution.torch_threads and classify_threads must be >= 0")
         if self.cpu_per_task <= 0 or self.cpu_per_actor <= 0:
             raise ConfigError("execution.cpu_per_task and cpu_per_actor must be > 0")
+        if self.object_store_mb < 0:
+            raise ConfigError("execution.object_store_mb must be >= 0 (0: derived)")
         if self.placement not in PLACEMENTS:
             raise ConfigError(
                 f"execution.placement must be one of {PLACEMENTS}, got {self.placement!r}"

@@ -64,6 +64,10 @@ log = logging.getLogger(__name__)
 
 #: Ray Data's default block size cap (bytes), if the context has none.
 DEFAULT_BLOCK_BYTES = 128 * 2**20
+#: Decoded-tile blocks the object store may hold per model actor (see execution.object_store_mb).
+BLOCKS_AHEAD_PER_ACTOR = 4
+#: Floor of the derived object store budget of a run.
+MIN_OBJECT_STORE_BYTES = 256 * 2**20
 #: Default cap on CPU detector actors (one per core below it).
 MAX_CPU_DETECTORS = 16
 #: Exit codes of ``hemaray run``.
@@ -202,9 +206,13 @@ def run_pipeline(
 
     states = {s.slide_id: _SlideState(s.uri, s.metadata) for s in todo}
     if todo:
-        ds = _build_dataset(todo, config, trained_mpp)
-        for batch in ds.iter_batches(batch_format="numpy", batch_size=None, prefetch_batches=2):
-            _consume(batch, states, store, schema, result, echo)
+        saved = ray.data.DataContext.get_current().copy()
+        try:
+            ds = _build_dataset(todo, config, trained_mpp)
+            for batch in ds.iter_batches(batch_format="numpy", batch_size=None, prefetch_batches=2):
+                _consume(batch, states, store, schema, result, echo)
+        finally:  # the run's block size and budget must not leak into the caller's datasets
+            ray.data.DataContext._set_current(saved)
     # Slides that never returned a row cannot happen unless the dataset was cut short: record them.
     for sid, st in states.items():
         if not st.failed and sid not in result.committed:
@@ -282,6 +290,19 @@ def _build_dataset(todo: list[SlideInput], config: Config, trained_mpp: float | 
     ctx.target_max_block_size = min(
         ctx.target_max_block_size or DEFAULT_BLOCK_BYTES, max(1, int(0.75 * read_batch * tile_bytes))
     )
+    # Bounded memory: decoded tiles may run only so far ahead of the models, whatever the slide
+    # size. Without a cap Ray Data lets a fast reader fill its share of the object store (GBs),
+    # so peak memory grew with the slide.
+    budget = ex.object_store_mb * 2**20 or max(
+        MIN_OBJECT_STORE_BYTES, BLOCKS_AHEAD_PER_ACTOR * det_actors * read_batch * tile_bytes
+    )
+    limits = ctx.execution_options.resource_limits
+    ctx.execution_options.resource_limits = limits.copy(
+        object_store_memory=min(limits.object_store_memory, budget)
+    )
+    # Ray Data polls every map worker's USS (reading /proc smaps) once a second by default;
+    # the run does not use those figures.
+    ctx.memory_usage_poll_interval_s = None
     ds: Any = ray.data.from_items(rows, override_num_blocks=min(len(rows), 200))
     actors, tasks = ray.data.ActorPoolStrategy, ray.data.TaskPoolStrategy
     # Planning opens headers (and may load a detector to estimate an unknown mpp): CPU tasks.

@@ -15,6 +15,7 @@ import duckdb
 import pandas as pd
 import pyarrow.dataset as pads
 import pytest
+import ray.data
 
 import schemas
 from batch.cli import main
@@ -117,8 +118,14 @@ def test_two_runs_identical_across_placements_and_overwrite(
     # (one actor runs the whole chain); "staged" is the GPU wiring (separate actor pools).
     staged = load_config(None, ["execution.placement=staged"])
     assert placement(load_config(), cluster_resources()) == "fused"
+    ctx = ray.data.DataContext.get_current()
+    block_size, limits = ctx.target_max_block_size, ctx.execution_options.resource_limits
     result = run_pipeline(resolve_inputs([str(slides_dir)]), str(other), staged)
     assert sorted(result.committed) == ["slide_0000", "slide_0001"]
+    # The run's block size and object store budget do not leak into the caller's Ray Data.
+    ctx = ray.data.DataContext.get_current()
+    assert ctx.target_max_block_size == block_size
+    assert ctx.execution_options.resource_limits == limits
     for sid in result.committed:
         a = (out / f"cells/slide_id={sid}/part-0.parquet").read_bytes()
         b = (other / f"cells/slide_id={sid}/part-0.parquet").read_bytes()
