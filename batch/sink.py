@@ -180,22 +180,43 @@ class SlideWriter:
         self._tmpdir = tempfile.mkdtemp(prefix=f"hemaray-{slide_id[:32]}-")
         self._path = f"{self._tmpdir}/{CELLS_FILE}"
         self._writer: pq.ParquetWriter | None = None
+        self._pending: list[pa.Table] = []
+        self._pending_rows = 0
         self.rows = 0
 
     def write(self, batch: pa.Table | pa.RecordBatch) -> None:
+        """Stage rows; they reach the file in whole row groups of ``ROW_GROUP_ROWS`` rows.
+
+        A tile's few hundred cells would otherwise make one tiny row group each: a
+        footer entry per tile, slow scans, and a Parquet write call per tile in the driver.
+        """
+        table = batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch])
+        table = table.select(self.schema.names)
+        if not table.schema.equals(self.schema):
+            table = table.cast(self.schema)
+        self._pending.append(table)
+        self._pending_rows += table.num_rows
+        self.rows += table.num_rows
+        if self._pending_rows >= ROW_GROUP_ROWS:
+            self._flush(whole_groups=True)
+
+    def _flush(self, *, whole_groups: bool = False) -> None:
+        """Write staged rows: all of them, or only whole row groups (the rest stays staged)."""
         if self._writer is None:
             self._writer = pq.ParquetWriter(self._path, self.schema)
-        table = batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch])
-        self._writer.write_table(
-            table.select(self.schema.names).cast(self.schema), row_group_size=ROW_GROUP_ROWS
-        )
-        self.rows += table.num_rows
+        if not self._pending_rows:
+            return
+        table = pa.concat_tables(self._pending)
+        n = (len(table) // ROW_GROUP_ROWS) * ROW_GROUP_ROWS if whole_groups else len(table)
+        self._writer.write_table(table.slice(0, n), row_group_size=ROW_GROUP_ROWS)
+        rest = table.slice(n)
+        self._pending, self._pending_rows = ([rest] if len(rest) else []), len(rest)
 
     def commit(self, summary_row: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
         """Publish the cells file (the commit point), then the slide's summary row."""
         summary = json.dumps({"row": summary_row, "extra": extra or {}}, default=str).encode()
-        if self._writer is None:
-            self._writer = pq.ParquetWriter(self._path, self.schema)
+        self._flush()
+        assert self._writer is not None
         self._writer.add_key_value_metadata({SUMMARY_KEY: summary})
         self._writer.close()
         self._writer = None
@@ -212,6 +233,7 @@ class SlideWriter:
 
     def discard(self) -> None:
         """Drop everything staged for this slide (nothing becomes visible)."""
+        self._pending, self._pending_rows = [], 0
         if self._writer is not None:
             self._writer.close()
             self._writer = None

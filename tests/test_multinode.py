@@ -40,8 +40,9 @@ SINGLE_NODE_SETS = ["execution.cpu_per_actor=0.25", "execution.cpu_per_task=0.25
 MULTI_NODE_SETS = [f"execution.cpu_per_actor={DETECTOR_CPUS}", "execution.torch_threads=1"]
 CHILD_TIMEOUT_S = 400
 RESULT_MARKER = "HEMARAY_MULTINODE_RESULT "
-#: Ray Data names the detector's actors after the stage (and any task stage fused into it).
-DETECTOR_STAGE = "DetectStage"
+#: Ray Data names the detector's actors after the stage (and any task stage fused into it). On
+#: this CPU-only cluster the default placement is "fused": the detector runs inside CellStage.
+DETECTOR_STAGE = "CellStage"
 SHIPPED_ALL_SUBTYPE = Path(__file__).resolve().parents[1] / "batch" / "models" / "all_subtype.pt"
 
 
