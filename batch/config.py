@@ -29,6 +29,7 @@ __all__ = [
     "SegmentationConfig",
     "ExecutionConfig",
     "ExportConfig",
+    "CallsConfig",
     "load_config",
 ]
 
@@ -242,6 +243,36 @@ class ExecutionConfig:
 
 
 @dataclass
+class CallsConfig:
+    """Which detected WBCs a slide's calls (WBC differential, ALL-subtype vote) count.
+
+    Every WBC row stays in ``cells`` with its labels; these gates only decide
+    which of them vote. The nucleus defaults are the check the shipped
+    ``all_subtype`` model's training crops passed (``batch.weak_labels``): on
+    bluish stains the detector calls some red cells WBCs, and those have no
+    purple nucleus. On all4 (2,727 images) voting only over WBCs with such a
+    nucleus raised image accuracy from 0.50 to 0.71; adding the training crops'
+    confidence floor (0.6) as well lowered it to 0.56, so it is off by default.
+    """
+
+    #: Minimum detector confidence of a counted WBC; 0: every WBC the detector kept (detect.conf).
+    min_wbc_confidence: float = 0.0
+    #: A counted WBC has a segmented nucleus at least this large (um^2) ...
+    min_nucleus_um2: float = 15.0
+    #: ... and this purple (mean CIELAB a*; red cells called WBCs score about 5-12, WBC nuclei
+    #: 22-70 on all4). Set all three to 0 to count every WBC.
+    min_nucleus_a: float = 18.0
+
+    def validate(self) -> None:
+        if not 0 <= self.min_wbc_confidence <= 1:
+            raise ConfigError(
+                f"calls.min_wbc_confidence must be in [0, 1], got {self.min_wbc_confidence}"
+            )
+        if self.min_nucleus_um2 < 0:
+            raise ConfigError(f"calls.min_nucleus_um2 must be >= 0, got {self.min_nucleus_um2}")
+
+
+@dataclass
 class ExportConfig:
     """Optional heavy columns for annotation export."""
 
@@ -264,6 +295,7 @@ class Config:
     segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
     execution: ExecutionConfig = field(default_factory=ExecutionConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    calls: CallsConfig = field(default_factory=CallsConfig)
     #: Level-0 mpp for slides whose files carry none (JPEG/PNG fields); None: estimate.
     mpp: float | None = None
 

@@ -93,7 +93,7 @@ def call_images(
     paths: list[Path], config: Config, *, progress: Callable[[int, int], None] | None = None
 ) -> dict[str, dict[str, Any]]:
     """Run the chain on each image; return ``{path: SlideTally.summary()}`` (keys as str)."""
-    tallies: dict[str, SlideTally] = {str(p): SlideTally() for p in paths}
+    tallies: dict[str, SlideTally] = {str(p): SlideTally(config.calls) for p in paths}
     for path, cells in chain_cells(paths, config, progress=progress):
         tallies[path].add(cells)
     return {k: t.summary() for k, t in tallies.items()}
@@ -130,7 +130,8 @@ def eval_images(
 
     Returns ``accuracy``, ``macro_f1``, ``per_class`` (precision / recall / F1),
     ``confusion`` (truth -> call -> count), ``n_images``, ``no_call`` (images
-    without any WBC). Splits are by image: the public ALL set names no patients.
+    without a counted WBC, see ``calls.*``; scored as wrong). Splits are by
+    image: the public ALL set names no patients.
     """
     root = Path(data)
     classes = sorted(d.name for d in root.iterdir() if d.is_dir())

@@ -204,7 +204,9 @@ def run_pipeline(
         "config": config.to_dict(),
     }  # fmt: skip
 
-    states = {s.slide_id: _SlideState(s.uri, s.metadata) for s in todo}
+    states = {
+        s.slide_id: _SlideState(s.uri, s.metadata, tally=SlideTally(config.calls)) for s in todo
+    }
     if todo:
         saved = ray.data.DataContext.get_current().copy()
         try:

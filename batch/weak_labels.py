@@ -40,6 +40,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
+from batch.config import CallsConfig
 from batch.stages.crop import DEFAULT_MARGIN, crop_regions, crop_wbcs
 from batch.stages.segment import segment_wbc
 
@@ -59,11 +60,10 @@ log = logging.getLogger(__name__)
 
 #: Minimum detector confidence of a WBC box that becomes a crop.
 DEFAULT_MIN_CONF = 0.4
-#: A crop is kept only if segmentation finds a nucleus at least this large (um^2) ...
-DEFAULT_MIN_NUCLEUS_UM2 = 15.0
-#: ... and this purple (mean CIELAB a*): red cells mistaken for WBCs score about 5-12,
-#: WBC nuclei 22-70 on all4.
-DEFAULT_MIN_NUCLEUS_A = 18.0
+#: A crop is kept only if segmentation finds a nucleus at least this large (um^2) and this
+#: purple (mean CIELAB a*): the same check a run's calls apply (`batch.config.CallsConfig`).
+DEFAULT_MIN_NUCLEUS_UM2 = CallsConfig.min_nucleus_um2
+DEFAULT_MIN_NUCLEUS_A = CallsConfig.min_nucleus_a
 #: Images per class used to estimate a dataset's mpp.
 DEFAULT_MPP_SAMPLES = 8
 #: Folder names of the Kaggle ALL set -> hemaray's subtype labels.
