@@ -241,11 +241,15 @@ def run_pipeline(
     return result
 
 
+def _uses_gpu(config: Config, res: Resources) -> bool:
+    return res.gpus > 0 and config.detect.device != "cpu"
+
+
 def placement(config: Config, res: Resources) -> str:
     """``execution.placement`` resolved: "staged" on GPU clusters, "fused" on CPU-only ones."""
     chosen = config.execution.placement
     if chosen == "auto":
-        return "staged" if res.gpus > 0 and config.detect.device != "cpu" else "fused"
+        return "staged" if _uses_gpu(config, res) else "fused"
     return chosen
 
 
@@ -254,7 +258,7 @@ def _build_dataset(todo: list[SlideInput], config: Config, trained_mpp: float | 
 
     res = cluster_resources()
     ex = config.execution
-    use_gpu = res.gpus > 0 and config.detect.device != "cpu"
+    use_gpu = _uses_gpu(config, res)
     if use_gpu:
         det_actors = config.detect.actors or max(1, int(res.gpus / config.detect.gpus_per_actor))
         threads = 0
