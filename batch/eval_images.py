@@ -25,7 +25,6 @@ from batch.ids import slide_id_for
 from batch.stages.cells import (
     CellStage,
     plan_slide,
-    read_tiles,
     rows_to_batch,
     unpack,
 )
@@ -66,7 +65,7 @@ def chain_cells(
     from batch.pipeline import _trained_mpp
 
     trained_mpp, _ = _trained_mpp(config)
-    chain = CellStage(config)
+    chain = CellStage(config, read=True)
     rows: list[dict[str, Any]] = []
     for p in paths:
         rows.extend(
@@ -75,7 +74,7 @@ def chain_cells(
     done = 0
     for start in range(0, len(rows), CHUNK):
         batch = rows_to_batch(rows[start : start + CHUNK])
-        batch = chain(read_tiles(batch, config))
+        batch = chain(batch)
         for i, kind in enumerate(batch["kind"]):
             if kind == "error":  # the image gets no cells (no call), as in a run's failures
                 log.warning(

@@ -4,16 +4,18 @@
            -> detect + crop WBCs -> segment -> classify
            -> driver: per-slide writers, atomic commit per slide (batch.sink)
 
-The per-tile model work has two placements (``execution.placement``):
+The per-tile work has two placements (``execution.placement``):
 
-- ``staged`` (the default on GPU clusters): detect + crop in an actor pool
-  with ``num_gpus`` per actor, segmentation in a small CPU actor pool,
-  classification in an actor pool with a GPU fraction per actor.
-- ``fused`` (the default on CPU-only clusters): one single-threaded actor per
-  core runs detect, crop, segment and classify on its own tiles
-  (`batch.stages.cells.CellStage`). On 2 cores this removed two worker
-  processes, two operators from Ray Data's scheduling loop and every
-  hand-off of crops and cell tables through the object store.
+- ``staged`` (the default on GPU clusters): read/decode in CPU tasks, detect
+  + crop in an actor pool with ``num_gpus`` per actor, segmentation in a
+  small CPU actor pool, classification in an actor pool with a GPU fraction
+  per actor.
+- ``fused`` (the default on CPU-only clusters): the plan is cut into read
+  batches and one single-threaded actor per core reads, detects, crops,
+  segments and classifies its own tiles (`batch.stages.cells.CellStage`).
+  On 2 cores this removed three worker processes (reader, segmentation,
+  classifier), three operators from Ray Data's scheduling loop and every
+  hand-off of pixels, crops and cell tables through the object store.
 
 All image logic lives in ``batch.stages``; this module chooses resources and
 keeps the books: a slide commits when all its planned tiles have come back,
@@ -318,21 +320,24 @@ def _build_dataset(todo: list[SlideInput], config: Config, trained_mpp: float | 
         compute=tasks(size=read_conc),
         num_cpus=ex.cpu_per_task,
     )
-    ds = ds.map_batches(
-        read_tiles, fn_kwargs={"config": config}, batch_size=read_batch,
-        num_cpus=ex.cpu_per_task, compute=tasks(size=read_conc), batch_format="numpy",
-    )  # fmt: skip
     det_res: dict[str, Any] = (
         {"num_gpus": config.detect.gpus_per_actor} if use_gpu else {"num_cpus": ex.cpu_per_actor}
     )
     if placement(config, res) == "fused":
-        # One worker per core takes its tiles through the whole chain: no crops or cell tables
-        # through the object store, two fewer worker processes and operators competing with the
-        # detectors for the cores (measured: see the module docstring).
+        # One worker per core takes its tiles through the whole chain, the read included: no
+        # pixels, crops or cell tables through the object store, and no reader, segmentation or
+        # classifier processes competing with the detectors for the cores (measured: see the
+        # module docstring). A slide's plan is one block; cut it into read batches so every
+        # actor gets tiles of it.
+        ds = ds.repartition(target_num_rows_per_block=read_batch)
         return ds.map_batches(
-            CellStage, fn_constructor_args=(config, threads),
-            batch_size=config.detect.batch_size, compute=actors(size=det_actors), batch_format="numpy", **det_res,
+            CellStage, fn_constructor_args=(config, threads), fn_constructor_kwargs={"read": True},
+            batch_size=read_batch, compute=actors(size=det_actors), batch_format="numpy", **det_res,
         )  # fmt: skip
+    ds = ds.map_batches(
+        read_tiles, fn_kwargs={"config": config}, batch_size=read_batch,
+        num_cpus=ex.cpu_per_task, compute=tasks(size=read_conc), batch_format="numpy",
+    )  # fmt: skip
     ds = ds.map_batches(
         DetectStage, fn_constructor_args=(config, threads),
         batch_size=config.detect.batch_size, compute=actors(size=det_actors), batch_format="numpy", **det_res,

@@ -609,18 +609,23 @@ class ClassifyStage:
 class CellStage:
     """Detect + crop, segment and classify in one worker: the chain a tile goes through.
 
-    The pipeline's ``fused`` placement (CPU-only clusters: one such actor per
-    core) and the in-process chain of ``hemaray eval``. Each stage is the same
+    With ``read`` it takes planned tile rows and reads their pixels itself
+    (`read_tiles`) first. The pipeline's ``fused`` placement (CPU-only
+    clusters: one such actor per core) and the in-process chain of ``hemaray
+    eval``. Each stage is the same
     object or function the ``staged`` placement runs in its own actor pool,
     so both placements write the same cells.
     """
 
-    def __init__(self, config: Config, threads: int = 0) -> None:
+    def __init__(self, config: Config, threads: int = 0, *, read: bool = False) -> None:
         self.config = config
+        self.read = read
         self.detect = DetectStage(config, threads)
         self.classify = ClassifyStage(config, threads)
 
     def __call__(self, batch: Batch) -> Batch:
+        if self.read:  # planned rows in: decode the tiles here, so pixels never leave the worker
+            batch = read_tiles(batch, self.config)
         return self.classify(segment_tiles(self.detect(batch), self.config))
 
 
