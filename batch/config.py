@@ -195,7 +195,8 @@ class ExecutionConfig:
     #: Crop + segment workers (a CPU actor pool); 0: half the cluster's CPU count (at least one).
     segment_concurrency: int = 0
     #: Tiles per read batch, which is also one block of decoded tiles; 0: detect.batch_size
-    #: (each block then feeds one detector batch as it is).
+    #: (each block then feeds one detector batch as it is), or twice that with the fused
+    #: placement (one actor task per read batch).
     read_batch_size: int = 0
     #: CPUs reserved per plan / read / segment task (fractions let them share cores with the
     #: detector, whose torch threads use every core anyway).
