@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from batch.config import CallsConfig
 
@@ -41,7 +42,7 @@ def counted_wbcs(cells: pa.Table, gate: CallsConfig) -> npt.NDArray[np.bool_]:
         v = cells.column(col).to_numpy(zero_copy_only=False).astype(np.float64)
         return np.asarray(np.nan_to_num(v, nan=-np.inf) >= floor)
 
-    is_wbc = np.asarray(cells.column("det_class").to_pylist(), dtype=object) == "WBC"
+    is_wbc = pc.equal(cells.column("det_class"), "WBC").fill_null(False).to_numpy()
     return np.asarray(
         is_wbc
         & at_least("det_confidence", gate.min_wbc_confidence)

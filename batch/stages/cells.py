@@ -612,9 +612,9 @@ class CellStage:
     With ``read`` it takes planned tile rows and reads their pixels itself
     (`read_tiles`) first. The pipeline's ``fused`` placement (CPU-only
     clusters: one such actor per core) and the in-process chain of ``hemaray
-    eval``. Each stage is the same
-    object or function the ``staged`` placement runs in its own actor pool,
-    so both placements write the same cells.
+    eval``. Each stage is the same object or function the ``staged``
+    placement runs in its own actor pool, so both placements write the same
+    cells.
     """
 
     def __init__(self, config: Config, threads: int = 0, *, read: bool = False) -> None:
