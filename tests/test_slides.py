@@ -413,14 +413,45 @@ def test_region_in_one_tile_row_is_one_local_read(
         )
         assert calls == [(offsets[row1[0]], sum(counts[i] for i in row1))]
 
-        calls.clear()  # two tile rows -> two reads, nothing else
+        calls.clear()  # rows 1 and 2: row 1 is decoded already, so one read of row 2
         slide.read_region(130, 200, 370, 100)
         row2 = [2 * across + c for c in (1, 2, 3)]
+        assert calls == [(offsets[row2[0]], sum(counts[i] for i in row2))]
+        assert sum(counts[i] for i in row1 + row2) < os.path.getsize(generic_tif) // 5
+
+    with open_slide(generic_tif) as slide:  # a new reader decodes afresh: two tile rows, two reads
+        monkeypatch.setattr(os, "pread", counting_pread)
+        calls.clear()
+        slide.read_region(130, 200, 370, 100)
         assert sorted(calls) == [
             (offsets[row1[0]], sum(counts[i] for i in row1)),
             (offsets[row2[0]], sum(counts[i] for i in row2)),
         ]
-        assert sum(n for _, n in calls) < os.path.getsize(generic_tif) // 5  # 6 of ~64 tiles
+
+
+def test_decoded_tiles_are_reused_and_bounded(
+    generic_tif: Path, image: Image, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Overlapping regions decode each covering tile once; the cache stays within its bytes."""
+    decodes: list[int] = []
+    cache = slides._DecodedTileCache(max_bytes=6 * TILE * TILE * 3)  # six RGB tiles
+    monkeypatch.setattr(slides, "_DECODED_TILES", cache)
+    boxes = [(x, 140, 150, 100) for x in range(0, 600, 60)]  # a row of overlapping regions
+    with open_slide(generic_tif) as slide:
+        level = slide._backend.levels[0]  # type: ignore[attr-defined]
+        real_decode = level.decode
+
+        def counting_decode(data: Any, index: int, **kw: Any) -> Any:
+            decodes.append(index)
+            return real_decode(data, index, **kw)
+
+        level.decode = counting_decode
+        for x, y, w, h in boxes:
+            assert np.array_equal(slide.read_region(x, y, w, h), expected_region(image, x, y, w, h))
+        assert len(decodes) == len(set(decodes))  # each covering tile decoded once
+        assert cache._bytes <= cache.max_bytes
+        assert len(cache._tiles) == 6
+    assert cache._bytes == 0 and not cache._tiles  # closing the slide drops its tiles
 
 
 class CountingFile(io.RawIOBase):
