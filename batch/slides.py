@@ -93,6 +93,7 @@ from batch.errors import (
 
 __all__ = [
     "COALESCE_MAX_GAP",
+    "DECODED_TILE_CACHE_BYTES",
     "DEFAULT_MAX_PIXELS",
     "HEADER_BLOCK_SIZE",
     "MAX_READ_PIXELS",
@@ -100,6 +101,7 @@ __all__ = [
     "Slide",
     "SlideInfo",
     "coalesce_byte_ranges",
+    "decoded_tile_cache",
     "open_slide",
 ]
 
@@ -607,9 +609,18 @@ class _DecodedTileCache:
             old = self._tiles.pop(key, None)
             self._bytes += size - (old.pixels.nbytes if old is not None else 0)
             self._tiles[key] = tile
-            while self._bytes > self.max_bytes:
-                _, evicted = self._tiles.popitem(last=False)
-                self._bytes -= evicted.pixels.nbytes
+            self._evict()
+
+    def resize(self, max_bytes: int) -> None:
+        """Set the budget, evicting least recently used tiles down to it."""
+        with self._lock:
+            self.max_bytes = max_bytes
+            self._evict()
+
+    def _evict(self) -> None:  # the caller holds the lock
+        while self._bytes > self.max_bytes:
+            _, evicted = self._tiles.popitem(last=False)
+            self._bytes -= evicted.pixels.nbytes
 
     def drop(self, reader: int) -> None:
         """Forget every tile of one reader (its slide was closed)."""
@@ -620,6 +631,24 @@ class _DecodedTileCache:
 
 _DECODED_TILES = _DecodedTileCache(DECODED_TILE_CACHE_BYTES)
 _READER_IDS = itertools.count()
+
+
+@contextmanager
+def decoded_tile_cache(max_bytes: int) -> Iterator[None]:
+    """Within the block, this process keeps at most ``max_bytes`` of decoded tiles (0: none).
+
+    Benchmarks of the reader itself turn the cache off, so every region pays
+    for the fetch and decode of each tile it covers.
+    """
+    if max_bytes < 0:
+        raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
+    cache = _DECODED_TILES
+    previous = cache.max_bytes
+    cache.resize(max_bytes)
+    try:
+        yield
+    finally:
+        cache.resize(previous)
 
 
 @dataclass

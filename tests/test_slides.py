@@ -429,29 +429,43 @@ def test_region_in_one_tile_row_is_one_local_read(
         ]
 
 
+def _count_decodes(slide: Slide) -> list[int]:
+    """Record the index of every tile the slide's level 0 decodes from now on."""
+    level = slide._backend.levels[0]  # type: ignore[attr-defined]
+    real_decode, decodes = level.decode, []
+
+    def counting_decode(data: Any, index: int, **kw: Any) -> Any:
+        decodes.append(index)
+        return real_decode(data, index, **kw)
+
+    level.decode = counting_decode
+    return decodes
+
+
 def test_decoded_tiles_are_reused_and_bounded(
     generic_tif: Path, image: Image, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Overlapping regions decode each covering tile once; the cache stays within its bytes."""
-    decodes: list[int] = []
-    cache = slides._DecodedTileCache(max_bytes=6 * TILE * TILE * 3)  # six RGB tiles
+    budget = 6 * TILE * TILE * 3  # six RGB tiles
+    cache = slides._DecodedTileCache(max_bytes=budget)
     monkeypatch.setattr(slides, "_DECODED_TILES", cache)
     boxes = [(x, 140, 150, 100) for x in range(0, 600, 60)]  # a row of overlapping regions
     with open_slide(generic_tif) as slide:
-        level = slide._backend.levels[0]  # type: ignore[attr-defined]
-        real_decode = level.decode
-
-        def counting_decode(data: Any, index: int, **kw: Any) -> Any:
-            decodes.append(index)
-            return real_decode(data, index, **kw)
-
-        level.decode = counting_decode
+        decodes = _count_decodes(slide)
         for x, y, w, h in boxes:
             assert np.array_equal(slide.read_region(x, y, w, h), expected_region(image, x, y, w, h))
         assert len(decodes) == len(set(decodes))  # each covering tile decoded once
         assert cache._bytes <= cache.max_bytes
         assert len(cache._tiles) == 6
     assert cache._bytes == 0 and not cache._tiles  # closing the slide drops its tiles
+
+    with open_slide(generic_tif) as slide, slides.decoded_tile_cache(0):  # off: every read decodes
+        decodes = _count_decodes(slide)
+        slide.read_region(130, 140, 370, 100)
+        slide.read_region(130, 140, 370, 100)
+        assert len(decodes) == 2 * len(set(decodes)) > 0
+        assert not cache._tiles
+    assert cache.max_bytes == budget  # the budget is back after the block
 
 
 class CountingFile(io.RawIOBase):
