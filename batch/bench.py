@@ -282,6 +282,9 @@ def bench_io(
 
 # ------------------------------------------------------------------ pipeline
 
+#: Times each side of ``e2e_over_detector`` is measured (alternating; each keeps its best).
+BENCH_PIPELINE_ROUNDS = 3
+
 #: Seconds between memory samples of the run's process tree. One sample (PSS of ~15 processes
 #: that map the object store) costs ~75 ms of CPU here; at 0.2 s the sampler took ~13 % of this
 #: 2-core machine from the run it was timing.
@@ -352,9 +355,8 @@ def bench_pipeline(
       bare detector's batched forward pass on the same decoded tiles in this
       plain Python process (torch's default threads, no Ray). This shared
       machine's speed drifts by 10-20 % over minutes, so both sides are
-      timed more than once, alternating, and each keeps its best: the floor
-      three times (before, between and after the runs of the 4x slide), the
-      4x run twice (``run_seconds_4x_each``, ``detector_seconds_each``).
+      timed :data:`BENCH_PIPELINE_ROUNDS` times, alternating, and each keeps
+      its best (``run_seconds_4x_each``, ``detector_seconds_each``).
       ``e2e_process_over_detector`` uses the whole ``hemaray run`` process
       wall time instead (Ray start-up and shutdown included);
       ``e2e_over_detector_base_slide`` is the ratio on the base slide, where
@@ -363,7 +365,7 @@ def bench_pipeline(
       are still small next to a scanned slide (~100,000 px a side).
     - ``peak_rss_ratio_4x``: peak memory (PSS summed over the run's process
       tree: driver, raylet, GCS, workers, object store) on a slide of 4x the
-      area over the same on the base slide (the higher of the two 4x runs).
+      area over the same on the base slide (the highest of the 4x runs).
     - ``tiles_per_s``, ``cells_per_s``, ``background_skip_fraction`` of the 4x run.
     """
     import os
@@ -415,14 +417,14 @@ def bench_pipeline(
             return {"wall": wall, "peak": peak, "manifest": _manifest(out), "out": out}
 
         # This shared machine's speed drifts by 10-20 % over minutes, so both sides are timed
-        # more than once, alternating, and each keeps its best: the floor before, between and
-        # after the two runs of the 4x slide.
-        floor_s = [floor_seconds(detector, tiles)]
+        # BENCH_PIPELINE_ROUNDS times, alternating (floor, 4x run, floor, 4x run, ...), and each
+        # keeps its best: the same number of chances for a quiet spell on either side.
         base_run = run("base", base)
-        big_runs = [run("big-1", big)]
-        floor_s.append(floor_seconds(detector, tiles))
-        big_runs.append(run("big-2", big))
-        floor_s.append(floor_seconds(detector, tiles))
+        floor_s: list[float] = []
+        big_runs: list[dict[str, Any]] = []
+        for i in range(BENCH_PIPELINE_ROUNDS):
+            floor_s.append(floor_seconds(detector, tiles))
+            big_runs.append(run(f"big-{i + 1}", big))
         det_s = min(floor_s)
         n_floor = len(tiles)
         del detector, batch, tiles

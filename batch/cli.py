@@ -185,7 +185,7 @@ def _cmd_bench_pipeline(args: argparse.Namespace) -> int:
     from batch.bench import bench_pipeline
 
     print(
-        "bench pipeline: generating slides, running hemaray run three times, timing the bare detector three times (~10 min on 2 cores) ...",
+        "bench pipeline: generating slides, running hemaray run four times, timing the bare detector three times (~13 min on 2 cores) ...",
         file=sys.stderr,
     )
     result = bench_pipeline(width=args.width, height=args.height, seed=args.seed, gpu=args.gpu)
