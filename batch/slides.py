@@ -921,7 +921,8 @@ class _TiffBackend:
                 missing.append(int(i))
             else:
                 cached.append(tile)
-        for tile in cached + self._fetch_and_decode(lv, level, missing):
+        # Decoded tiles are pasted one by one as they come: a region never holds two copies.
+        for tile in itertools.chain(cached, self._fetch_and_decode(lv, level, missing)):
             seg = tile.pixels
             ix0, iy0 = max(tile.x, x0), max(tile.y, y0)
             ix1, iy1 = min(tile.x + seg.shape[1], x1), min(tile.y + seg.shape[0], y1)
@@ -933,10 +934,12 @@ class _TiffBackend:
             ]
         return _to_rgb8(out, lv.photometric)
 
-    def _fetch_and_decode(self, lv: _TiffLevel, level: int, indices: list[int]) -> list[_DecodedTile]:
-        """Fetch the tiles' bytes (coalesced ranges), decode and cache them."""
+    def _fetch_and_decode(
+        self, lv: _TiffLevel, level: int, indices: list[int]
+    ) -> Iterator[_DecodedTile]:
+        """Fetch the tiles' bytes (coalesced ranges), then decode, cache and yield each."""
         if not indices:
-            return []
+            return
         spans = [(int(lv.offsets[i]), int(lv.offsets[i] + lv.counts[i])) for i in indices]
         merged, where = _plan_reads(spans, COALESCE_MAX_GAP)
         try:
@@ -948,7 +951,6 @@ class _TiffBackend:
         if lv.is_jpeg:
             decode_kwargs = {"jpegtables": lv.jpegtables, "jpegheader": lv.jpegheader}
         check_jpeg = lv.is_jpeg and lv.jpegheader is None
-        decoded: list[_DecodedTile] = []
         with _capture_tifffile_log(logging.WARNING) as log:
             for (blob_index, start), (s0, s1), index in zip(where, spans, indices, strict=True):
                 blob = blobs[blob_index]
@@ -989,8 +991,7 @@ class _TiffBackend:
                     continue
                 tile = _DecodedTile(segment[0], plane, sy, sx)
                 _DECODED_TILES.put((self._reader, level, index), tile)
-                decoded.append(tile)
-        return decoded
+                yield tile
 
     def close(self) -> None:
         _DECODED_TILES.drop(self._reader)
