@@ -384,8 +384,8 @@ def bench_pipeline(
         (base,) = synth_slides(base_dir, slides=1, width=width, height=height, seed=seed)
         (big,) = synth_slides(big_dir, slides=1, width=2 * width, height=2 * height, seed=seed)
 
-        # The floor first, on a quiet machine: the same tiles, decoded once, through the bare
-        # detector in this process with torch's default threads.
+        # The floor: the big slide's tiles, decoded once here, through the bare detector in this
+        # process with torch's default threads (timed below, alternating with the runs).
         import torch
 
         config = Config()

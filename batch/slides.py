@@ -921,7 +921,8 @@ class _TiffBackend:
                 missing.append(int(i))
             else:
                 cached.append(tile)
-        # Decoded tiles are pasted one by one as they come: a region never holds two copies.
+        # Tiles are pasted as they are decoded: beyond the cache's budget, a large region never
+        # holds all its decoded tiles next to its pixels.
         for tile in itertools.chain(cached, self._fetch_and_decode(lv, level, missing)):
             seg = tile.pixels
             ix0, iy0 = max(tile.x, x0), max(tile.y, y0)
