@@ -12,7 +12,7 @@ export MPLBACKEND := Agg
 
 DEMO_DIR ?= demo-out
 
-.PHONY: install demo test lint typecheck unit clean
+.PHONY: install demo test test-fast lint pytest clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -25,14 +25,21 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 install: $(STAMP)
 
+# ruff, mypy and the import-linter contracts (pyproject.toml: one-way layers, no cycles).
 lint: install
 	$(BIN)/ruff check batch jobs schemas tests
 	$(BIN)/mypy batch
+	$(BIN)/lint-imports
 
-unit: install
+# Every tier: unit, ray, cluster, slow (tests/conftest.py).
+pytest: install
 	$(BIN)/pytest tests
 
-test: lint unit
+test: lint pytest
+
+# The edit loop: the unit tier only (no Ray, no training), under two minutes on 2 cores.
+test-fast: install
+	$(BIN)/pytest -m unit tests
 
 # The main job on the embedded default: local Ray, local files, shipped models,
 # two generated synthetic smears.

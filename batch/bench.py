@@ -372,8 +372,9 @@ def bench_pipeline(
     import sys
 
     from batch.config import Config
-    from batch.models import load_detector
-    from batch.stages.cells import PlanStage, read_tiles, rows_to_batch
+    from batch.run.columns import rows_to_batch
+    from batch.run.tasks import PlanStage, read_tiles
+    from batch.stages.detect import load_detector
     from batch.synth import synth_slides
 
     with ExitStack() as stack:

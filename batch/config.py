@@ -17,7 +17,6 @@ from typing import Any, TypeVar
 import yaml
 
 from batch.errors import ConfigError
-from batch.slides import DEFAULT_MAX_PIXELS  # the reader's per-slide pixel budget
 
 __all__ = [
     "Config",
@@ -79,6 +78,10 @@ class TilingConfig:
             )
 
 
+#: Per-slide budget on level-0 pixels (width * height); larger headers are refused.
+DEFAULT_MAX_PIXELS: int = 200_000 * 200_000
+
+
 @dataclass
 class SlideConfig:
     """Limits on what a slide may be."""
@@ -118,9 +121,12 @@ class DetectConfig:
 
     #: Local path or s3:// URL of an ultralytics detection .pt; None: the shipped detector.
     model: str | None = None
+    #: Confidence threshold for kept detections.
     conf: float = 0.25
+    #: IoU threshold of non-maximum suppression.
     iou: float = 0.6
-    #: Boxes kept per tile; ultralytics' default of 300 is too low for dense smear tiles.
+    #: Boxes kept per tile: ultralytics' default of 300 is too low for dense smear tiles
+    #: (a 640 px tile at 0.25 um/px holds ~300-400 RBCs in a thick area).
     max_det: int = 1000
     #: Class-agnostic NMS: one cell gets one box even when classes compete.
     agnostic_nms: bool = True
@@ -166,20 +172,77 @@ def _default_classifiers() -> list[ClassifierSpec]:
     return [ClassifierSpec("wbc_type", "wbc_type"), ClassifierSpec("all_subtype", "all_subtype")]
 
 
+#: Values of ``segmentation.kmeans``.
+KMEANS_METHODS = ("exact", "opencv")
+
+
 @dataclass
 class SegmentationConfig:
-    """WBC cropping and nucleus segmentation."""
+    """WBC cropping and nucleus / cell segmentation (LAB colour space + k-means on a*).
+
+    Lengths are in micrometres and areas in um^2; the segmentation converts
+    them to pixels with the crop's mpp, with at least one pixel for every
+    kernel radius. ``k=2, max_nucleus_b=None`` is the seeds' setting.
+    """
 
     #: Crop margin as a fraction of the box size on each side.
     crop_margin: float = 0.15
-    #: Minimum nucleus area kept, um^2.
+    #: Nucleus components smaller than this (um^2) are dropped (a platelet is ~3-7 um^2).
     min_nucleus_um2: float = 6.0
-    #: Optional ultralytics -seg model instead of the LAB/k-means method.
-    model: str | None = None
+    #: Number of a* clusters; the nucleus is the one with the highest a*
+    #: (3: glass / red cells, cytoplasm, nucleus; the seeds used 2).
+    k: int = 3
+    #: "exact": optimal 1-D k-means (k = 2 or 3); "opencv": cv2.kmeans.
+    kmeans: str = "exact"
+    #: The nucleus cluster's mean a* must exceed the rest's by this much (CIELAB
+    #: units), else the crop holds no nucleus (a blank or red-cell-only crop).
+    min_a_separation: float = 8.0
+    #: Radius of the opening that removes specks from the nucleus mask.
+    open_radius_um: float = 0.3
+    #: Radius of the closing that joins chromatin clumps of one nucleus.
+    close_radius_um: float = 0.5
+    #: Drop nucleus components touching the crop border unless none is left
+    #: (a neighbour's nucleus cut by the crop's margin).
+    drop_border_components: bool = True
+    #: Nucleus pixels must also lie on the blue side: CIELAB b* below this. Red
+    #: cells (dark where they overlap) and eosinophil granules have a high a*
+    #: too, but a b* near or above 0; purple-blue nuclei sit far below.
+    #: None: a* only, exactly as in the seeds.
+    max_nucleus_b: float | None = 0.0
+    #: With a known cell box, keep the nucleus components that reach into the box
+    #: shrunk by this fraction of its size on each side (a neighbour's nucleus in
+    #: the crop does not), unless none does.
+    core_fraction: float = 0.2
+    #: CIELAB distance (CIE76 Delta E) from the background that marks cell pixels.
+    foreground_delta_e: float = 12.0
+    #: Radius of the opening that cuts the cell from touching red cells.
+    cell_open_radius_um: float = 0.75
+    #: The ring around the nucleus that seeds the cell in the watershed.
+    cell_seed_ring_um: float = 1.0
+    #: The cytoplasm reaches at most this far from the nucleus.
+    max_cytoplasm_um: float = 5.0
+    #: With a known cell box, the cell may reach this fraction of the box size past it.
+    box_tolerance: float = 0.05
 
-    def validate(self) -> None:
+    def validate(self) -> SegmentationConfig:
+        """Raise `ConfigError` on an out-of-range field; return ``self``."""
         if not 0 <= self.crop_margin <= 1:
             raise ConfigError(f"segmentation.crop_margin must be in [0, 1], got {self.crop_margin}")
+        if self.k < 2:
+            raise ConfigError(f"segmentation.k must be >= 2, got {self.k}")
+        if self.kmeans not in KMEANS_METHODS:
+            raise ConfigError(
+                f"segmentation.kmeans must be one of {KMEANS_METHODS}, got {self.kmeans!r}"
+            )
+        if self.kmeans == "exact" and self.k not in (2, 3):
+            raise ConfigError("segmentation.kmeans='exact' supports k = 2 or 3; use 'opencv'")
+        for name in (
+            "open_radius_um", "close_radius_um", "min_nucleus_um2", "foreground_delta_e",
+            "cell_open_radius_um", "max_cytoplasm_um", "box_tolerance", "core_fraction",
+        ):  # fmt: skip
+            if getattr(self, name) < 0:
+                raise ConfigError(f"segmentation.{name} must be >= 0, got {getattr(self, name)}")
+        return self
 
 
 #: Values of ``execution.placement``.

@@ -3,9 +3,19 @@
 Every error that concerns one slide names it (``slide``) and, where it
 applies, the tile (``tile``); the message says what was expected, what was
 found, and what to change. Callers chain the cause with ``raise ... from e``.
+
+Errors cross Ray with their type: a worker turns the exception it caught into
+bytes (`encode_error`), and the driver turns them back (`decode_error`) into
+the same `HemarayError` subclass, with ``slide``, ``tile`` and ``stage`` set.
+An exception that is not hemaray's own (a bug, a library's error) arrives as
+a `StageError` that names the original class (``type_name``), so the failures
+table's ``error_type`` is always the real class name and code can branch on
+the type. This module imports nothing from hemaray.
 """
 
 from __future__ import annotations
+
+import pickle
 
 __all__ = [
     "HemarayError",
@@ -16,11 +26,23 @@ __all__ = [
     "UnsupportedSlideError",
     "CorruptSlideError",
     "SlideTooLargeError",
+    "ModelLoadError",
+    "SubmitError",
+    "StageError",
+    "encode_error",
+    "decode_error",
+    "error_type_name",
 ]
 
 
 class HemarayError(Exception):
-    """Base class of every error hemaray raises on purpose."""
+    """Base class of every error hemaray raises on purpose.
+
+    ``stage`` is the pipeline stage it happened in (``open``, ``plan``,
+    ``read``, ...), set where the pipeline catches it; None elsewhere.
+    """
+
+    stage: str | None = None
 
 
 class ConfigError(HemarayError, ValueError):
@@ -49,7 +71,7 @@ class SlideReadError(HemarayError):
 
     def __reduce__(self) -> tuple[object, ...]:
         # Keep the keyword-only argument across pickling (Ray ships errors between processes).
-        return (_rebuild, (type(self), self.slide, self.detail, self.tile))
+        return (_rebuild, (type(self), self.slide, self.detail, self.tile), self.__dict__)
 
 
 def _rebuild(
@@ -76,3 +98,90 @@ class CorruptSlideError(SlideReadError):
 
 class SlideTooLargeError(SlideReadError):
     """The header declares more pixels than the configured per-slide budget."""
+
+
+class ModelLoadError(HemarayError):
+    """A model file could not be found, fetched, verified or read."""
+
+
+class SubmitError(HemarayError):
+    """A job could not be built, submitted or followed; the message says what to change."""
+
+
+class StageError(HemarayError):
+    """A pipeline stage failed with an exception that is not one of hemaray's own.
+
+    Parameters
+    ----------
+    type_name
+        The original exception's class name (``"OSError"``, ``"ValueError"``).
+    message
+        The original message.
+    slide, tile, stage
+        Where it happened.
+    """
+
+    def __init__(
+        self,
+        type_name: str,
+        message: str,
+        *,
+        slide: str | None = None,
+        tile: str | None = None,
+        stage: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.type_name = type_name
+        self.slide = slide
+        self.tile = tile
+        self.stage = stage
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (
+            _rebuild_stage,
+            (self.type_name, str(self), self.slide, self.tile, self.stage),
+            self.__dict__,
+        )
+
+
+def _rebuild_stage(
+    type_name: str, message: str, slide: str | None, tile: str | None, stage: str | None
+) -> StageError:
+    return StageError(type_name, message, slide=slide, tile=tile, stage=stage)
+
+
+def error_type_name(error: BaseException) -> str:
+    """The class name a failures row records: the original class of a `StageError`."""
+    return error.type_name if isinstance(error, StageError) else type(error).__name__
+
+
+def encode_error(
+    error: BaseException, *, stage: str, slide: str | None = None, tile: str | None = None
+) -> bytes:
+    """``error`` as bytes that `decode_error` turns back into a typed `HemarayError`.
+
+    A `HemarayError` travels as itself (pickled, ``stage`` set); any other
+    exception travels as a `StageError` naming its class, so a worker never
+    ships an object the driver cannot unpickle.
+    """
+    if isinstance(error, HemarayError):
+        try:
+            error.stage = stage
+            data = pickle.dumps(error)
+            pickle.loads(data)  # must come back on the driver too
+            return data
+        except Exception:  # an unpicklable attribute: keep type name and message
+            pass
+    tile = tile if tile is not None else getattr(error, "tile", None)
+    slide = slide if slide is not None else getattr(error, "slide", None)
+    return pickle.dumps(
+        StageError(error_type_name(error), str(error), slide=slide, tile=tile, stage=stage)
+    )
+
+
+def decode_error(data: bytes) -> HemarayError:
+    """The typed error `encode_error` wrote (its ``stage`` set)."""
+    error = pickle.loads(data)
+    if not isinstance(error, HemarayError):
+        raise TypeError(f"expected encoded HemarayError bytes, got {type(error).__name__}")
+    return error

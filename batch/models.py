@@ -27,16 +27,11 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from batch.errors import HemarayError
-
-if TYPE_CHECKING:
-    from batch.stages.detect import CellDetector
+from batch.errors import ModelLoadError
 
 __all__ = [
     "CARD_KEY",
@@ -44,36 +39,15 @@ __all__ = [
     "INTENDED_USE",
     "MODELS_DIR",
     "ModelCard",
-    "ModelLoadError",
     "card_path_for",
     "file_sha256",
-    "keep_torch_threads",
-    "load_detector",
     "model_cache_dir",
     "read_model_card",
     "render_card_markdown",
     "resolve_model",
+    "shipped_or_path",
     "write_model_card",
 ]
-
-@contextmanager
-def keep_torch_threads() -> Iterator[None]:
-    """Keep torch's intra-op thread count across an ultralytics call.
-
-    On its first ``predict`` on CPU, ultralytics' ``select_device`` sets
-    ``torch.set_num_threads(cpu_count - 1)``: one thread on a 2-core machine,
-    half the speed. Whatever the process chose before (torch's default, or
-    ``execution.torch_threads``) is put back afterwards.
-    """
-    import torch
-
-    threads = torch.get_num_threads()
-    try:
-        yield
-    finally:
-        if torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
-
 
 #: Directory of the weights shipped inside the package.
 MODELS_DIR = Path(__file__).resolve().parent / "models"
@@ -89,10 +63,6 @@ INTENDED_USE = "Research use only; not for clinical diagnosis."
 CHUNK_BYTES = 1 << 20
 #: Characters of the URL hash used to name a cache entry.
 CACHE_KEY_CHARS = 16
-
-
-class ModelLoadError(HemarayError):
-    """A model file could not be found, fetched, verified or read."""
 
 
 @dataclass
@@ -178,6 +148,13 @@ def model_cache_dir() -> Path:
     if env:
         return Path(env)
     return Path.home() / ".cache" / "hemaray" / "models"
+
+
+def shipped_or_path(model: str) -> str:
+    """A bare shipped model name (``wbc_type``) means ``batch/models/<name>.pt``; else ``model``."""
+    if "/" not in model and "\\" not in model and not model.endswith((".pt", ".yaml")):
+        return str(MODELS_DIR / f"{model}.pt")
+    return model
 
 
 def file_sha256(path: str | Path) -> str:
@@ -411,29 +388,3 @@ def write_model_card(
         md = render_card_markdown(card) + f"\nSHA-256 of `{weights.name}`: `{data['sha256']}`\n"
         weights.with_suffix(".md").write_text(md)
     return sidecar
-
-
-def load_detector(
-    path: str | Path | None = None,
-    *,
-    storage_options: dict[str, Any] | None = None,
-    sha256: str | None = None,
-    **kwargs: Any,
-) -> CellDetector:
-    """Load a cell detector; default: the shipped ``batch/models/detector.pt``.
-
-    Parameters
-    ----------
-    path
-        Local path or fsspec URL of an ultralytics ``.pt``; None: the shipped one.
-    storage_options
-        fsspec options for remote URLs.
-    sha256
-        Expected SHA-256 of the weights.
-    **kwargs
-        Passed to ``CellDetector`` (``device``, ``conf``, ``max_det``, ...).
-    """
-    from batch.stages.detect import CellDetector
-
-    local = resolve_model(path, storage_options=storage_options, sha256=sha256)
-    return CellDetector(local, **kwargs)

@@ -11,11 +11,11 @@ import json
 import re
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow as pa
 
-__all__ = ["TABLES", "load", "field_docs", "latest_version", "conform"]
+__all__ = ["TABLES", "load", "field_docs", "latest_version", "conform", "conform_to"]
 
 SCHEMA_DIR = Path(__file__).parent
 TABLES = ("cells", "slides", "failures")
@@ -85,14 +85,32 @@ def conform(table: pa.Table, name: str, *, extra_ok: bool = True) -> pa.Table:
 
     Missing nullable fields become nulls; a missing non-nullable field is an
     error. Extra columns (dynamic classifier columns, manifest metadata) are
-    kept after the schema's fields when ``extra_ok``.
+    kept after the schema's fields when ``extra_ok``, else they are an error.
     """
-    schema = load(name)
+    return conform_to(table, load(name), extras="keep" if extra_ok else "error", name=name)
+
+
+def conform_to(
+    table: pa.Table,
+    schema: pa.Schema,
+    *,
+    extras: Literal["keep", "drop", "error"] = "keep",
+    name: str = "cells",
+) -> pa.Table:
+    """Cast ``table`` to ``schema``: the one schema-conforming routine of the project.
+
+    Schema fields come first, in order, cast where their type differs; a
+    missing nullable field becomes nulls, a missing non-nullable one is an
+    error. Columns the schema lacks are kept after them (``"keep"``),
+    dropped (``"drop"``) or refused (``"error"``).
+    """
     columns: list[pa.Array | pa.ChunkedArray] = []
     fields: list[pa.Field] = []
+    names = set(table.column_names)
     for field in schema:
-        if field.name in table.column_names:
-            columns.append(table.column(field.name).cast(field.type))
+        if field.name in names:
+            col = table.column(field.name)
+            columns.append(col if col.type == field.type else col.cast(field.type))
         elif field.nullable:
             columns.append(pa.nulls(table.num_rows, type=field.type))
         else:
@@ -100,10 +118,11 @@ def conform(table: pa.Table, name: str, *, extra_ok: bool = True) -> pa.Table:
                 f"table {name!r}: required column {field.name!r} missing; got {table.column_names}"
             )
         fields.append(field)
-    extras = [c for c in table.column_names if c not in schema.names]
-    if extras and not extra_ok:
-        raise ValueError(f"table {name!r}: unexpected columns {extras}")
-    for c in extras:
-        columns.append(table.column(c))
-        fields.append(table.schema.field(c))
+    rest = [c for c in table.column_names if c not in schema.names]
+    if rest and extras == "error":
+        raise ValueError(f"table {name!r}: unexpected columns {rest}")
+    if extras == "keep":
+        for c in rest:
+            columns.append(table.column(c))
+            fields.append(table.schema.field(c))
     return pa.Table.from_arrays(columns, schema=pa.schema(fields, metadata=schema.metadata))

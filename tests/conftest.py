@@ -1,7 +1,12 @@
-"""Shared fixtures: a real S3 server (moto over HTTP), scratch env for ultralytics.
+"""Shared fixtures (a real S3 server: moto over HTTP; local Ray; scratch env for ultralytics) and tiers.
 
-Module-specific fixtures (generated slides and so on) live in the test modules
-or in ``tests/helpers.py``.
+Module-specific fixtures (generated slides and so on) live in the test modules.
+
+Tiers (pytest markers, registered in pyproject.toml): ``cluster`` (several Ray
+nodes or a ``ray start`` head: `CLUSTER_MODULES`), ``ray`` (a test that uses
+the local Ray instance, the ``ray_local`` fixture), ``slow`` (marked by hand:
+model training and long end-to-end checks) and ``unit`` (everything else,
+given here). ``make test-fast`` runs the unit tier; ``make test`` runs all.
 """
 
 from __future__ import annotations
@@ -27,6 +32,21 @@ os.environ["AWS_SECRET_ACCESS_KEY"] = "testing"
 os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
 
 S3_BUCKET = "slides"
+#: Test modules that start Ray clusters of their own (multi-node, job submission).
+CLUSTER_MODULES = frozenset({"test_multinode", "test_cluster_e2e"})
+#: Markers that put a test in a tier other than ``unit``.
+NON_UNIT_TIERS = ("ray", "cluster", "slow")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Give every test its tier: cluster by module, ray by fixture, unit when nothing else."""
+    for item in items:
+        if item.module is not None and item.module.__name__.rsplit(".", 1)[-1] in CLUSTER_MODULES:
+            item.add_marker(pytest.mark.cluster)
+        if "ray_local" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ray)
+        if not any(item.get_closest_marker(m) for m in NON_UNIT_TIERS):
+            item.add_marker(pytest.mark.unit)
 
 
 def _free_port() -> int:

@@ -30,8 +30,8 @@ import psutil
 import pytest
 
 from batch.cli import main
-from batch.sink import read_table
-from batch.submit import job_logs, job_status, list_jobs
+from batch.cluster.jobs import job_logs, job_status, list_jobs
+from batch.run.sink import read_table
 from batch.synth import synth_slides
 
 VENV_BIN = Path(sys.executable).parent
@@ -68,7 +68,7 @@ class Head:
         return ["--address", self.dashboard, "--auth-token-file", str(self.token_file)]
 
     def api(self) -> dict[str, Any]:
-        """The connection arguments of ``batch.submit``'s functions for this head."""
+        """The connection arguments of ``batch.cluster.jobs``' functions for this head."""
         return {"address": self.dashboard, "auth_token_file": self.token_file}
 
 

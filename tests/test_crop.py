@@ -92,7 +92,8 @@ def test_crop_tiles_ships_crops_not_tiles_and_segment_reads_them() -> None:
     import pyarrow as pa
 
     from batch.config import Config
-    from batch.stages.cells import crop_tiles, pack, rows_to_batch, segment_tiles
+    from batch.run.columns import pack, rows_to_batch
+    from batch.run.tasks import crop_tiles, segment_tiles
 
     rng = np.random.default_rng(0)
     tile = np.full((64, 64, 3), 235, np.uint8)

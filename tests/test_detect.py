@@ -16,34 +16,29 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from batch.evaluate import (
-    average_precision,
-    box_iou,
-    detection_metrics,
-    eval_detector,
-    match_detections,
-)
+from batch.config import DetectConfig
+from batch.errors import ModelLoadError
+from batch.eval.detector import eval_detector
+from batch.eval.metrics import average_precision, box_iou, detection_metrics, match_detections
 from batch.models import (
     CARD_KEY,
     DEFAULT_DETECTOR,
     ModelCard,
-    ModelLoadError,
     file_sha256,
-    load_detector,
     read_model_card,
     resolve_model,
     write_model_card,
 )
 from batch.stages.detect import (
-    DEFAULT_MAX_DET,
     PAD_VALUE,
     STRIDE,
     CellDetector,
     Detections,
     estimate_mpp_from_rbc,
+    load_detector,
     normalize_class_name,
-    select_device,
 )
+from batch.stages.device import select_device
 
 SYNTH_MPP = 0.25
 #: Fake network output: one box, in the pixels of the (resampled, padded) batch image.
@@ -190,7 +185,7 @@ def test_device_and_half_selection(fake_weights: Path) -> None:
     det = FakeNetDetector(fake_weights)  # device="auto", half="auto"
     assert det.device == expected
     assert det.half == expected.startswith("cuda")
-    assert det.max_det == DEFAULT_MAX_DET >= 1000
+    assert det.max_det == DetectConfig.max_det >= 1000
     assert FakeNetDetector(fake_weights, device="cpu", half=True).half is True
 
 

@@ -28,7 +28,7 @@ import ray
 import yaml
 from kubernetes import client as k8s
 
-from batch.submit import SECRET_ENV_PATTERN, strip_secret_env
+from batch.cluster.submit import SECRET_ENV_PATTERN, strip_secret_env
 
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "k8s"

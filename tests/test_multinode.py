@@ -67,7 +67,7 @@ def _child(slides: str, out: str, dashboard_port: int) -> dict[str, Any]:
 
     from batch.config import load_config
     from batch.inputs import resolve_inputs
-    from batch.pipeline import run_pipeline
+    from batch.run.pipeline import run_pipeline
 
     cluster = Cluster(
         initialize_head=True,
@@ -144,8 +144,8 @@ def test_multinode_run_spreads_detectors_and_matches_single_node(slides_dir: Pat
 
     from batch.config import load_config
     from batch.inputs import resolve_inputs
-    from batch.pipeline import run_pipeline
-    from batch.sink import read_table
+    from batch.run.pipeline import run_pipeline
+    from batch.run.sink import read_table
 
     single_out, multi_out = tmp_path / "single", tmp_path / "multi"
     config = load_config(None, DETECT_SETS + SINGLE_NODE_SETS + _classifier_sets())

@@ -20,10 +20,17 @@ import ray.data
 import schemas
 from batch.cli import main
 from batch.config import load_config
+from batch.errors import (
+    CorruptSlideError,
+    SlideNotFoundError,
+    SlideReadError,
+    StageError,
+    UnsupportedSlideError,
+)
+from batch.eval.run import evaluate_run
 from batch.inputs import resolve_inputs
-from batch.pipeline import cluster_resources, placement, run_pipeline
-from batch.run_eval import evaluate_run
-from batch.sink import read_table
+from batch.run.pipeline import cluster_resources, placement, run_pipeline
+from batch.run.sink import read_table
 from batch.synth import synth_slides
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -153,6 +160,17 @@ def test_bad_slides_are_failure_rows(slides_dir: Path, tmp_path: Path) -> None:
     assert code == 2
     failures = read_table(str(out), "failures").to_pandas()
     by_id = dict(zip(failures.slide_id, failures.error_type, strict=True))
+    # The same slides through the API: each error is the worker's own class, with its slide.
+    result = run_pipeline(
+        resolve_inputs([str(inputs), str(inputs / "missing.tif")]), str(tmp_path / "again"),
+        load_config(),
+    )  # fmt: skip
+    assert {k: type(v) for k, v in result.errors.items()} == {
+        "notes": UnsupportedSlideError, "truncated": CorruptSlideError,
+        "missing": SlideNotFoundError,
+    }  # fmt: skip
+    assert all(e.stage == "open" and isinstance(e, SlideReadError) for e in result.errors.values())
+    assert str(inputs / "truncated.tif") in result.errors["truncated"].slide
     assert by_id == {
         "notes": "UnsupportedSlideError",
         "truncated": "CorruptSlideError",
@@ -182,6 +200,11 @@ def test_tile_failure_fails_only_that_slide(slides_dir: Path, tmp_path: Path) ->
     assert failures.stage.tolist() == ["read"]
     assert set(_cells(out).slide_id.astype(str)) == {"slide_0000"}
     assert "injected" in failures.message[0]
+    # The worker's OSError reaches the driver typed: a StageError naming its class and tile.
+    error = result.errors["slide_0001"]
+    assert isinstance(error, StageError) and error.type_name == "OSError"
+    assert (error.slide, error.tile, error.stage) == ("slide_0001", "slide_0001:1:1", "read")
+    assert failures.error_type.tolist() == ["OSError"] and failures.tile.tolist() == ["slide_0001:1:1"]
     # Rerun without the fault: the failed slide is retried and commits; nothing doubles.
     again = run_pipeline(inputs, str(out), load_config())
     assert again.committed == ["slide_0001"] and again.skipped == ["slide_0000"]

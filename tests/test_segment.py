@@ -10,12 +10,12 @@ import cv2
 import numpy as np
 import pytest
 
-from batch.evaluate_seg import dice, eval_segmentation, iou, summarize
+from batch.config import SegmentationConfig
+from batch.eval.metrics import dice, iou
+from batch.eval.segmentation import eval_segmentation, summarize
 from batch.stages.segment import (
     MORPHOMETRIC_KEYS,
     Segmentation,
-    SegmentConfig,
-    UltralyticsSegmenter,
     fill_holes,
     kmeans_1d,
     segment_wbc,
@@ -90,17 +90,17 @@ def test_kmeans_1d_is_the_global_optimum(k: int, seed: int) -> None:
 def test_exact_and_opencv_kmeans_agree() -> None:
     crop, _ = draw_cell()
     for k in (2, 3):
-        exact = segment_wbc(crop, mpp=MPP, config=SegmentConfig(k=k))
-        cv = segment_wbc(crop, mpp=MPP, config=SegmentConfig(k=k, kmeans="opencv"))
+        exact = segment_wbc(crop, mpp=MPP, config=SegmentationConfig(k=k))
+        cv = segment_wbc(crop, mpp=MPP, config=SegmentationConfig(k=k, kmeans="opencv"))
         assert (exact.nucleus_mask == cv.nucleus_mask).mean() > 0.99
 
 
 def test_config_is_validated() -> None:
     with pytest.raises(ValueError, match="k = 2 or 3"):
-        segment_wbc(draw_cell()[0], mpp=MPP, config=SegmentConfig(k=4))
+        segment_wbc(draw_cell()[0], mpp=MPP, config=SegmentationConfig(k=4))
     with pytest.raises(ValueError, match="mpp"):
         segment_wbc(draw_cell()[0], mpp=0.0)
-    assert segment_wbc(draw_cell()[0], mpp=MPP, config=SegmentConfig(k=4, kmeans="opencv")).found
+    assert segment_wbc(draw_cell()[0], mpp=MPP, config=SegmentationConfig(k=4, kmeans="opencv")).found
 
 
 # --------------------------------------------------------------------------- masks
@@ -145,7 +145,7 @@ def test_areas_are_physical_whatever_the_resolution() -> None:
     for key in ("nucleus_area_um2", "cell_area_um2"):
         assert b[key] == pytest.approx(a[key], rel=0.05), key
     # The same pixels at twice the mpp: four times the area.
-    c = segment_wbc(crop, mpp=MPP * 2, config=SegmentConfig(min_nucleus_area_um2=0)).morphometrics()
+    c = segment_wbc(crop, mpp=MPP * 2, config=SegmentationConfig(min_nucleus_um2=0)).morphometrics()
     assert c["nucleus_area_um2"] == pytest.approx(4 * a["nucleus_area_um2"], rel=0.05)
 
 
@@ -226,26 +226,3 @@ def test_dice_against_exact_synthetic_masks(marrow_field: Path) -> None:
 
 
 # --------------------------------------------------------------------------- -seg models
-
-
-def test_ultralytics_segmenter_api_shape(tmp_path: Path) -> None:
-    """An untrained one-class ``-seg`` model built from YAML: only the API contract is checked."""
-    import ultralytics
-    import yaml
-
-    cfg = yaml.safe_load(
-        (Path(ultralytics.__file__).parent / "cfg/models/v8/yolov8-seg.yaml").read_text()
-    )
-    cfg["nc"] = 1
-    model_yaml = tmp_path / "yolov8n-seg.yaml"  # the "n" in the name picks the scale
-    model_yaml.write_text(yaml.safe_dump(cfg))
-    segmenter = UltralyticsSegmenter(model_yaml, device="cpu", imgsz=64)
-    crops = [draw_cell(seed=s)[0] for s in range(2)]
-    out = segmenter.segment(crops, MPP)
-    assert len(out) == 2
-    for seg, crop in zip(out, crops, strict=True):
-        assert isinstance(seg, Segmentation)
-        assert seg.nucleus_mask.shape == crop.shape[:2] and seg.nucleus_mask.dtype == bool
-        assert seg.cell_mask.shape == crop.shape[:2]
-        assert set(seg.morphometrics()) == set(MORPHOMETRIC_KEYS)
-    assert segmenter.segment([], MPP) == []

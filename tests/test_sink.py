@@ -9,8 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from batch import sink
-from batch.sink import ROW_GROUP_ROWS, OutputStore
+from batch.run import sink
+from batch.run.sink import ROW_GROUP_ROWS, OutputStore
 
 SCHEMA = pa.schema([("slide_id", pa.string()), ("cell_id", pa.string()), ("x0", pa.float64())])
 

@@ -23,6 +23,8 @@ from numpy.typing import NDArray
 import batch.slides as slides
 from batch.errors import SlideTooLargeError
 from batch.slides import Slide, coalesce_byte_ranges, open_slide
+from batch.slides import cache as tile_cache
+from batch.slides import slide as slide_module
 
 WIDTH, HEIGHT = 1000, 700  # deliberately not multiples of the tile size
 TILE = 128
@@ -447,24 +449,24 @@ def test_decoded_tiles_are_reused_and_bounded(
 ) -> None:
     """Overlapping regions decode each covering tile once; the cache stays within its bytes."""
     budget = 6 * TILE * TILE * 3  # six RGB tiles
-    cache = slides._DecodedTileCache(max_bytes=budget)
-    monkeypatch.setattr(slides, "_DECODED_TILES", cache)
+    cache = tile_cache.DecodedTileCache(max_bytes=budget)
+    monkeypatch.setattr(tile_cache, "DECODED_TILES", cache)
     boxes = [(x, 140, 150, 100) for x in range(0, 600, 60)]  # a row of overlapping regions
     with open_slide(generic_tif) as slide:
         decodes = _count_decodes(slide)
         for x, y, w, h in boxes:
             assert np.array_equal(slide.read_region(x, y, w, h), expected_region(image, x, y, w, h))
         assert len(decodes) == len(set(decodes))  # each covering tile decoded once
-        assert cache._bytes <= cache.max_bytes
-        assert len(cache._tiles) == 6
-    assert cache._bytes == 0 and not cache._tiles  # closing the slide drops its tiles
+        assert cache.weight <= cache.max_bytes
+        assert len(cache) == 6
+    assert cache.weight == 0 and len(cache) == 0  # closing the slide drops its tiles
 
     with open_slide(generic_tif) as slide, slides.decoded_tile_cache(0):  # off: every read decodes
         decodes = _count_decodes(slide)
         slide.read_region(130, 140, 370, 100)
         slide.read_region(130, 140, 370, 100)
         assert len(decodes) == 2 * len(set(decodes)) > 0
-        assert not cache._tiles
+        assert len(cache) == 0
     assert cache.max_bytes == budget  # the budget is back after the block
 
 
@@ -572,7 +574,8 @@ def test_thumbnail_of_huge_level_is_banded(
     whole = open_slide(generic_tif)
     reference = whole.thumbnail(900)
     whole.close()
-    monkeypatch.setattr(slides, "MAX_READ_PIXELS", WIDTH * TILE)  # forces one tile row per band
+    # Slide looks the limit up in its own module.
+    monkeypatch.setattr(slide_module, "MAX_READ_PIXELS", WIDTH * TILE)  # one tile row per band
     with open_slide(generic_tif) as slide:
         banded = slide.thumbnail(900)
         with pytest.raises(SlideTooLargeError, match="read_region"):

@@ -15,22 +15,19 @@ from typing import Any
 
 import pytest
 
-from batch import submit
-from batch.submit import (
+from batch.cli import add_cluster_commands
+from batch.cluster.jobs import EXIT_JOB_FAILED, EXIT_JOB_STOPPED, connect, exit_code_for
+from batch.cluster.submit import (
     DEFAULT_EXCLUDES,
-    EXIT_JOB_FAILED,
-    EXIT_JOB_STOPPED,
     JOB_ENV_DEFAULTS,
-    SubmitError,
-    add_cluster_commands,
     build_entrypoint,
     build_runtime_env,
-    exit_code_for,
     find_project_root,
     refuse_secret_values,
     strip_secret_env,
     submit_job,
 )
+from batch.errors import SubmitError
 
 REPO = Path(__file__).resolve().parents[1]
 LOCAL_SECRET = "local-secret-value-0123456789"
@@ -215,19 +212,19 @@ def test_an_explicit_address_beats_ray_address(monkeypatch: pytest.MonkeyPatch, 
     monkeypatch.setenv("RAY_ADDRESS", "http://other:8265")
     token = tmp_path / "token"
     token.write_text("abc123\n")
-    submit._client("http://mine:8265", token)
+    connect("http://mine:8265", token)
     assert seen == {"address": "http://mine:8265", "headers": {"Authorization": "Bearer abc123"}, "env": None}
     import os
 
     assert os.environ["RAY_ADDRESS"] == "http://other:8265"  # restored
-    submit._client(None)
+    connect(None)
     assert seen["address"] == "http://other:8265" and seen["headers"] is None
     monkeypatch.delenv("RAY_ADDRESS")
     with pytest.raises(SubmitError, match="--address"):
-        submit._client(None)
+        connect(None)
     token.write_text("")
     with pytest.raises(SubmitError, match="empty"):
-        submit._client("http://mine:8265", token)
+        connect("http://mine:8265", token)
 
 
 def test_unreachable_cluster_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -236,7 +233,7 @@ def test_unreachable_cluster_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -
 
     monkeypatch.setattr("ray.job_submission.JobSubmissionClient", refuse)
     with pytest.raises(SubmitError, match="--auth-token-file"):
-        submit._client("http://head:8265")
+        connect("http://head:8265")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -264,7 +261,7 @@ def test_cli_commands_with_a_fake_cluster(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     client = FakeClient()
-    monkeypatch.setattr(submit, "_client", lambda address, auth=None: client)
+    monkeypatch.setattr("batch.cluster.jobs.connect", lambda address, auth=None: client)
     p = _parser()
 
     def run(argv: list[str]) -> int:

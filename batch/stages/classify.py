@@ -38,9 +38,8 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
-from batch.models import keep_torch_threads
 from batch.stages.crop import estimate_background, letterbox
-from batch.stages.detect import select_device
+from batch.stages.device import keep_torch_threads, select_device
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",

@@ -19,8 +19,9 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
+from batch.config import SegmentationConfig
+
 __all__ = [
-    "DEFAULT_MARGIN",
     "WHITE",
     "crop_regions",
     "crop_wbcs",
@@ -28,8 +29,6 @@ __all__ = [
     "letterbox",
 ]
 
-#: Margin added on each side, as a fraction of the box's width / height.
-DEFAULT_MARGIN = 0.15
 #: Fallback fill colour (RGB) when the background cannot be estimated.
 WHITE: tuple[int, int, int] = (255, 255, 255)
 #: Pixels brighter than this percentile of the grey level are background candidates.
@@ -68,7 +67,7 @@ def estimate_background(image: npt.NDArray[np.uint8]) -> tuple[int, int, int]:
     return (int(median[0]), int(median[1]), int(median[2]))
 
 
-def crop_regions(boxes: npt.ArrayLike, *, margin: float = DEFAULT_MARGIN) -> npt.NDArray[np.int64]:
+def crop_regions(boxes: npt.ArrayLike, *, margin: float = SegmentationConfig.crop_margin) -> npt.NDArray[np.int64]:
     """Integer crop regions ``(N, 4)`` ``x0, y0, x1, y1`` (half-open) for boxes grown by ``margin``.
 
     The region is ``floor(x0 - margin * w)`` to ``ceil(x1 + margin * w)`` (the
@@ -119,7 +118,7 @@ def crop_wbcs(
     tile: npt.NDArray[np.uint8],
     boxes: npt.ArrayLike,
     *,
-    margin: float = DEFAULT_MARGIN,
+    margin: float = SegmentationConfig.crop_margin,
     out_size: int | None = None,
     background: tuple[int, int, int] | None = None,
 ) -> list[npt.NDArray[np.uint8]]:

@@ -26,22 +26,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import cv2
 import numpy as np
 import numpy.typing as npt
 
-from batch.models import (
-    ModelCard,
-    file_sha256,
-    keep_torch_threads,
-    read_model_card,
-    resolve_model,
-)
+from batch.config import DetectConfig
+from batch.models import ModelCard, file_sha256, read_model_card, resolve_model
+from batch.stages.device import keep_torch_threads, select_device
+from batch.stages.preprocess import resample
 
 __all__ = [
-    "DEFAULT_CONF",
-    "DEFAULT_IOU",
-    "DEFAULT_MAX_DET",
     "DETECTOR_CLASSES",
     "MPP_CANDIDATES",
     "PAD_VALUE",
@@ -50,8 +43,7 @@ __all__ = [
     "Detections",
     "estimate_mpp_from_rbc",
     "normalize_class_name",
-    "resample",
-    "select_device",
+    "load_detector",
 ]
 
 log = logging.getLogger(__name__)
@@ -62,23 +54,12 @@ DETECTOR_CLASSES: tuple[str, ...] = ("RBC", "WBC", "platelet")
 RBC_DIAMETER_UM = 7.5
 #: Fewest RBC boxes from which a scale estimate is trusted.
 MIN_RBC_FOR_MPP = 3
-#: Confidence threshold for kept detections.
-DEFAULT_CONF = 0.25
-#: IoU threshold of non-maximum suppression.
-DEFAULT_IOU = 0.6
-#: Boxes kept per tile: ultralytics' 300 is too low for dense smear tiles
-#: (a 640 px tile at 0.25 um/px holds ~300-400 RBCs in a thick area).
-DEFAULT_MAX_DET = 1000
-#: Tiles per forward pass.
-DEFAULT_BATCH_SIZE = 8
 #: Padded batch sides are multiples of this (the network's largest stride).
 STRIDE = 32
 #: Grey used to pad (ultralytics' letterbox value; the model saw it in training).
 PAD_VALUE = 114
 #: ``quantize`` value of half precision in ultralytics >= 8.4.
 HALF_BITS = 16
-#: Relative scale change below which a tile is not resampled.
-SCALE_TOLERANCE = 1e-3
 #: Assumed scales tried by ``CellDetector.estimate_mpp`` (um/px): 100x oil to 20x,
 #: a factor ~1.4 apart, so any true scale is within ~1.2x of one of them.
 MPP_CANDIDATES: tuple[float, ...] = (0.045, 0.065, 0.09, 0.125, 0.18, 0.25, 0.35, 0.5)
@@ -106,15 +87,6 @@ def normalize_class_name(name: str) -> str:
     """
     key = re.sub(r"[^a-z]", "", name.lower())
     return _ALIASES.get(key, name.strip())
-
-
-def select_device(device: str = "auto") -> str:
-    """Resolve ``"auto"`` to ``"cuda:0"`` when a GPU is visible, else ``"cpu"``."""
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda:0" if torch.cuda.is_available() else "cpu"
 
 
 def estimate_mpp_from_rbc(
@@ -178,16 +150,6 @@ def estimate_mpp_from_rbc(
     return rbc_diameter_um / median
 
 
-def resample(image: npt.NDArray[np.uint8], factor: float) -> npt.NDArray[np.uint8]:
-    """Resize an image by ``factor`` (area interpolation when shrinking, linear when enlarging)."""
-    if abs(factor - 1.0) < SCALE_TOLERANCE:
-        return image
-    h, w = image.shape[:2]
-    size = (max(1, round(w * factor)), max(1, round(h * factor)))
-    interp = cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR
-    return np.asarray(cv2.resize(image, size, interpolation=interp), dtype=np.uint8)
-
-
 class Detections(NamedTuple):
     """Detections of one tile.
 
@@ -243,7 +205,8 @@ class CellDetector:
     half
         ``"auto"``: half precision on CUDA only; or an explicit bool.
     conf, iou, max_det
-        Confidence threshold, NMS IoU and boxes kept per tile.
+        Confidence threshold, NMS IoU and boxes kept per tile (defaults:
+        `batch.config.DetectConfig`).
     batch_size
         Tiles per forward pass.
     trained_mpp
@@ -262,10 +225,10 @@ class CellDetector:
         *,
         device: str = "auto",
         half: bool | str = "auto",
-        conf: float = DEFAULT_CONF,
-        iou: float = DEFAULT_IOU,
-        max_det: int = DEFAULT_MAX_DET,
-        batch_size: int = DEFAULT_BATCH_SIZE,
+        conf: float = DetectConfig.conf,
+        iou: float = DetectConfig.iou,
+        max_det: int = DetectConfig.max_det,
+        batch_size: int = DetectConfig.batch_size,
         trained_mpp: float | None = None,
         storage_options: dict[str, Any] | None = None,
         agnostic_nms: bool = True,
@@ -520,3 +483,27 @@ class CellDetector:
             return math.exp(log_m + gap)
         final = estimate(crossing)
         return final if final is not None else crossing
+
+
+def load_detector(
+    path: str | Path | None = None,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    sha256: str | None = None,
+    **kwargs: Any,
+) -> CellDetector:
+    """Load a cell detector; default: the shipped ``batch/models/detector.pt``.
+
+    Parameters
+    ----------
+    path
+        Local path or fsspec URL of an ultralytics ``.pt``; None: the shipped one.
+    storage_options
+        fsspec options for remote URLs.
+    sha256
+        Expected SHA-256 of the weights.
+    **kwargs
+        Passed to ``CellDetector`` (``device``, ``conf``, ``max_det``, ...).
+    """
+    local = resolve_model(path, storage_options=storage_options, sha256=sha256)
+    return CellDetector(local, **kwargs)

@@ -16,7 +16,7 @@ every scan resolution. Where hemaray differs from the seeds, and why:
   1024^2 seed 12, 250 WBCs): mean Dice 0.994 / IoU 0.988 with k = 3 against
   0.958-0.979 / 0.925-0.961 with the seeds' k = 2 on a* alone. Synthetic
   nuclei are cleaner than real ones; no real images with exact masks were
-  available. ``SegmentConfig(k=2, max_nucleus_b=None)`` is the seeds' setting.
+  available. ``SegmentationConfig(k=2, max_nucleus_b=None)`` is the seeds' setting.
 * A b* guard (``max_nucleus_b``): nucleus pixels must also be on the blue
   side. Overlapping red cells and eosinophil granules have a high a* too,
   but not a negative b*.
@@ -49,8 +49,8 @@ multi-part nucleus scores low); solidity = nucleus pixel area / area of the
 convex hull of all nucleus pixels; mean a* / b* (CIELAB units) over the
 nucleus. Shape measures are NaN when no nucleus was found.
 
-``UltralyticsSegmenter`` runs a local ultralytics ``-seg`` model instead and
-returns the same `Segmentation`.
+Parameters come from `batch.config.SegmentationConfig` (``segmentation.*``
+in a run's config).
 """
 
 from __future__ import annotations
@@ -59,20 +59,18 @@ import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import cv2
 import numpy as np
 import numpy.typing as npt
 
+from batch.config import SegmentationConfig
 from batch.stages.crop import estimate_background
 
 __all__ = [
     "MORPHOMETRIC_KEYS",
-    "SegmentConfig",
     "Segmentation",
-    "UltralyticsSegmenter",
     "cell_mask_from_nucleus",
     "fill_holes",
     "kmeans_1d",
@@ -104,76 +102,6 @@ KMEANS_ATTEMPTS = 3
 #: Watershed marker labels.
 _NOT_CELL = 1
 _CELL = 2
-
-
-@dataclass(frozen=True)
-class SegmentConfig:
-    """Parameters of the colour (LAB + k-means on a*) segmentation.
-
-    Lengths are in micrometres and areas in um^2; they are converted to pixels
-    with the crop's mpp, with at least one pixel for every kernel radius.
-    """
-
-    #: Number of a* clusters; the nucleus is the one with the highest a*
-    #: (3: glass / red cells, cytoplasm, nucleus; the seeds used 2).
-    k: int = 3
-    #: ``"exact"``: optimal 1-D k-means (k = 2 or 3); ``"opencv"``: cv2.kmeans.
-    kmeans: Literal["exact", "opencv"] = "exact"
-    #: The nucleus cluster's mean a* must exceed the rest's by this much (CIELAB
-    #: units), else the crop holds no nucleus (a blank or red-cell-only crop).
-    min_a_separation: float = 8.0
-    #: Radius of the opening that removes specks from the nucleus mask.
-    open_radius_um: float = 0.3
-    #: Radius of the closing that joins chromatin clumps of one nucleus.
-    close_radius_um: float = 0.5
-    #: Nucleus components smaller than this are dropped (a platelet is ~3-7 um^2).
-    min_nucleus_area_um2: float = 6.0
-    #: Drop nucleus components touching the crop border unless none is left
-    #: (a neighbour's nucleus cut by the crop's margin).
-    drop_border_components: bool = True
-    #: Nucleus pixels must also lie on the blue side: CIELAB b* below this. Red
-    #: cells (dark where they overlap) and eosinophil granules have a high a*
-    #: too, but a b* near or above 0; purple-blue nuclei sit far below.
-    #: None: a* only, exactly as in the seeds.
-    max_nucleus_b: float | None = 0.0
-    #: With a known cell box, keep the nucleus components that reach into the box
-    #: shrunk by this fraction of its size on each side (a neighbour's nucleus in
-    #: the crop does not), unless none does.
-    core_fraction: float = 0.2
-    #: CIELAB distance (CIE76 Delta E) from the background that marks cell pixels.
-    foreground_delta_e: float = 12.0
-    #: Radius of the opening that cuts the cell from touching red cells.
-    cell_open_radius_um: float = 0.75
-    #: The ring around the nucleus that seeds the cell in the watershed.
-    cell_seed_ring_um: float = 1.0
-    #: The cytoplasm reaches at most this far from the nucleus.
-    max_cytoplasm_um: float = 5.0
-    #: With a known cell box, the cell may reach this fraction of the box size past it.
-    box_tolerance: float = 0.05
-
-    def validate(self) -> SegmentConfig:
-        """Raise ``ValueError`` on an out-of-range field; return ``self``."""
-        if self.k < 2:
-            raise ValueError(f"SegmentConfig.k must be >= 2, got {self.k}")
-        if self.kmeans not in ("exact", "opencv"):
-            raise ValueError(
-                f"SegmentConfig.kmeans must be 'exact' or 'opencv', got {self.kmeans!r}"
-            )
-        if self.kmeans == "exact" and self.k not in (2, 3):
-            raise ValueError("SegmentConfig.kmeans='exact' supports k = 2 or 3; use 'opencv'")
-        for name in (
-            "open_radius_um",
-            "close_radius_um",
-            "min_nucleus_area_um2",
-            "foreground_delta_e",
-            "cell_open_radius_um",
-            "max_cytoplasm_um",
-            "box_tolerance",
-            "core_fraction",
-        ):
-            if getattr(self, name) < 0:
-                raise ValueError(f"SegmentConfig.{name} must be >= 0, got {getattr(self, name)}")
-        return self
 
 
 @dataclass
@@ -290,7 +218,7 @@ def kmeans_1d(values: npt.ArrayLike, k: int = 2) -> tuple[list[float], list[floa
     return thresholds, means
 
 
-def nucleus_threshold(a: npt.NDArray[np.float32], config: SegmentConfig) -> float:
+def nucleus_threshold(a: npt.NDArray[np.float32], config: SegmentationConfig) -> float:
     """The a* threshold above which pixels belong to the nucleus cluster (NaN: no nucleus).
 
     Uses `kmeans_1d` (``kmeans="exact"``, k = 2 or 3) or ``cv2.kmeans``
@@ -404,7 +332,7 @@ def cell_mask_from_nucleus(
     nucleus: npt.NDArray[np.bool_],
     background_lab: npt.NDArray[np.float32],
     mpp: float,
-    config: SegmentConfig,
+    config: SegmentationConfig,
     cell_box: tuple[float, float, float, float] | None = None,
 ) -> npt.NDArray[np.bool_]:
     """The whole cell grown from ``nucleus`` (see the module docstring).
@@ -486,7 +414,7 @@ def segment_wbc(
     crop: npt.NDArray[np.uint8],
     *,
     mpp: float,
-    config: SegmentConfig | None = None,
+    config: SegmentationConfig | None = None,
     background: tuple[int, int, int] | None = None,
     cell_box: tuple[float, float, float, float] | None = None,
 ) -> Segmentation:
@@ -499,7 +427,7 @@ def segment_wbc(
     mpp
         Microns per pixel of the crop.
     config
-        Segmentation parameters; `SegmentConfig` defaults if None.
+        Segmentation parameters; `SegmentationConfig` defaults if None.
     background
         The slide's / tile's background colour (RGB), if known; else it is
         estimated from the crop with `batch.stages.crop.estimate_background`.
@@ -514,7 +442,7 @@ def segment_wbc(
     Segmentation
         Masks and measurements. Same input, same output (no randomness).
     """
-    cfg = (config or SegmentConfig()).validate()
+    cfg = (config or SegmentationConfig()).validate()
     _check_crop(crop, mpp)
     lab = lab_image(crop)
     thr = nucleus_threshold(lab[..., 1], cfg)
@@ -528,7 +456,7 @@ def segment_wbc(
     nucleus = _morph(nucleus, cv2.MORPH_CLOSE, _radius_px(cfg.close_radius_um, mpp))
     nucleus = fill_holes(nucleus)
     nucleus = _keep_components(
-        nucleus, cfg.min_nucleus_area_um2 / mpp**2, cfg.drop_border_components
+        nucleus, cfg.min_nucleus_um2 / mpp**2, cfg.drop_border_components
     )
     if cell_box is not None:
         nucleus = _keep_central(nucleus, cell_box, cfg.core_fraction)
@@ -542,14 +470,14 @@ def segment_wbcs(
     crops: Sequence[npt.NDArray[np.uint8]],
     mpps: float | Sequence[float],
     *,
-    config: SegmentConfig | None = None,
+    config: SegmentationConfig | None = None,
     background: tuple[int, int, int] | None = None,
 ) -> list[Segmentation]:
     """`segment_wbc` over many crops; ``mpps`` is one value for all or one per crop."""
     mpp_list = [float(mpps)] * len(crops) if np.isscalar(mpps) else [float(m) for m in mpps]  # type: ignore[arg-type, union-attr]
     if len(mpp_list) != len(crops):
         raise ValueError(f"got {len(crops)} crops but {len(mpp_list)} mpp values")
-    cfg = (config or SegmentConfig()).validate()
+    cfg = (config or SegmentationConfig()).validate()
     return [
         segment_wbc(c, mpp=m, config=cfg, background=background)
         for c, m in zip(crops, mpp_list, strict=True)
@@ -582,120 +510,3 @@ def _morphometrics(seg: Segmentation) -> dict[str, float]:
     hull_px = max(int(hull_img.sum()), n_px)
     out["nucleus_solidity"] = float(n_px / hull_px)
     return out
-
-
-class UltralyticsSegmenter:
-    """Nucleus / cell masks from a local ultralytics ``-seg`` model.
-
-    The model's class names decide what a mask is: masks of classes in
-    ``nucleus_classes`` form the nucleus, masks of ``cell_classes`` the cell.
-    When the model has no cell class, the cell is grown from the predicted
-    nucleus with the colour method's `cell_mask_from_nucleus`. Predictions
-    are made at ``imgsz`` and the masks returned at the crop's size
-    (``retina_masks``).
-
-    Parameters
-    ----------
-    model_path
-        A local ``.pt`` file (or a ``.yaml`` to build an untrained model, for tests).
-    device
-        ``"auto"`` (CUDA if available, else CPU), ``"cpu"``, ``"cuda:0"``...
-    imgsz
-        Inference size; None uses the model's training size.
-    conf
-        Minimum confidence of a mask.
-    config
-        Colour-method parameters used to grow the cell when needed.
-    """
-
-    def __init__(
-        self,
-        model_path: str | Path,
-        *,
-        device: str = "auto",
-        imgsz: int | None = None,
-        conf: float = 0.25,
-        nucleus_classes: Sequence[str] = ("nucleus",),
-        cell_classes: Sequence[str] = ("cell", "wbc"),
-        config: SegmentConfig | None = None,
-    ) -> None:
-        from ultralytics import YOLO
-
-        from batch.stages.detect import select_device
-
-        self.model = YOLO(str(model_path), task="segment")
-        self.device = select_device(device)
-        names = self.model.names
-        self.names: dict[int, str] = {int(k): str(v) for k, v in dict(names).items()}
-        lower = {k: v.lower() for k, v in self.names.items()}
-        self._nucleus_ids = {
-            k for k, v in lower.items() if v in {c.lower() for c in nucleus_classes}
-        }
-        self._cell_ids = {k for k, v in lower.items() if v in {c.lower() for c in cell_classes}}
-        if not self._nucleus_ids:
-            # A one-class model segments nuclei.
-            if len(self.names) == 1:
-                self._nucleus_ids = set(self.names)
-            else:
-                raise ValueError(
-                    f"{model_path}: no nucleus class among the model's classes {self.names}; "
-                    f"expected one of {list(nucleus_classes)}"
-                )
-        self.imgsz = imgsz
-        self.conf = conf
-        self.config = (config or SegmentConfig()).validate()
-
-    def segment(
-        self,
-        crops: Sequence[npt.NDArray[np.uint8]],
-        mpps: float | Sequence[float],
-        *,
-        background: tuple[int, int, int] | None = None,
-    ) -> list[Segmentation]:
-        """Segment a batch of RGB crops; same contract as `segment_wbcs`."""
-        mpp_list = [float(mpps)] * len(crops) if np.isscalar(mpps) else [float(m) for m in mpps]  # type: ignore[arg-type, union-attr]
-        if len(mpp_list) != len(crops):
-            raise ValueError(f"got {len(crops)} crops but {len(mpp_list)} mpp values")
-        if not crops:
-            return []
-        for c, m in zip(crops, mpp_list, strict=True):
-            _check_crop(c, m)
-        kwargs: dict[str, Any] = {
-            "device": self.device,
-            "conf": self.conf,
-            "retina_masks": True,
-            "verbose": False,
-        }
-        if self.imgsz is not None:
-            kwargs["imgsz"] = self.imgsz
-        # ultralytics takes numpy images as BGR.
-        results: Any = self.model.predict(
-            [np.ascontiguousarray(c[..., ::-1]) for c in crops], **kwargs
-        )
-        out: list[Segmentation] = []
-        for crop, mpp, res in zip(crops, mpp_list, results, strict=True):
-            h, w = crop.shape[:2]
-            nucleus = np.zeros((h, w), dtype=bool)
-            cell = np.zeros((h, w), dtype=bool)
-            if res.masks is not None and res.boxes is not None and len(res.boxes):
-                data = res.masks.data.cpu().numpy() > 0.5
-                classes = res.boxes.cls.cpu().numpy().astype(int)
-                for mask, cls in zip(data, classes, strict=True):
-                    mask = _fit(mask, h, w)
-                    if cls in self._nucleus_ids:
-                        nucleus |= mask
-                    elif cls in self._cell_ids:
-                        cell |= mask
-            lab = lab_image(crop)
-            if not self._cell_ids and nucleus.any():
-                bg_rgb = background if background is not None else estimate_background(crop)
-                bg_lab = lab_image(np.asarray(bg_rgb, dtype=np.uint8).reshape(1, 1, 3)).reshape(3)
-                cell = cell_mask_from_nucleus(crop, lab, nucleus, bg_lab, mpp, self.config)
-            out.append(_finish(lab, nucleus, cell, mpp, math.nan))
-        return out
-
-
-def _fit(mask: npt.NDArray[np.bool_], h: int, w: int) -> npt.NDArray[np.bool_]:
-    if mask.shape == (h, w):
-        return mask
-    return cv2.resize(mask.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)

@@ -1,31 +1,26 @@
-"""Per-tile stage logic between the detector and the writer, as plain callables over batches.
+"""What runs on the workers: the per-tile stages of a run as plain callables over tile batches.
 
-A *tile batch* is a dict of numpy arrays (Ray Data's ``numpy`` batch format),
-one row per tile. Every stage keeps one row per tile so the driver can count
-tiles done per slide; the cells of a tile travel packed as Arrow IPC bytes in
-the ``cells`` column. None of this imports Ray: the pipeline module places
-these callables on Ray resources, and the tests call them directly.
+Each callable takes and returns a tile batch (`batch.run.columns`); none
+imports Ray. `batch.run.pipeline` places them on Ray resources,
+`batch.run.local` chains them in one process, and the tests call them
+directly. The image logic itself lives in `batch.stages`; this module turns
+tile rows into stage inputs and stage outputs into cell tables.
 
-Row ``kind``: ``tile`` (process it), ``empty`` (a slide with no tile to
-process; commits with zero cells) or ``error`` (the slide failed at
-``error_stage``; the driver records it and drops the slide).
-
-Columns grow and shrink along the way: ``read_tiles`` adds the decoded
+Columns grow and shrink along the way: `read_tiles` adds the decoded
 ``image``; `DetectStage` adds ``cells`` and, through `crop_tiles`, swaps the
 image for the WBC crops (``wbc_crops``), so megabytes of pixels stop at the
 detector; `segment_tiles` turns those into ``crops`` (crops + masks);
-`ClassifyStage` drops them again.
+`ClassifyStage` drops them again. A failure marks the tile's row as an
+``error`` row with its typed exception (`batch.run.columns.set_error`); the
+driver fails that slide.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
-import os
-import threading
-from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -36,12 +31,28 @@ import pyarrow as pa
 
 from batch.config import ClassifierSpec, Config
 from batch.ids import cell_ids
-from batch.tiling import TileTask, plan_tiles
+from batch.lru import LruCache
+from batch.models import file_sha256, shipped_or_path
+from batch.run.columns import (
+    TILE_BOX_COLUMNS,
+    Batch,
+    complete_row,
+    error_row,
+    object_array,
+    pack,
+    set_error,
+    task_at,
+    tile_name,
+    unpack,
+)
+from batch.slides import open_slide
+from batch.stages.classify import WbcClassifier
+from batch.stages.crop import crop_regions, crop_wbcs, estimate_background
+from batch.stages.detect import load_detector
+from batch.stages.segment import MORPHOMETRIC_KEYS, segment_wbc
+from batch.tiling import plan_tiles
 
 __all__ = [
-    "Batch",
-    "pack",
-    "unpack",
     "PlanStage",
     "plan_slide",
     "read_tiles",
@@ -50,123 +61,30 @@ __all__ = [
     "segment_tiles",
     "SegmentStage",
     "ClassifyStage",
-    "error_fields",
-    "rows_to_batch",
-    "shipped_or_path",
-    "label_sets",
-    "TILE_COLUMNS",
+    "CellStage",
+    "model_key",
 ]
 
-Batch = dict[str, npt.NDArray[Any]]
-
-#: Columns of a planned tile row (besides the image, added by the reader).
-TILE_COLUMNS = (
-    "slide_id", "slide_uri", "kind", "n_tiles", "level", "downsample", "row", "col",
-    "x", "y", "w", "h", "core_x0", "core_y0", "core_x1", "core_y1", "scale", "mpp",
-    "slide_json", "error_stage", "error_type", "error_message", "error_tile",
-)  # fmt: skip
-#: Columns only used between stages (tile-pixel boxes for cropping); dropped before writing.
-TILE_BOX_COLUMNS = ("tx0", "ty0", "tx1", "ty1")
-#: Open slides kept per worker process (reads of one slide's tiles reuse the header parse).
+#: Open slides kept per worker process.
 SLIDE_CACHE_SIZE = 8
 #: Centre region (detector pixels) used to estimate an unknown mpp from RBC sizes.
 MPP_PROBE_SIDE = 1024
 
 
-def pack(table: pa.Table) -> bytes:
-    """Arrow IPC stream bytes of ``table``."""
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
-    return bytes(sink.getvalue().to_pybytes())
-
-
-def unpack(data: bytes) -> pa.Table:
-    return pa.ipc.open_stream(pa.py_buffer(data)).read_all()
-
-
-def shipped_or_path(model: str) -> str:
-    """A bare shipped model name (``wbc_type``) means ``batch/models/<name>.pt``."""
-    from batch.models import MODELS_DIR
-
-    if "/" not in model and "\\" not in model and not model.endswith((".pt", ".yaml")):
-        return str(MODELS_DIR / f"{model}.pt")
-    return model
-
-
-def error_fields(stage: str, error: BaseException) -> dict[str, Any]:
-    return {
-        "kind": "error",
-        "error_stage": stage,
-        "error_type": type(error).__name__,
-        "error_message": str(error),
-        "error_tile": getattr(error, "tile", None) or "",
-    }
-
-
-def _object_array(values: list[Any]) -> npt.NDArray[Any]:
-    out = np.empty(len(values), dtype=object)
-    out[:] = values
-    return out
-
-
-#: Typed "absent" values of the tile columns. Intermediate batches never hold None: a column
-#: that is None in every row of a batch would lose its type and fail to concatenate.
-_ABSENT: dict[str, Any] = {
-    **{k: "" for k in ("slide_json", "error_stage", "error_type", "error_message", "error_tile")},
-    **{k: 0 for k in ("n_tiles", "level", "row", "col", "x", "y", "w", "h")},
-    **{
-        k: math.nan
-        for k in ("downsample", "core_x0", "core_y0", "core_x1", "core_y1", "scale", "mpp")
-    },
-}
-
-
-def complete_row(row: dict[str, Any]) -> dict[str, Any]:
-    """``row`` with every tile column present and typed (absent values per ``_ABSENT``)."""
-    out = {k: row.get(k) for k in TILE_COLUMNS}
-    for k, absent in _ABSENT.items():
-        if out[k] is None:
-            out[k] = absent
-    return out
-
-
-def rows_to_batch(rows: list[dict[str, Any]]) -> Batch:
-    rows = [complete_row(r) for r in rows]
-    return {k: _object_array([r[k] for r in rows]) for k in TILE_COLUMNS}
-
-
 # --- plan ------------------------------------------------------------------------------
 
 
-class _SlideCache:
-    """A few open slides per worker process, closed when evicted."""
-
-    def __init__(self, size: int = SLIDE_CACHE_SIZE) -> None:
-        self.size = size
-        self._open: OrderedDict[str, Any] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, uri: str, opener: Callable[[], Any]) -> Any:
-        with self._lock:
-            if uri in self._open:
-                self._open.move_to_end(uri)
-                return self._open[uri]
-            slide = opener()
-            self._open[uri] = slide
-            while len(self._open) > self.size:
-                _, old = self._open.popitem(last=False)
-                old.close()
-            return slide
+def _close(_uri: str, slide: Any) -> None:
+    slide.close()
 
 
-_SLIDES = _SlideCache()
+#: A few open slides per worker process (reads of one slide's tiles reuse the header parse),
+#: closed when evicted.
+_SLIDES: LruCache[str, Any] = LruCache(SLIDE_CACHE_SIZE, on_evict=_close)
 
 
 def _open(uri: str, config: Config) -> Any:
-    from batch.slides import open_slide
-
-    return _SLIDES.get(
+    return _SLIDES.get_or_create(
         uri,
         lambda: open_slide(
             uri,
@@ -191,8 +109,6 @@ class PlanStage:
     def _estimate_mpp(self, slide: Any) -> float | None:
         """The detector's own scale estimate (RBC sizes, ~7.5 um) on a central region."""
         if self._detector is None:
-            from batch.models import load_detector
-
             d = self.config.detect
             self._detector = load_detector(
                 d.model, storage_options=self.config.storage.storage_options(), device="cpu",
@@ -225,7 +141,7 @@ class PlanStage:
                 target_mpp=self.trained_mpp,
             )  # fmt: skip
         except Exception as e:  # a bad slide is a failures row, not a crashed job
-            return [{**base, **error_fields(stage, e)}]
+            return [error_row(base, stage, e)]
         info = slide.info
         slide_json = json.dumps(
             {
@@ -304,7 +220,7 @@ def read_tiles(batch: Batch, config: Config) -> Batch:
         if kind != "tile":
             continue
         try:
-            where = f"{batch['slide_id'][i]}:{batch['row'][i]}:{batch['col'][i]}"
+            where = tile_name(batch, i)
             if fault is not None and where == fault:
                 raise OSError(f"injected read fault at tile {where} (execution.inject_read_fault)")
             slide = _open(batch["slide_uri"][i], config)
@@ -315,25 +231,12 @@ def read_tiles(batch: Batch, config: Config) -> Batch:
             if region.shape[:2] != (size, size):
                 region = cv2.resize(region, (size, size), interpolation=cv2.INTER_AREA)
             images[i] = region
-        except Exception as e:
-            for k, v in error_fields("read", e).items():
-                batch[k][i] = v
+        except Exception as e:  # this tile's slide fails; the batch's other slides go on
+            set_error(batch, i, "read", e)
     return {**batch, "image": images}
 
 
 # --- detect ----------------------------------------------------------------------------
-
-
-def _task(batch: Batch, i: int) -> TileTask:
-    return TileTask(
-        slide_id=batch["slide_id"][i], slide_uri=batch["slide_uri"][i],
-        level=int(batch["level"][i]), downsample=float(batch["downsample"][i]),
-        row=int(batch["row"][i]), col=int(batch["col"][i]),
-        x=int(batch["x"][i]), y=int(batch["y"][i]), w=int(batch["w"][i]), h=int(batch["h"][i]),
-        core_x0=float(batch["core_x0"][i]), core_y0=float(batch["core_y0"][i]),
-        core_x1=float(batch["core_x1"][i]), core_y1=float(batch["core_y1"][i]),
-        scale=float(batch["scale"][i]),
-    )  # fmt: skip
 
 
 #: Detector settings that change which boxes come out (placement settings such as actors,
@@ -341,10 +244,8 @@ def _task(batch: Batch, i: int) -> TileTask:
 _RESULT_DETECT_FIELDS = ("conf", "iou", "max_det", "agnostic_nms")
 
 
-def _model_key(config: Config, detector_sha: str) -> str:
+def model_key(config: Config, detector_sha: str) -> str:
     """What the cell ids depend on besides slide and box: weights and result-changing settings."""
-    import hashlib
-
     detect = {k: getattr(config.detect, k) for k in _RESULT_DETECT_FIELDS}
     key = json.dumps(
         {"det": detector_sha, "tiling": asdict(config.tiling), "detect": detect}, sort_keys=True
@@ -358,8 +259,6 @@ class DetectStage:
     def __init__(self, config: Config, threads: int = 0) -> None:
         import torch
 
-        from batch.models import load_detector
-
         if threads:
             torch.set_num_threads(threads)
         d = config.detect
@@ -370,7 +269,7 @@ class DetectStage:
             agnostic_nms=d.agnostic_nms,
         )  # fmt: skip
         self.version = self.detector.sha256[:12]
-        self.model_key = _model_key(config, self.detector.sha256)
+        self.model_key = model_key(config, self.detector.sha256)
 
     def __call__(self, batch: Batch) -> Batch:
         idx = [i for i, k in enumerate(batch["kind"]) if k == "tile"]
@@ -380,10 +279,10 @@ class DetectStage:
             dets = self.detector.detect([batch["image"][i] for i in idx])
             for i, det in zip(idx, dets, strict=True):
                 packed[i] = pack(self._cells(batch, i, det))
-        return crop_tiles({**batch, "cells": _object_array(packed)}, self.config)
+        return crop_tiles({**batch, "cells": object_array(packed)}, self.config)
 
     def _cells(self, batch: Batch, i: int, det: Any) -> pa.Table:
-        t = _task(batch, i)
+        t = task_at(batch, i)
         boxes = np.asarray(det.boxes, dtype=np.float64).reshape(-1, 4)
         # Detector pixels -> level pixels -> level-0 pixels.
         x0, y0 = t.to_level0(boxes[:, 0] / t.scale, boxes[:, 1] / t.scale)
@@ -414,12 +313,6 @@ class DetectStage:
 # --- crop + segment ----------------------------------------------------------------------
 
 
-MORPH_COLUMNS = (
-    "cell_area_um2", "nucleus_area_um2", "nc_ratio", "nucleus_circularity",
-    "nucleus_solidity", "nucleus_mean_a", "nucleus_mean_b",
-)  # fmt: skip
-
-
 def _detector_mpp(batch: Batch, i: int) -> float | None:
     mpp = float(batch["mpp"][i])
     if math.isnan(mpp):
@@ -435,8 +328,6 @@ def crop_tiles(batch: Batch, config: Config) -> Batch:
     ``image``, so only crops (kilobytes), not decoded tiles (megabytes), travel
     on to segmentation.
     """
-    from batch.stages.crop import crop_wbcs, estimate_background
-
     out: list[bytes] = [b""] * len(batch["kind"])
     for i, kind in enumerate(batch["kind"]):
         if kind != "tile" or not batch["cells"][i]:
@@ -456,22 +347,18 @@ def crop_tiles(batch: Batch, config: Config) -> Batch:
         np.savez(buf, **arrays)  # type: ignore[arg-type]
         out[i] = buf.getvalue()
     rest = {k: v for k, v in batch.items() if k != "image"}
-    return {**rest, "wbc_crops": _object_array(out)}
+    return {**rest, "wbc_crops": object_array(out)}
 
 
 def segment_tiles(batch: Batch, config: Config) -> Batch:
     """Segment every WBC crop (from `crop_tiles`); adds morphometrics, packs crops + masks."""
-    from batch.stages.crop import crop_regions
-    from batch.stages.segment import SegmentConfig, segment_wbc
-
-    seg_cfg = SegmentConfig(min_nucleus_area_um2=config.segmentation.min_nucleus_um2)
     crops_out: list[bytes] = [b""] * len(batch["kind"])
     cells_out = list(batch["cells"])
     for i, kind in enumerate(batch["kind"]):
         if kind != "tile" or not batch["cells"][i]:
             continue
         cells = unpack(batch["cells"][i])
-        morph = {k: np.full(cells.num_rows, np.nan) for k in MORPH_COLUMNS}
+        morph = {k: np.full(cells.num_rows, np.nan) for k in MORPHOMETRIC_KEYS}
         if batch["wbc_crops"][i]:
             z = np.load(io.BytesIO(batch["wbc_crops"][i]))
             wbc = z["rows"]
@@ -485,8 +372,9 @@ def segment_tiles(batch: Batch, config: Config) -> Batch:
             for j, (crop, box, reg) in enumerate(zip(crops, boxes, regions, strict=True)):
                 cell_box = (box[0] - reg[0], box[1] - reg[1], box[2] - reg[0], box[3] - reg[1])
                 seg = segment_wbc(
-                    crop, mpp=crop_mpp, config=seg_cfg, background=bg, cell_box=cell_box
-                )
+                    crop, mpp=crop_mpp, config=config.segmentation, background=bg,
+                    cell_box=cell_box,
+                )  # fmt: skip
                 for k, v in seg.morphometrics().items():
                     if k in morph:
                         morph[k][wbc[j]] = v
@@ -503,7 +391,7 @@ def segment_tiles(batch: Batch, config: Config) -> Batch:
             cells = cells.append_column(k, pa.array(values, pa.float64(), mask=np.isnan(values)))
         cells_out[i] = pack(cells)
     out = {k: v for k, v in batch.items() if k != "wbc_crops"}
-    return {**out, "cells": _object_array(cells_out), "crops": _object_array(crops_out)}
+    return {**out, "cells": object_array(cells_out), "crops": object_array(crops_out)}
 
 
 class SegmentStage:
@@ -531,9 +419,6 @@ class ClassifyStage:
 
     def __init__(self, config: Config, threads: int = 0) -> None:
         import torch
-
-        from batch.models import file_sha256
-        from batch.stages.classify import WbcClassifier
 
         if threads:
             torch.set_num_threads(threads)
@@ -603,7 +488,7 @@ class ClassifyStage:
             offset += len(rows)
             cells_out[i] = pack(cells.drop(list(TILE_BOX_COLUMNS)))
         out = {k: v for k, v in batch.items() if k != "crops"}
-        return {**out, "cells": _object_array(cells_out)}
+        return {**out, "cells": object_array(cells_out)}
 
 
 class CellStage:
@@ -627,37 +512,3 @@ class CellStage:
         if self.read:  # planned rows in: decode the tiles here, so pixels never leave the worker
             batch = read_tiles(batch, self.config)
         return self.classify(segment_tiles(self.detect(batch), self.config))
-
-
-def label_sets(config: Config) -> dict[str, list[str]]:
-    """Each classifier's label set, from its model card (the model is loaded only without one)."""
-    from batch.models import read_model_card, resolve_model
-
-    out: dict[str, list[str]] = {}
-    for spec in config.classifiers:
-        local = resolve_model(
-            shipped_or_path(spec.model), storage_options=config.storage.storage_options()
-        )
-        card = read_model_card(local)
-        if card is not None and card.class_names:
-            out[spec.name] = list(card.class_names)
-        else:
-            from batch.stages.classify import WbcClassifier
-
-            out[spec.name] = list(WbcClassifier(local, name=spec.name, device="cpu").class_names)
-    return out
-
-
-def model_files(config: Config) -> dict[str, str]:
-    """The model files a run uses, by role (for provenance)."""
-    from batch.models import DEFAULT_DETECTOR
-
-    files = {"detector": config.detect.model or str(DEFAULT_DETECTOR)}
-    files.update({spec.name: shipped_or_path(spec.model) for spec in config.classifiers})
-    return files
-
-
-def local_hashes(files: dict[str, str]) -> dict[str, str | None]:
-    from batch.models import file_sha256
-
-    return {k: (file_sha256(v) if os.path.exists(v) else None) for k, v in files.items()}

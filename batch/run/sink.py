@@ -35,8 +35,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 import schemas
+from batch.errors import error_type_name
 
-__all__ = ["OutputStore", "SlideWriter", "CELLS_FILE", "SUMMARY_KEY", "PARTITION_KEY", "read_table"]
+__all__ = [
+    "OutputStore",
+    "SlideWriter",
+    "CELLS_FILE",
+    "SUMMARY_KEY",
+    "PARTITION_KEY",
+    "cells_schema",
+    "read_table",
+]
 
 CELLS_FILE = "part-0.parquet"
 #: Key of the slide summary (one JSON row) in the cells file's Parquet metadata.
@@ -57,6 +66,26 @@ SORT_KEYS = [
 #: Hive partition column of ``cells``: carried by the folder name, not stored in the files
 #: (pandas/pyarrow refuse a column that is both in the file and in the path).
 PARTITION_KEY = "slide_id"
+
+
+def cells_schema(label_sets: dict[str, list[str]], export_crops: bool) -> pa.Schema:
+    """The cells file schema: schemas/cells plus one column group per configured classifier."""
+    base = schemas.load("cells")
+    fields = [
+        f
+        for f in base
+        if not f.name.startswith(("wbc_type_", "all_subtype_", "crop_png", "mask_png"))
+    ]
+    for name, labels in label_sets.items():
+        fields += [
+            pa.field(f"{name}_label", pa.string(), metadata={"unit": "", "doc": f"classifier {name}: one of {labels}"}),
+            pa.field(f"{name}_confidence", pa.float32(), metadata={"unit": "probability [0,1]", "doc": f"classifier {name}: top-1 probability"}),
+            pa.field(f"{name}_probs", pa.list_(pa.float32()), metadata={"unit": "probability [0,1]", "doc": f"classifier {name}: probabilities in the order {labels}"}),
+            pa.field(f"{name}_version", pa.string(), metadata={"unit": "", "doc": f"classifier {name}: first 12 hex of the weights' SHA-256"}),
+        ]  # fmt: skip
+    if export_crops:
+        fields += [base.field("crop_png"), base.field("mask_png")]
+    return pa.schema(fields, metadata=base.metadata)
 
 
 class OutputStore:
@@ -119,14 +148,14 @@ class OutputStore:
         stage: str,
         error: BaseException,
         tile: str | None = None,
-        error_type: str | None = None,
     ) -> None:
+        """One failures row: the error's class (the original one of a `StageError`) and message."""
         attempt = self.failure_attempts(slide_id) + 1
         row = {
             "slide_id": slide_id,
             "slide_uri": slide_uri,
             "stage": stage,
-            "error_type": error_type or type(error).__name__,
+            "error_type": error_type_name(error),
             "message": str(error),
             "tile": tile if tile is not None else getattr(error, "tile", None),
             "attempt": attempt,
@@ -191,9 +220,9 @@ class SlideWriter:
         footer entry per tile, slow scans, and a Parquet write call per tile in the driver.
         """
         table = batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch])
-        table = table.select(self.schema.names)
-        if not table.schema.equals(self.schema):
-            table = table.cast(self.schema)
+        # The run's cells schema without the partition key: missing nullable columns become
+        # nulls, columns it lacks are dropped, types are cast.
+        table = schemas.conform_to(table, self.schema, extras="drop")
         self._pending.append(table)
         self._pending_rows += table.num_rows
         self.rows += table.num_rows

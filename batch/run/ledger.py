@@ -1,0 +1,219 @@
+"""The driver's books: each slide's lifecycle from first row to commit or failure.
+
+A slide starts when the run begins, takes its tiles' cells as they come back
+(`RunLedger.consume`), commits when all its planned tiles are in (one atomic
+file, `batch.run.sink.SlideWriter.commit`) and fails on its first error row
+or write error (a ``failures`` row, a ``slides`` row with status ``failed``,
+nothing in ``cells``). As Ray Data's datasinks do, the lifecycle has one
+method per step: `start`, `consume` (per tile), `commit`, `fail`, and
+`finish` for slides the dataset never completed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+import schemas
+from batch.calls import SlideTally
+from batch.config import Config
+from batch.errors import HemarayError, error_type_name
+from batch.inputs import SlideInput
+from batch.run.columns import batch_error, unpack
+from batch.run.sink import OutputStore, SlideWriter
+
+__all__ = ["EXIT_OK", "EXIT_PARTIAL", "EXIT_RUN_FAILED", "RunLedger", "RunResult", "summary_lines"]
+
+#: Exit codes of ``hemaray run``.
+EXIT_OK, EXIT_RUN_FAILED, EXIT_PARTIAL = 0, 1, 2
+
+
+@dataclass
+class RunResult:
+    """What a run did (also written as the run manifest)."""
+
+    run_id: str
+    out: str
+    committed: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    #: The typed error of each failed slide.
+    errors: dict[str, BaseException] = field(default_factory=dict)
+    cells_by_class: dict[str, int] = field(default_factory=dict)
+    wbc_types: dict[str, int] = field(default_factory=dict)
+    tiles: int = 0
+    seconds: float = 0.0
+    manifest_uri: str = ""
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_PARTIAL if self.failed else EXIT_OK
+
+    @property
+    def tiles_per_s(self) -> float:
+        return self.tiles / self.seconds if self.seconds else 0.0
+
+
+@dataclass
+class _SlideState:
+    uri: str
+    metadata: dict[str, Any]
+    writer: SlideWriter | None = None
+    tally: SlideTally = field(default_factory=SlideTally)
+    n_tiles: int | None = None
+    done: int = 0
+    started: float = field(default_factory=time.time)
+    failed: bool = False
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _metadata_columns(meta: dict[str, Any]) -> dict[str, Any]:
+    reserved = set(schemas.load("slides").names)
+    return {
+        k: (None if v is None else str(v))
+        for k, v in meta.items()
+        if k not in reserved and k != "mpp"
+    }
+
+
+class RunLedger:
+    """Per-slide state of one run; writes through ``store`` with the run's cells ``schema``."""
+
+    def __init__(
+        self,
+        store: OutputStore,
+        schema: pa.Schema,
+        result: RunResult,
+        config: Config,
+        echo: Callable[[str], None],
+    ) -> None:
+        self.store = store
+        self.schema = schema
+        self.result = result
+        self.config = config
+        self.echo = echo
+        self.states: dict[str, _SlideState] = {}
+
+    def start(self, slides: Iterable[SlideInput]) -> None:
+        """Open the books of ``slides`` (nothing is written until their rows come back)."""
+        for s in slides:
+            self.states[s.slide_id] = _SlideState(
+                s.uri, s.metadata, tally=SlideTally(self.config.calls)
+            )
+
+    def consume(self, batch: dict[str, np.ndarray]) -> None:
+        """Take one batch of finished tile rows: write cells, fail or commit slides."""
+        for i in range(len(batch["kind"])):
+            sid = str(batch["slide_id"][i])
+            st = self.states[sid]
+            if st.failed:
+                continue
+            if batch["slide_json"][i] and not st.info:
+                st.info = json.loads(batch["slide_json"][i])
+            error = batch_error(batch, i)
+            if error is not None:
+                self.fail(sid, error.stage or "run", error)
+                continue
+            st.n_tiles = int(batch["n_tiles"][i])
+            if batch["kind"][i] == "tile":
+                cells = unpack(batch["cells"][i])
+                if st.writer is None:
+                    st.writer = self.store.slide_writer(sid, self.schema)
+                try:
+                    st.writer.write(cells)  # conformed to the cells schema by the writer
+                except Exception as e:
+                    self.fail(sid, "write", e)
+                    continue
+                st.tally.add(cells)
+                st.done += 1
+                self.result.tiles += 1
+            if st.done >= st.n_tiles:
+                self.commit(sid)
+
+    def commit(self, sid: str) -> None:
+        """Publish slide ``sid``'s cells and its slides row (a write error fails the slide)."""
+        st = self.states[sid]
+        writer = st.writer or self.store.slide_writer(sid, self.schema)
+        info = st.info
+        summary = st.tally.summary(info.get("analysed_um2"))
+        row = {
+            "slide_id": sid, "slide_uri": st.uri, "status": "committed",
+            **{k: info.get(k) for k in ("format", "width", "height", "levels", "mpp", "mpp_source", "level_used", "tiles_planned", "tiles_skipped")},
+            "tiles_done": st.done, **summary,
+            "started_at": datetime.fromtimestamp(st.started, UTC),
+            "seconds": time.time() - st.started,
+        }  # fmt: skip
+        try:
+            writer.commit(row, _metadata_columns(st.metadata))
+        except Exception as e:
+            self.fail(sid, "write", e)
+            return
+        st.writer = None
+        result = self.result
+        result.committed.append(sid)
+        for cls, n in st.tally.classes.items():
+            result.cells_by_class[cls] = result.cells_by_class.get(cls, 0) + n
+        for lab, n in st.tally.wbc_type.items():
+            result.wbc_types[lab] = result.wbc_types.get(lab, 0) + n
+        self.echo(
+            f"committed {sid}: {st.done} tiles, {summary['n_rbc']} RBC, {summary['n_wbc']} WBC, "
+            f"{summary['n_platelet']} platelets, call {summary['all_subtype_call']}"
+        )
+
+    def fail(self, sid: str, stage: str, error: BaseException) -> None:
+        """Record slide ``sid`` as failed at ``stage``; drop anything staged for it."""
+        st = self.states[sid]
+        st.failed = True
+        if st.writer is not None:
+            st.writer.discard()
+            st.writer = None
+        tile = getattr(error, "tile", None) if isinstance(error, HemarayError) else None
+        self.store.write_failure(sid, st.uri, stage=stage, error=error, tile=tile)
+        info = st.info or {}
+        self.store.write_slide_row(
+            {
+                "slide_id": sid, "slide_uri": st.uri, "status": "failed", "error": str(error),
+                **{k: info.get(k) for k in ("format", "width", "height", "levels", "mpp", "mpp_source")},
+                "started_at": datetime.fromtimestamp(st.started, UTC),
+                "seconds": time.time() - st.started,
+            },
+            _metadata_columns(st.metadata),
+        )  # fmt: skip
+        type_name = error_type_name(error)
+        self.result.failed[sid] = f"{type_name}: {error}"
+        self.result.errors[sid] = error
+        self.echo(f"FAILED {sid} at {stage}: {error}")
+
+    def finish(self) -> None:
+        """Fail the slides that never completed (only when the dataset was cut short)."""
+        for sid, st in self.states.items():
+            if not st.failed and sid not in self.result.committed:
+                err = RuntimeError(
+                    f"slide returned {st.done} of {st.n_tiles} tiles; the run ended early"
+                )
+                self.fail(sid, "run", err)
+
+
+def summary_lines(result: RunResult) -> Iterable[str]:
+    """The end-of-run table people read."""
+    yield f"run {result.run_id}: {len(result.committed)} committed, {len(result.skipped)} skipped, {len(result.failed)} failed"
+    for sid, msg in result.failed.items():
+        yield f"  failed {sid}: {msg}"
+    total = sum(result.cells_by_class.values())
+    yield f"cells: {total} ({', '.join(f'{k} {v}' for k, v in sorted(result.cells_by_class.items()))})"
+    n_wbc = sum(result.wbc_types.values())
+    if n_wbc:
+        diff = ", ".join(
+            f"{k} {v / n_wbc:.0%}"
+            for k, v in sorted(result.wbc_types.items(), key=lambda kv: -kv[1])
+        )
+        yield f"WBC differential: {diff}"
+    yield f"tiles: {result.tiles} in {result.seconds:.1f} s ({result.tiles_per_s:.2f} tiles/s)"
+    yield f"output: {result.out} (cells/, slides/, failures/, manifest {result.manifest_uri})"

@@ -1,0 +1,92 @@
+"""What a run records about itself: model files and hashes, label sets, the run manifest.
+
+Driver-side only (nothing here runs on workers). The manifest is written
+next to the run's output (``OUT/runs/<run_id>/manifest.json``) with the
+config, the model files' SHA-256s, package and Ray versions, start / end and
+counts, so every output row can be traced to the code and weights that made it.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime
+from typing import Any
+
+from batch import __version__
+from batch.config import Config
+from batch.models import (
+    DEFAULT_DETECTOR,
+    file_sha256,
+    read_model_card,
+    resolve_model,
+    shipped_or_path,
+)
+from batch.stages.classify import WbcClassifier
+
+__all__ = ["label_sets", "local_hashes", "model_files", "run_manifest", "trained_mpp"]
+
+
+def trained_mpp(config: Config) -> tuple[float | None, str]:
+    """The detector's trained mpp (from its model card; None if it has none) and its file."""
+    local = resolve_model(config.detect.model, storage_options=config.storage.storage_options())
+    card = read_model_card(local)
+    return (card.trained_mpp if card else None), str(
+        local if config.detect.model else DEFAULT_DETECTOR
+    )
+
+
+def label_sets(config: Config) -> dict[str, list[str]]:
+    """Each classifier's label set, from its model card (the model is loaded only without one)."""
+    out: dict[str, list[str]] = {}
+    for spec in config.classifiers:
+        local = resolve_model(
+            shipped_or_path(spec.model), storage_options=config.storage.storage_options()
+        )
+        card = read_model_card(local)
+        if card is not None and card.class_names:
+            out[spec.name] = list(card.class_names)
+        else:
+            out[spec.name] = list(WbcClassifier(local, name=spec.name, device="cpu").class_names)
+    return out
+
+
+def model_files(config: Config) -> dict[str, str]:
+    """The model files a run uses, by role."""
+    files = {"detector": config.detect.model or str(DEFAULT_DETECTOR)}
+    files.update({spec.name: shipped_or_path(spec.model) for spec in config.classifiers})
+    return files
+
+
+def local_hashes(files: dict[str, str]) -> dict[str, str | None]:
+    """SHA-256 of each local file; None for remote ones (they are hashed once fetched)."""
+    return {k: (file_sha256(v) if os.path.exists(v) else None) for k, v in files.items()}
+
+
+def run_manifest(
+    run_id: str,
+    started_at: datetime,
+    *,
+    n_inputs: int,
+    out: str,
+    config: Config,
+    detector_trained_mpp: float | None,
+    labels: dict[str, list[str]],
+) -> dict[str, Any]:
+    """The manifest's fields known at the start of a run (the end adds times and counts)."""
+    import ray
+
+    files = model_files(config)
+    hashes = local_hashes(files)
+    return {
+        "run_id": run_id,
+        "package": "hemaray",
+        "version": __version__,
+        "started_at": started_at.isoformat(),
+        "inputs": n_inputs,
+        "out": out,
+        "ray": ray.__version__,
+        "models": {k: {"file": v, "sha256": hashes[k]} for k, v in files.items()},
+        "detector_trained_mpp": detector_trained_mpp,
+        "label_sets": labels,
+        "config": config.to_dict(),
+    }
