@@ -25,7 +25,7 @@ __all__ = ["SlideTally", "BLAST_LABELS", "OIL_FIELD_UM2", "counted_wbcs"]
 
 #: all_subtype labels counted as blasts (everything but benign hematogones).
 BLAST_LABELS = frozenset({"early_pre_b", "pre_b", "pro_b"})
-#: Area of one 100x oil-immersion field (diameter ~0.18 mm; MORPHOLOGY.md: ~1/15,000 uL).
+#: Area of one 100x oil-immersion field (diameter ~0.18 mm; ~1/15,000 uL of blood).
 OIL_FIELD_UM2 = 3.1416 * 90.0**2
 #: Detector classes, in the order of the slides table's count columns.
 COUNT_COLUMNS = {"RBC": "n_rbc", "WBC": "n_wbc", "platelet": "n_platelet"}

@@ -33,7 +33,7 @@ __all__ = [
 ]
 
 #: Default overlap between tiles in microns: >= the largest cell we expect whole
-#: (monocytes reach ~30 um, MORPHOLOGY.md); 128 px at 0.25 um/px.
+#: (monocytes reach ~30 um); 128 px at 0.25 um/px.
 DEFAULT_OVERLAP_UM = 32.0
 
 
@@ -312,7 +312,7 @@ class CallsConfig:
 
     Every WBC row stays in ``cells`` with its labels; these gates only decide
     which of them vote. The nucleus defaults are the check the shipped
-    ``all_subtype`` model's training crops passed (``batch.weak_labels``): on
+    ``all_subtype`` model's training crops passed (``batch.train.weak_labels``): on
     bluish stains the detector calls some red cells WBCs, and those have no
     purple nucleus. On all4 (2,727 images) voting only over WBCs with such a
     nucleus raised image accuracy from 0.50 to 0.71; adding the training crops'

@@ -45,7 +45,7 @@ Densities (defaults)
 --------------------
 Per 100x oil field (FN 22: ~0.038 mm^2, about 780 x 780 px at 0.25 um/px)
 the monolayer holds ~450 RBCs (~370 per FN 20 field) and ~14 platelets
-(MORPHOLOGY.md: 280-400 and 10-15); the thick body about twice as many
+(reference ranges: 280-400 and 10-15); the thick body about twice as many
 RBCs, the feathered edge ~300. WBC density follows the RBCs' (more blood per
 area in the thick body) and is raised up to 1.6x at the feathered edge and
 1.4x along the lateral borders. ``kind="blood"``: 1 WBC per 400 RBCs, ~1.3
@@ -54,7 +54,7 @@ blasts at a high-normal count (an aleukaemic / early leukaemic picture; a
 hyperleukocytic 100,000/uL would crowd the RBCs out). That gives a 2048 x 2048
 field about 8-15 WBCs and an 8192 x 6144 slide about 120-140, enough to test
 the WBC stages on small slides. ``kind="marrow"``: 1 nucleated cell per 8
-RBCs, ~40 per monolayer field and ~55 in the thick body (MORPHOLOGY.md:
+RBCs, ~40 per monolayer field and ~55 in the thick body (reference range:
 40-60). Each slide picks a dominant subtype (60-85 % of its WBCs, the rest
 spread over the other three by a flat Dirichlet draw): any of the four for
 blood, a blast subtype 90 % of the time for marrow.
@@ -149,7 +149,7 @@ _RBC, _WBC, _PLATELET = 0, 1, 2
 _EOSIN, _AZURE, _BLUE = 0, 1, 2  # stain density planes
 
 # ---------------------------------------------------------------------------
-# Morphology (sizes in um; MORPHOLOGY.md "Sizes", "Smear geometry and counts")
+# Morphology (sizes in um; reference sizes, smear geometry and counts)
 # ---------------------------------------------------------------------------
 RBC_DIAMETER_UM = 7.8  # mean stained diameter ~8, range 6-9
 RBC_DIAMETER_SD_UM = 0.5
@@ -158,7 +158,7 @@ RBC_PALLOR_RADIUS = 1.0 / 3.0  # central pallor ~1/3 of the diameter (half-depth
 PLATELET_DIAMETER_RANGE_UM = (2.0, 3.2)  # 2-3 um fragments
 # RBC lattice spacing (centre to centre, um) along the smear axis u in [0, 1]:
 # overlapping in the thick body, nearly touching in the monolayer (~450 RBCs per
-# FN 22 oil field of 0.038 mm^2, ~370 per FN 20 field; MORPHOLOGY 280-400),
+# FN 22 oil field of 0.038 mm^2, ~370 per FN 20 field; reference 280-400),
 # sparse towards the feathered edge.
 RBC_SPACING_PROFILE: tuple[tuple[float, float], ...] = (
     (0.00, 6.2),
@@ -194,7 +194,7 @@ DOMINANT_WEIGHTS = {  # probability of each subtype being a slide's dominant one
 
 @dataclass(frozen=True)
 class SubtypeTraits:
-    """Distributions of one WBC subtype's features (MORPHOLOGY.md "Hematogones vs. blasts").
+    """Distributions of one WBC subtype's features (hematogones vs. blasts).
 
     Sizes are diameters in um; ``(mean, sd)`` pairs are normal distributions,
     clipped to plausible ranges when drawn.
@@ -275,7 +275,7 @@ CHROMATIN_FINE_UM = 0.55  # grain of lacy chromatin
 CHROMATIN_COARSE_UM = 1.6  # clumps of condensed chromatin
 
 # ---------------------------------------------------------------------------
-# Colour (MORPHOLOGY.md "Colour"): stain vectors are optical densities per unit
+# Colour: stain vectors are optical densities per unit
 # density, calibrated so that on a white of (240, 240, 236) a monolayer RBC's
 # median is ~(180, 157, 160), a nucleus ~(141, 106, 209) (L* 53, a* +37,
 # b* -49) and blast cytoplasm a deep blue.
@@ -694,7 +694,7 @@ class _Bank:
 
 
 # RBC pallor classes: strong pallor (monolayer), weak (thick body: cells overlap
-# and look thicker), none (feathered edge: cells flattened). MORPHOLOGY.md.
+# and look thicker), none (feathered edge: cells flattened).
 _RBC_CLASSES = ("strong", "weak", "none")
 _RBC_CLASS_TRAITS = {  # diameter scale, pallor range, rim, gain
     "strong": (1.00, (0.35, 0.60), 0.15, 1.00),
@@ -930,7 +930,7 @@ def _render_wbc(w: _Wbc, level: int) -> tuple[F32, int, int]:
         (y1d - w.cy) / w.coarse_px + w.coarse.shape[0] / 2,
     )
     # Fine lacy chromatin: lighter, grainy with pale gaps; condensed: darker, smoother,
-    # with a few clumps and a darker rim (MORPHOLOGY.md "Hematogones vs. blasts").
+    # with a few clumps and a darker rim (hematogones vs. blasts).
     base = 0.78 + 0.55 * c
     grain = (0.34 - 0.24 * c) * fine
     clumps = (0.08 + 0.10 * c) * coarse

@@ -1,6 +1,6 @@
 """Ray job entrypoint: seed 000's detector grid (YOLOv8 sizes x freeze strategies) in parallel.
 
-Logic lives in ``batch.sweep``. Example::
+Logic lives in ``batch.train.sweep``. Example::
 
     hemaray submit --address http://HEAD:8265 --wait -- jobs/sweep_detector.py \
         --data s3://datasets/txl-pbc --data s3://datasets/bccd \
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sys
 
-from batch.sweep import main
+from batch.train.sweep import main
 
 if __name__ == "__main__":
     sys.exit(main())

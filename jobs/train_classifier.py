@@ -1,4 +1,4 @@
-"""Train a WBC classifier from an ImageFolder (thin entry point; logic in `batch.train_classifier`).
+"""Train a WBC classifier from an ImageFolder (thin entry point; logic in `batch.train.classifier`).
 
 Example (the shipped ``batch/models/wbc_type.pt``)::
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from batch.train_classifier import main  # noqa: E402
+from batch.train.classifier import main  # noqa: E402
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -1,4 +1,4 @@
-"""Ray job entrypoint: train the cell detector. Logic lives in ``batch.train_detector``.
+"""Ray job entrypoint: train the cell detector. Logic lives in ``batch.train.detector``.
 
 Example::
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from batch.train_detector import main
+from batch.train.detector import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -3,7 +3,7 @@
 Runs the cell detector over ``--data/<class>/<image>`` and writes every WBC
 crop to ``--out/<label>/`` under its image's class, with ``groups.csv``
 (group = source image) for ``jobs/train_classifier.py --groups``. Logic:
-`batch.weak_labels`.
+`batch.train.weak_labels`.
 
 Example (the Kaggle ALL set, whose file names carry no patient id)::
 
@@ -20,9 +20,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from batch.stages.crop import DEFAULT_MARGIN  # noqa: E402
-from batch.weak_labels import (  # noqa: E402
-    ALL4_RENAME,
+from batch.config import SegmentationConfig  # noqa: E402
+from batch.datasets.folders import ALL4_RENAME  # noqa: E402
+from batch.train.weak_labels import (  # noqa: E402
     DEFAULT_MIN_CONF,
     DEFAULT_MIN_NUCLEUS_A,
     DEFAULT_MIN_NUCLEUS_UM2,
@@ -32,7 +32,7 @@ from batch.weak_labels import (  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse arguments, run `batch.weak_labels.weak_crops`, print its report as JSON."""
+    """Parse arguments, run `batch.train.weak_labels.weak_crops`, print its report as JSON."""
     p = argparse.ArgumentParser(prog="weak_crops", description=__doc__.split("\n")[0])
     p.add_argument("--data", required=True, type=Path, help="ImageFolder <class>/<image>")
     p.add_argument("--out", required=True, type=Path)
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--mpp", type=float, help="microns per pixel of the images (default: estimate)")
     p.add_argument("--mpp-samples", type=int, default=DEFAULT_MPP_SAMPLES)
-    p.add_argument("--margin", type=float, default=DEFAULT_MARGIN)
+    p.add_argument("--margin", type=float, default=SegmentationConfig.crop_margin)
     p.add_argument("--min-conf", type=float, default=DEFAULT_MIN_CONF)
     p.add_argument(
         "--min-nucleus-um2",

@@ -11,10 +11,10 @@ import pytest
 
 from batch.cli import main
 from batch.config import load_config
-from batch.eval_images import call_images, eval_images
+from batch.eval.images import call_images, eval_images
 from batch.inputs import resolve_inputs
-from batch.pipeline import run_pipeline
-from batch.sink import read_table
+from batch.run.pipeline import run_pipeline
+from batch.run.sink import read_table
 from batch.synth import synth_slides
 
 
@@ -68,6 +68,7 @@ def test_eval_classifier_on_crops(image_folder: Path, tmp_path: Path, capsys: py
     assert {"accuracy", "macro_f1", "per_class", "confusion_matrix"} & set(data)
 
 
+@pytest.mark.slow
 def test_eval_synthetic_cli_scores_detection_and_segmentation(
     capsys: pytest.CaptureFixture[str],
 ) -> None:

@@ -6,9 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from batch.eval_images import _macro_f1
-from batch.evaluate_seg import dice, iou
-from batch.run_eval import evaluate_run, match_boxes
+from batch.eval.metrics import dice, iou, macro_f1
+from batch.eval.run import evaluate_run, match_boxes
 
 
 def _boxes(rows: list[tuple[str, str, float, float, float, float]]) -> pd.DataFrame:
@@ -76,7 +75,7 @@ def test_dice_and_iou_by_hand() -> None:
 def test_image_level_macro_f1_by_hand() -> None:
     truth = ["x", "x", "y", "y"]
     pred = ["x", "y", "y", "no_call"]
-    macro, per = _macro_f1(truth, pred, ["x", "y"])
+    macro, per = macro_f1(truth, pred, ["x", "y"])
     # x: P 1/1, R 1/2 -> F1 2/3; y: P 1/2, R 1/2 -> F1 1/2.
     assert per["x"]["recall"] == 0.5 and per["x"]["precision"] == 1.0
     assert per["y"]["precision"] == 0.5 and per["y"]["recall"] == 0.5

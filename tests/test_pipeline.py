@@ -1,6 +1,6 @@
 """End-to-end: `hemaray run` on generated slides with the shipped models on one local Ray.
 
-Contracts from DESIGN.md, each asserted on real runs: seam cells counted once,
+Contracts of the design, each asserted on real runs: seam cells counted once,
 deterministic ids, atomic per-slide commit with rerun skip, a bad slide is a
 failures row, path-safe slide ids, readable by pyarrow / pandas / DuckDB.
 """

@@ -15,7 +15,6 @@ from batch.eval.metrics import dice, iou
 from batch.eval.segmentation import eval_segmentation, summarize
 from batch.stages.segment import (
     MORPHOMETRIC_KEYS,
-    Segmentation,
     fill_holes,
     kmeans_1d,
     segment_wbc,

@@ -16,7 +16,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from batch.sweep import (
+from batch.train.sweep import (
     RESULTS_SCHEMA,
     SweepConfig,
     Trial,
@@ -149,7 +149,7 @@ def test_job_entrypoint_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
         seen["cfg"] = cfg
         return results_table([{"model": "yolov8n", "freeze": "all", "status": "ok"}])
 
-    monkeypatch.setattr("batch.sweep.run_sweep", fake_run)
+    monkeypatch.setattr("batch.train.sweep.run_sweep", fake_run)
     monkeypatch.setattr("ray.is_initialized", lambda: True)
     code = main(["--data", "s3://b/d", "--out", str(tmp_path), "--sizes", "n,s", "--freezes", "last3",
                  "--epochs", "2", "--endpoint-url", "http://127.0.0.1:9"])  # fmt: skip

@@ -200,7 +200,7 @@ def test_nucleus_pixels_are_purple_blue(blood: tuple[list[Path], pa.Table]) -> N
     background = lab[~covered]
     a_nuc, b_nuc = nuc[:, 1].mean(), nuc[:, 2].mean()
     a_bg, b_bg = background[:, 1].mean(), background[:, 2].mean()
-    assert a_nuc > a_bg + 20 and b_nuc < b_bg - 25  # MORPHOLOGY: nucleus a* +37, b* -49
+    assert a_nuc > a_bg + 20 and b_nuc < b_bg - 25  # reference stain: nucleus a* +37, b* -49
     assert nuc[:, 0].mean() < background[:, 0].mean() - 20
 
 

@@ -15,17 +15,11 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from batch.train_classifier import (
-    ImageRecord,
-    TrainClassifierConfig,
-    assign_groups,
-    classification_metrics,
-    config_from_args,
-    discover_images,
-    freeze_count,
-    group_split,
-    train_classifier,
-)
+from batch.datasets.folders import ImageRecord, discover_images
+from batch.eval.metrics import classification_metrics
+from batch.train.classifier import config_from_args, train_classifier
+from batch.train.classifier_data import TrainClassifierConfig, assign_groups, group_split
+from batch.train.common import freeze_count
 
 BACKGROUND = (228, 224, 218)
 CYTOPLASM = (150, 165, 215)
@@ -81,6 +75,7 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     return attempts
 
 
+@pytest.mark.slow
 def test_tiny_training_offline(image_folder: Path, tmp_path: Path, no_network: list[Any]) -> None:
     out = tmp_path / "run"
     cfg = config_from_args(
@@ -256,7 +251,7 @@ class _FakeDetector:
 
 
 def test_weak_crops_label_by_image_and_group_by_source(image_folder: Path, tmp_path: Path) -> None:
-    from batch.weak_labels import weak_crops
+    from batch.train.weak_labels import weak_crops
 
     detector = _FakeDetector()
     out = tmp_path / "weak"
@@ -283,7 +278,7 @@ def test_weak_crops_label_by_image_and_group_by_source(image_folder: Path, tmp_p
 @pytest.mark.parametrize("box", [(10.0, 20.0, 46.0, 52.0), (3.3, 4.7, 30.1, 21.9)])
 def test_inner_box_recovers_the_detector_box(box: tuple[float, float, float, float]) -> None:
     from batch.stages.crop import crop_regions
-    from batch.train_classifier import inner_box
+    from batch.stages.preprocess import inner_box
 
     x0, y0, x1, y1 = crop_regions(np.array([box]), margin=0.15)[0].tolist()
     recovered = inner_box(y1 - y0, x1 - x0, 0.15)

@@ -12,17 +12,12 @@ import cv2
 import numpy as np
 import pytest
 
-from batch.evaluate import eval_detector
+from batch.datasets.detection import LabeledImage, read_detection_dataset
+from batch.eval.detector import eval_detector
 from batch.stages.detect import DETECTOR_CLASSES, CellDetector
-from batch.train_detector import (
-    LabeledImage,
-    freeze_layers,
-    image_mpps,
-    main,
-    merge_datasets,
-    pack_images,
-    read_detection_dataset,
-)
+from batch.train.common import freeze_layers
+from batch.train.detector import main
+from batch.train.detector_data import image_mpps, merge_datasets, pack_images
 
 SYNTH_MPP = 0.25
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
@@ -187,6 +182,7 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
     yield attempts
 
 
+@pytest.mark.slow
 def test_tiny_training_offline(two_sets: tuple[Path, Path], tmp_path: Path,
                                no_network: list[str]) -> None:
     yolo, voc = two_sets

@@ -3,7 +3,7 @@
 The label set is the model's (``model.names``): a 4-class ALL subtype model,
 an 8-class peripheral-blood model, a 12-21 class marrow model all work the
 same way. What the model sees is decided by the *input mode*, and the same
-function, `render_input`, renders it for training (`batch.train_classifier`)
+function, `render_input`, renders it for training (`batch.train.classifier`)
 and for inference, so the two cannot drift apart:
 
 ``"mask"``

@@ -12,7 +12,7 @@ every scan resolution. Where hemaray differs from the seeds, and why:
   nucleus; with k = 2 it often joins the nucleus cluster. Chosen on 5
   synthetic fields (203 WBCs; mean Dice per field 0.911-0.992 with k = 2,
   0.995-0.999 with k = 3) and confirmed on held-out ones against exact masks
-  (`batch.evaluate_seg`; 4 blood fields 2048^2 seed 11 and 3 marrow fields
+  (`batch.eval.segmentation`; 4 blood fields 2048^2 seed 11 and 3 marrow fields
   1024^2 seed 12, 250 WBCs): mean Dice 0.994 / IoU 0.988 with k = 3 against
   0.958-0.979 / 0.925-0.961 with the seeds' k = 2 on a* alone. Synthetic
   nuclei are cleaner than real ones; no real images with exact masks were

@@ -1,11 +1,11 @@
 """``hemaray eval classifier``: a WBC classifier on an ImageFolder of single-cell images.
 
 Each image is prepared exactly as the model's training prepared its own
-(``batch.train_classifier.prepare_crop`` with the scale, re-crop and margins
+(`batch.stages.preprocess.prepare_crop` with the scale, re-crop and margins
 recorded in the model card): a single-cell image like PBC's is resampled to
 the trained mpp, its central cell is segmented and re-cropped as the pipeline
 crops a detected WBC, and the classifier sees that crop in its input mode.
-Metrics are those of the training job (``classification_metrics``).
+Metrics are those of the training job (`batch.eval.metrics.classification_metrics`).
 """
 
 from __future__ import annotations
@@ -13,21 +13,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
+import numpy.typing as npt
 
-from batch.stages.cells import shipped_or_path
+from batch.config import SegmentationConfig
+from batch.datasets.folders import class_dirs, folder_label, list_images, read_rgb
+from batch.eval.metrics import classification_metrics
+from batch.models import shipped_or_path
 from batch.stages.classify import WbcClassifier
-from batch.train_classifier import classification_metrics, prepare_crop
+from batch.stages.preprocess import prepare_crop
 
 __all__ = ["eval_classifier"]
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
-
 
 def _label_of(folder: str, names: list[str]) -> str | None:
-    from batch.eval_images import folder_label
-
     key = folder_label(folder)
     return key if key in names else (folder if folder in names else None)
 
@@ -55,25 +54,26 @@ def eval_classifier(
     scale = (source / trained) if (source and trained) else 1.0
     root = Path(data)
     y_true: list[int] = []
-    crops, masks = [], []
+    crops: list[npt.NDArray[np.uint8]] = []
+    masks: list[npt.NDArray[np.bool_] | None] = []
     skipped: list[str] = []
-    for folder in sorted(d for d in root.iterdir() if d.is_dir()):
+    for folder in class_dirs(root):
         label = _label_of(folder.name, names)
         if label is None:
             skipped.append(folder.name)
             continue
-        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        files = list_images(folder)
         for path in files[:limit_per_class] if limit_per_class else files:
-            bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
-            if bgr is None:
+            rgb = read_rgb(path)
+            if rgb is None:
                 skipped.append(str(path))
                 continue
             crop, mask, _ = prepare_crop(
-                np.asarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), dtype=np.uint8),
+                rgb,
                 scale=scale,
                 mpp=trained,
                 recrop=bool(extra.get("recrop", False)),
-                margin=float(extra.get("crop_margin", 0.15)),
+                margin=float(extra.get("crop_margin", SegmentationConfig.crop_margin)),
                 box_margin=extra.get("box_margin"),
                 needs_mask=clf.input_mode != "crop",
             )

@@ -1,9 +1,9 @@
 """The detector comparison grid of seed 000, trained in parallel as Ray tasks.
 
 Seed 000 compared YOLOv8 n/s/m/l/x, each fine-tuned three ways (all layers,
-the last 10, the last 3; see ``batch.train_detector``). ``run_sweep`` trains
-every (size, freeze) pair of a grid as one Ray task calling
-``batch.train_detector.train_detector`` and writes one results table,
+the last 10, the last 3; see `batch.train.common.freeze_layers`). ``run_sweep``
+trains every (size, freeze) pair of a grid as one Ray task calling
+`batch.train.detector.train_detector` and writes one results table,
 ``results.parquet`` and ``results.csv``, with the seed's metrics per trial.
 
 Placement: a trial asks for ``gpus_per_trial`` GPUs (and ``cpus_per_trial``
@@ -42,13 +42,9 @@ from typing import Any
 
 import pyarrow as pa
 
-from batch.train_detector import (
-    DEFAULT_IMGSZ,
-    DEFAULT_TRAINED_MPP,
-    FREEZE_STRATEGIES,
-    TrainDetectorConfig,
-    train_detector,
-)
+from batch.train.common import FREEZE_STRATEGIES
+from batch.train.detector import TrainDetectorConfig, train_detector
+from batch.train.detector_data import DEFAULT_IMGSZ, DEFAULT_TRAINED_MPP
 
 __all__ = [
     "RESULTS_SCHEMA",
@@ -59,6 +55,7 @@ __all__ = [
     "build_parser",
     "main",
     "plan_trials",
+    "results_table",
     "run_sweep",
     "run_trial",
     "write_results",
@@ -68,7 +65,7 @@ log = logging.getLogger(__name__)
 
 #: YOLOv8 sizes compared by seed 000.
 SWEEP_SIZES: tuple[str, ...] = ("n", "s", "m", "l", "x")
-#: Fine-tuning strategies compared by seed 000 (``batch.train_detector.FREEZE_STRATEGIES``).
+#: Fine-tuning strategies compared by seed 000 (`batch.train.common.FREEZE_STRATEGIES`).
 SWEEP_FREEZES: tuple[str, ...] = ("all", "last10", "last3")
 #: Default model file per size: built from the ultralytics yaml, so nothing is downloaded.
 DEFAULT_MODEL_TEMPLATE = "yolov8{size}.yaml"

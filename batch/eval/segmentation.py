@@ -1,4 +1,4 @@
-"""Nucleus segmentation accuracy against exact masks: Dice and IoU.
+"""Nucleus segmentation accuracy against exact masks: Dice and IoU (`batch.eval.metrics`).
 
 `eval_segmentation` reads a folder of plain synthetic images (``.png`` /
 ``.jpg`` written by ``batch.synth.synth_slides(..., format="png")``) and its
@@ -9,7 +9,7 @@ nucleus mask with the exact one the generator drew, on the whole crop.
 
 Run it from the command line::
 
-    python -m batch.evaluate_seg --synth-dir out/seg_eval --slides 2 --size 2048 --seed 1
+    python -m batch.eval.segmentation --synth-dir out/seg_eval --slides 2 --size 2048 --seed 1
 """
 
 from __future__ import annotations
@@ -27,15 +27,15 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
-from batch.stages.crop import DEFAULT_MARGIN, crop_regions, crop_wbcs
-from batch.stages.segment import SegmentConfig, segment_wbc
+from batch.config import SegmentationConfig
+from batch.eval.metrics import dice, iou
+from batch.stages.crop import crop_regions, crop_wbcs
+from batch.stages.segment import segment_wbc
 
 __all__ = [
     "GROUND_TRUTH_FILE",
     "decode_mask",
-    "dice",
     "eval_segmentation",
-    "iou",
     "main",
     "score_cells",
     "summarize",
@@ -45,24 +45,6 @@ __all__ = [
 GROUND_TRUTH_FILE = "ground_truth.parquet"
 #: Image suffixes tried for a slide id, in order.
 PLAIN_SUFFIXES = (".png", ".jpg", ".jpeg")
-
-
-def dice(a: npt.ArrayLike, b: npt.ArrayLike) -> float:
-    """Dice coefficient ``2|A & B| / (|A| + |B|)`` of two boolean masks (1.0 when both are empty)."""
-    x, y = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
-    if x.shape != y.shape:
-        raise ValueError(f"mask shapes differ: {x.shape} vs {y.shape}")
-    total = int(x.sum()) + int(y.sum())
-    return 1.0 if total == 0 else 2.0 * int((x & y).sum()) / total
-
-
-def iou(a: npt.ArrayLike, b: npt.ArrayLike) -> float:
-    """Intersection over union ``|A & B| / |A | B|`` of two boolean masks (1.0 when both are empty)."""
-    x, y = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
-    if x.shape != y.shape:
-        raise ValueError(f"mask shapes differ: {x.shape} vs {y.shape}")
-    union = int((x | y).sum())
-    return 1.0 if union == 0 else int((x & y).sum()) / union
 
 
 def decode_mask(png: bytes) -> npt.NDArray[np.bool_]:
@@ -87,8 +69,8 @@ def _image_path(folder: Path, slide_id: str) -> Path:
 def eval_segmentation(
     folder: str | Path,
     *,
-    margin: float = DEFAULT_MARGIN,
-    config: SegmentConfig | None = None,
+    margin: float = SegmentationConfig.crop_margin,
+    config: SegmentationConfig | None = None,
     use_box: bool = True,
     max_cells: int | None = None,
 ) -> pd.DataFrame:
@@ -135,8 +117,8 @@ def score_cells(
     cells: pd.DataFrame,
     crops: Sequence[npt.NDArray[np.uint8]],
     *,
-    margin: float = DEFAULT_MARGIN,
-    config: SegmentConfig | None = None,
+    margin: float = SegmentationConfig.crop_margin,
+    config: SegmentationConfig | None = None,
     use_box: bool = True,
 ) -> list[dict[str, Any]]:
     """Segment each ground-truth WBC's crop and score it against the exact nucleus mask.
@@ -170,7 +152,6 @@ def score_cells(
             }
         )
     return rows
-    return pd.DataFrame(rows)
 
 
 def summarize(per_cell: pd.DataFrame) -> dict[str, Any]:
@@ -195,14 +176,14 @@ def summarize(per_cell: pd.DataFrame) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Generate plain synthetic fields (unless they exist) and print Dice / IoU as JSON."""
-    p = argparse.ArgumentParser(prog="python -m batch.evaluate_seg", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m batch.eval.segmentation", description=__doc__)
     p.add_argument("--synth-dir", type=Path, required=True, help="folder of plain synthetic images")
     p.add_argument("--slides", type=int, default=2)
     p.add_argument("--size", type=int, default=2048, help="width and height of each field (px)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mpp", type=float, default=0.25)
     p.add_argument("--kind", choices=("blood", "marrow"), default="blood")
-    p.add_argument("--margin", type=float, default=DEFAULT_MARGIN)
+    p.add_argument("--margin", type=float, default=SegmentationConfig.crop_margin)
     p.add_argument(
         "--out", type=Path, help="write per-cell results (CSV) and the summary (JSON) here"
     )

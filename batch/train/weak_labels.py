@@ -40,12 +40,12 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from batch.config import CallsConfig
-from batch.stages.crop import DEFAULT_MARGIN, crop_regions, crop_wbcs
+from batch.config import CallsConfig, SegmentationConfig
+from batch.datasets.folders import class_dirs, list_images, read_rgb
+from batch.stages.crop import crop_regions, crop_wbcs
 from batch.stages.segment import segment_wbc
 
 __all__ = [
-    "ALL4_RENAME",
     "DEFAULT_MIN_CONF",
     "DEFAULT_MIN_NUCLEUS_A",
     "DEFAULT_MIN_NUCLEUS_UM2",
@@ -66,15 +66,6 @@ DEFAULT_MIN_NUCLEUS_UM2 = CallsConfig.min_nucleus_um2
 DEFAULT_MIN_NUCLEUS_A = CallsConfig.min_nucleus_a
 #: Images per class used to estimate a dataset's mpp.
 DEFAULT_MPP_SAMPLES = 8
-#: Folder names of the Kaggle ALL set -> hemaray's subtype labels.
-ALL4_RENAME: dict[str, str] = {
-    "Benign": "benign",
-    "Early": "early_pre_b",
-    "Pre": "pre_b",
-    "Pro": "pro_b",
-}
-#: File suffixes read as images.
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"})
 #: Detector class name of white blood cells.
 WBC = "WBC"
 
@@ -115,20 +106,11 @@ class WeakCropReport:
         }
 
 
-def _read_rgb(path: Path) -> npt.NDArray[np.uint8] | None:
-    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    return None if bgr is None else np.ascontiguousarray(bgr[..., ::-1])
-
-
 def _class_images(data: Path, rename: dict[str, str]) -> list[tuple[str, Path]]:
     items: list[tuple[str, Path]] = []
-    for cdir in sorted(p for p in data.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    for cdir in class_dirs(data):
         label = rename.get(cdir.name, cdir.name)
-        items += [
-            (label, f)
-            for f in sorted(cdir.rglob("*"))
-            if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
-        ]
+        items += [(label, f) for f in list_images(cdir, recursive=True)]
     if not items:
         raise FileNotFoundError(f"no images under {str(data)!r}; expected <class>/<image>")
     return items
@@ -146,7 +128,7 @@ def estimate_dataset_mpp(
     pick = sorted(rng.sample(list(images), min(samples, len(images))))
     estimates = []
     for p in pick:
-        rgb = _read_rgb(p)
+        rgb = read_rgb(p)
         if rgb is None:
             continue
         est = detector.estimate_mpp(rgb)
@@ -165,7 +147,7 @@ def weak_crops(
     *,
     mpp: float | None = None,
     mpp_samples: int = DEFAULT_MPP_SAMPLES,
-    margin: float = DEFAULT_MARGIN,
+    margin: float = SegmentationConfig.crop_margin,
     min_conf: float = DEFAULT_MIN_CONF,
     min_nucleus_um2: float | None = DEFAULT_MIN_NUCLEUS_UM2,
     min_nucleus_a: float = DEFAULT_MIN_NUCLEUS_A,
@@ -199,7 +181,7 @@ def weak_crops(
         finds a nucleus of at least this area and mean a*: drops red cells
         the detector mistakes for WBCs. None (or an unknown mpp) skips the check.
     rename
-        Folder name -> label (e.g. `ALL4_RENAME`).
+        Folder name -> label (e.g. `batch.datasets.folders.ALL4_RENAME`).
     max_per_class
         Use at most this many images per class (a seeded sample).
     batch_size
@@ -246,7 +228,7 @@ def weak_crops(
     crop_rows: list[dict[str, Any]] = []
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
-        loaded = [(label, p, _read_rgb(p)) for label, p in chunk]
+        loaded = [(label, p, read_rgb(p)) for label, p in chunk]
         for _, p, rgb in loaded:
             if rgb is None:
                 report.unreadable.append(str(p))

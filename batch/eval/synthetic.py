@@ -2,11 +2,11 @@
 
 Fresh synthetic slides (tiled JPEG TIFFs, as a scanner writes them) are made
 from a seed, run through the same in-process chain as ``hemaray eval images``
-(plan, read, detect, crop + segment, classify: ``batch.stages.cells``), and
+(plan, read, detect, crop + segment, classify: `batch.run.local.chain_cells`), and
 scored two ways:
 
 * detection: the output boxes of every tile, matched per slide and class to
-  the ground truth (`batch.run_eval.evaluate_run`, IoU >= 0.5): precision,
+  the ground truth (`batch.eval.run.evaluate_run`, IoU >= 0.5): precision,
   recall and F1 per class, plus WBC duplicates;
 * nucleus segmentation: every ground-truth WBC's crop is read from the slide
   (the pipeline's crop margin), segmented by `batch.stages.segment.segment_wbc`
@@ -29,19 +29,19 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from batch.config import Config
-from batch.eval_images import chain_cells
-from batch.evaluate_seg import GROUND_TRUTH_FILE, score_cells
+from batch.config import Config, SegmentationConfig
+from batch.eval.run import evaluate_run
+from batch.eval.segmentation import GROUND_TRUTH_FILE, score_cells
 from batch.ids import slide_id_for
-from batch.run_eval import evaluate_run
+from batch.run.local import chain_cells
 from batch.slides import open_slide
-from batch.stages.crop import DEFAULT_MARGIN, crop_regions
+from batch.stages.crop import crop_regions
 
 __all__ = ["eval_synthetic", "segmentation_scores"]
 
 
 def segmentation_scores(
-    slide_paths: list[Path], truth: pd.DataFrame, *, margin: float = DEFAULT_MARGIN
+    slide_paths: list[Path], truth: pd.DataFrame, *, margin: float = SegmentationConfig.crop_margin
 ) -> pd.DataFrame:
     """Per ground-truth WBC: Dice / IoU of the nucleus segmented from a crop read off the slide."""
     by_id = {slide_id_for(str(p)): p for p in slide_paths}

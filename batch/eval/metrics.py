@@ -1,11 +1,9 @@
-"""Metrics and evaluation commands.
+"""Every scoring function of the evaluations and of the training jobs' reports.
 
-Detector evaluation (``eval_detector``) runs the pipeline's own detector stage
-(``CellDetector``, with its resampling to the trained mpp) over a labelled
-set and reports, overall and per class, precision, recall, F1, AP50 and
-AP50-95.
+Pure functions over arrays and label lists; no models, no files.
 
-Definitions (all computed here, tested in ``tests/test_detect.py``):
+Detection (``detection_metrics`` and its parts), the definitions the
+project's detector metrics use:
 
 - Matching, per image, class and IoU threshold, COCO-style: predictions in
   descending confidence each take the unmatched ground-truth box of the same
@@ -18,36 +16,40 @@ Definitions (all computed here, tested in ``tests/test_detect.py``):
 - Precision, recall, F1: at the detector's operating confidence threshold
   (``conf``, what the pipeline keeps), IoU 0.5. Overall values are the
   unweighted means over classes (like mAP), F1 the harmonic mean of those.
+
+Classification: ``classification_metrics`` (per-class P / R / F1 / FNR,
+malignant-vs-benign FNR, MAE, confusion) and ``macro_f1`` (image-level calls
+as label strings). Segmentation: ``dice`` and ``iou`` of boolean masks.
+Precision, recall and F1 from counts are computed in one place,
+``precision_recall_f1`` / ``f1_score``.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from batch.stages.detect import DEFAULT_CONF, DETECTOR_CLASSES
-
-if TYPE_CHECKING:
-    from batch.stages.detect import CellDetector, Detections
-    from batch.train_detector import LabeledImage
+from batch.config import DetectConfig
 
 __all__ = [
     "AP_CONF",
+    "BENIGN_LABEL",
     "IOU_THRESHOLDS",
+    "RECALL_POINTS",
     "average_precision",
     "box_iou",
+    "classification_metrics",
     "detection_metrics",
-    "eval_detector",
-    "evaluate_images",
+    "dice",
+    "f1_score",
+    "iou",
+    "macro_f1",
     "match_detections",
+    "precision_recall_f1",
 ]
-
-log = logging.getLogger(__name__)
 
 #: IoU thresholds of AP50-95.
 IOU_THRESHOLDS: npt.NDArray[np.float64] = np.round(np.linspace(0.5, 0.95, 10), 2)
@@ -55,6 +57,20 @@ IOU_THRESHOLDS: npt.NDArray[np.float64] = np.round(np.linspace(0.5, 0.95, 10), 2
 AP_CONF = 0.001
 #: Recall points of the COCO interpolation.
 RECALL_POINTS: npt.NDArray[np.float64] = np.linspace(0.0, 1.0, 101)
+#: Label of the non-malignant class for the malignant-vs-benign false-negative rate.
+BENIGN_LABEL = "benign"
+
+
+def f1_score(precision: float, recall: float) -> float:
+    """Harmonic mean of precision and recall (0 when both are 0)."""
+    return 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+
+
+def precision_recall_f1(tp: int, n_pred: int, n_true: int) -> tuple[float, float, float]:
+    """Precision ``tp / n_pred``, recall ``tp / n_true`` and their F1 (0 for an empty count)."""
+    p = tp / n_pred if n_pred else 0.0
+    r = tp / n_true if n_true else 0.0
+    return p, r, f1_score(p, r)
 
 
 def box_iou(a: npt.ArrayLike, b: npt.ArrayLike) -> npt.NDArray[np.float64]:
@@ -145,16 +161,12 @@ def average_precision(tp: npt.ArrayLike, scores: npt.ArrayLike, n_gt: int) -> fl
     return float(sampled.mean())
 
 
-def _f1(p: float, r: float) -> float:
-    return 2 * p * r / (p + r) if p + r > 0 else 0.0
-
-
 def detection_metrics(
     predictions: Sequence[tuple[npt.ArrayLike, npt.ArrayLike, npt.ArrayLike]],
     ground_truth: Sequence[tuple[npt.ArrayLike, npt.ArrayLike]],
     class_names: Sequence[str],
     *,
-    conf: float = DEFAULT_CONF,
+    conf: float = DetectConfig.conf,
 ) -> dict[str, Any]:
     """Overall and per-class detection metrics over a set of images.
 
@@ -210,7 +222,7 @@ def detection_metrics(
             "ap50_95": ap50_95,
             "precision": precision,
             "recall": recall,
-            "f1": _f1(precision, recall),
+            "f1": f1_score(precision, recall),
             "n_gt": n_gt,
             "n_pred": n_pred,
         }
@@ -225,174 +237,127 @@ def detection_metrics(
         "map50_95": mean("ap50_95"),
         "precision": p,
         "recall": r,
-        "f1": _f1(p, r),
+        "f1": f1_score(p, r),
         "conf": conf,
         "n_images": len(ground_truth),
         "per_class": per_class,
     }
 
 
-def evaluate_images(
-    detector: CellDetector,
-    images: Sequence[LabeledImage],
-    *,
-    mpp: float | str | None = None,
-    conf: float | None = None,
+def classification_metrics(
+    y_true: Sequence[int], y_pred: Sequence[int], class_names: Sequence[str]
 ) -> dict[str, Any]:
-    """Detection metrics of ``detector`` on labelled images.
+    """Accuracy, macro F1, per-class P / R / F1 / FNR, malignant-vs-benign FNR, MAE, confusion.
 
     Parameters
     ----------
-    detector
-        The detector stage to evaluate.
-    images
-        Labelled images (``batch.train_detector.read_detection_dataset``).
-    mpp
-        Scale of the images: a number for all of them; otherwise an image's
-        own known ``mpp`` if it has one, else, with ``"labels"`` or None,
-        the scale its labelled RBCs give (``estimate_mpp_from_rbc``; an
-        oracle for the scale only, so the metrics measure detection), or with
-        ``"auto"`` the detector's own estimate (``CellDetector.estimate_mpp``,
-        experimental: see its docstring).
-    conf
-        Operating threshold for precision / recall / F1 (default: the detector's).
+    y_true, y_pred
+        Class indices into ``class_names``.
+    class_names
+        Labels in index order.
 
     Returns
     -------
     dict
-        ``detection_metrics`` output plus ``mpp_mode``, ``mpp_median`` and
-        ``mpp_unresolved`` (images whose scale could not be estimated and
-        were used as given).
+        JSON-serialisable metrics. ``confusion_matrix[i][j]`` counts true
+        class ``i`` predicted as ``j``. ``mae_class_index`` is the mean
+        absolute difference of class indices (seed 000's MAE; meaningful only
+        when the label order is ordinal). ``malignant_vs_benign`` is present
+        when a class named ``benign`` exists: positives are all other classes.
     """
-    from batch.stages.detect import estimate_mpp_from_rbc
-
-    names = list(detector.class_names)
-    preds: list[tuple[Any, Any, Any]] = []
-    gts: list[tuple[Any, Any]] = []
-    used_mpp: list[float] = []
-    unresolved = 0
-    skipped_classes: set[str] = set()
-    for im in images:
-        rgb = im.read_rgb()
-        image_mpp: float | None
-        if isinstance(mpp, (int, float)):
-            image_mpp = float(mpp)
-        elif im.mpp is not None:
-            image_mpp = im.mpp  # the image's own, known scale
-        elif mpp is None or mpp == "labels":
-            image_mpp = estimate_mpp_from_rbc(
-                im.boxes, im.classes, image_shape=(im.height, im.width)
-            )
-        elif mpp == "auto":
-            image_mpp = detector.estimate_mpp(rgb)
-        else:
-            raise ValueError(f"mpp must be a number, 'labels', 'auto' or None; got {mpp!r}")
-        if image_mpp is None:
-            unresolved += 1
-        else:
-            used_mpp.append(image_mpp)
-        det: Detections = detector.detect([rgb], image_mpp, conf=AP_CONF)[0]
-        preds.append((det.boxes, det.class_ids, det.scores))
-        keep = [i for i, c in enumerate(im.classes) if c in names]
-        skipped_classes.update(c for c in im.classes if c not in names)
-        gts.append(
-            (im.boxes[keep], np.asarray([names.index(im.classes[i]) for i in keep], np.int64))
-        )
-    if skipped_classes:
-        log.warning(
-            "ground-truth classes unknown to the model ignored: %s", sorted(skipped_classes)
-        )
-    result = detection_metrics(preds, gts, names, conf=detector.conf if conf is None else conf)
-    result["mpp_mode"] = "labels" if mpp is None else mpp
-    result["mpp_median"] = float(np.median(used_mpp)) if used_mpp else None
-    result["mpp_unresolved"] = unresolved
-    return result
-
-
-def _select_split(
-    images: Sequence[LabeledImage], split: str | None
-) -> tuple[list[LabeledImage], str]:
-    present = {im.split for im in images}
-    if split is None:
-        split = "val" if "val" in present else "all" if "all" in present else sorted(present)[0]
-    chosen = [im for im in images if im.split == split]
-    if not chosen:
-        raise ValueError(f"no images in split {split!r}; splits present: {sorted(present)}")
-    return chosen, split
-
-
-def eval_detector(
-    data_dir: str | Path,
-    model: str | Path | CellDetector | None = None,
-    *,
-    mpp: float | str | None = None,
-    split: str | None = None,
-    conf: float | None = None,
-    device: str = "auto",
-    batch_size: int = 8,
-    max_images: int | None = None,
-    storage_options: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Evaluate a detector on a labelled YOLO or Pascal VOC set.
-
-    Parameters
-    ----------
-    data_dir
-        VOC (``Annotations/``, ``JPEGImages/``, optional ``ImageSets/val.txt``)
-        or YOLO (``images/``, ``labels/``, optional ``train``/``val``
-        subfolders, ``data.yaml`` with class names).
-    model
-        A ``CellDetector``, a weights path / URL, or None for the shipped detector.
-    mpp
-        Microns per pixel of the images (a number); None or ``"labels"``: each
-        image's scale from its labelled RBCs (the sets carry no scale);
-        ``"auto"``: the detector's own estimate (experimental). See
-        ``evaluate_images``.
-    split
-        Which split to evaluate; default ``val`` if present, else the whole set.
-    conf
-        Operating confidence threshold for precision / recall / F1.
-    device, batch_size
-        Passed to ``CellDetector`` when ``model`` is not one.
-    max_images
-        Evaluate only the first N images of the split (sorted by path).
-    storage_options
-        fsspec options for a remote ``model``.
-
-    Returns
-    -------
-    dict
-        ``map50``, ``map50_95``, ``precision``, ``recall``, ``f1``,
-        ``per_class.{RBC,WBC,platelet}.{ap50, ap50_95, precision, recall, f1,
-        n_gt, n_pred}``, ``n_images``, ``split``, ``data``, ``model``,
-        ``model_sha256``, ``trained_mpp``, ``mpp_mode``.
-    """
-    from batch.stages.detect import CellDetector
-    from batch.train_detector import read_detection_dataset
-
-    detector = (
-        model
-        if isinstance(model, CellDetector)
-        else CellDetector(
-            model, device=device, batch_size=batch_size, storage_options=storage_options
-        )
-    )
-    images, split = _select_split(read_detection_dataset(data_dir), split)
-    images = sorted(images, key=lambda im: str(im.path))
-    if max_images is not None:
-        images = images[:max_images]
-    result = evaluate_images(detector, images, mpp=mpp, conf=conf)
-    result.update(
-        {
-            "split": split,
-            "data": str(data_dir),
-            "model": str(detector.weights_path),
-            "model_sha256": detector.sha256,
-            "trained_mpp": detector.trained_mpp,
+    t = np.asarray(y_true, dtype=np.int64)
+    p = np.asarray(y_pred, dtype=np.int64)
+    k = len(class_names)
+    cm = np.zeros((k, k), dtype=np.int64)
+    np.add.at(cm, (t, p), 1)
+    tp = np.diag(cm).astype(np.float64)
+    support = cm.sum(axis=1).astype(np.float64)
+    predicted = cm.sum(axis=0).astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = np.where(predicted > 0, tp / predicted, 0.0)
+        recall = np.where(support > 0, tp / support, 0.0)
+        f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+    present = support > 0
+    per_class = {
+        name: {
+            "precision": float(precision[i]),
+            "recall": float(recall[i]),
+            "f1": float(f1[i]),
+            "false_negative_rate": float(1 - recall[i]) if present[i] else None,
+            "support": int(support[i]),
         }
-    )
-    return result
+        for i, name in enumerate(class_names)
+    }
+    n = int(t.size)
+    out: dict[str, Any] = {
+        "n": n,
+        "accuracy": float((t == p).mean()) if n else 0.0,
+        "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
+        "macro_precision": float(precision[present].mean()) if present.any() else 0.0,
+        "macro_recall": float(recall[present].mean()) if present.any() else 0.0,
+        "false_negative_rate_macro": float((1 - recall[present]).mean()) if present.any() else 0.0,
+        "mae_class_index": float(np.abs(t - p).mean()) if n else 0.0,
+        "per_class": per_class,
+        "class_names": list(class_names),
+        "confusion_matrix": cm.tolist(),
+    }
+    lower = [c.lower() for c in class_names]
+    if BENIGN_LABEL in lower:
+        b = lower.index(BENIGN_LABEL)
+        malignant = t != b
+        missed = malignant & (p == b)
+        benign = t == b
+        out["malignant_vs_benign"] = {
+            "benign_class": class_names[b],
+            "n_malignant": int(malignant.sum()),
+            "n_benign": int(benign.sum()),
+            "false_negative_rate": float(missed.sum() / malignant.sum())
+            if malignant.any()
+            else None,
+            "false_positive_rate": float((benign & (p != b)).sum() / benign.sum())
+            if benign.any()
+            else None,
+        }
+    return out
 
 
-# The class order of the project's own detectors, for callers building ground truth.
-CLASS_NAMES = DETECTOR_CLASSES
+def macro_f1(
+    truth: Sequence[str], pred: Sequence[str], labels: Sequence[str]
+) -> tuple[float, dict[str, dict[str, float]]]:
+    """Macro F1 over ``labels`` of label-string predictions, and per-label P / R / F1 / support.
+
+    A prediction outside ``labels`` (e.g. ``no_call``) is a false negative of
+    its true label. Per-label values are rounded to 4 decimals; the macro F1
+    is the mean of those rounded values.
+    """
+    per: dict[str, dict[str, float]] = {}
+    for lab in labels:
+        tp = sum(t == lab and p == lab for t, p in zip(truth, pred, strict=True))
+        fp = sum(t != lab and p == lab for t, p in zip(truth, pred, strict=True))
+        fn = sum(t == lab and p != lab for t, p in zip(truth, pred, strict=True))
+        prec, rec, f1 = precision_recall_f1(tp, tp + fp, tp + fn)
+        per[lab] = {
+            "precision": round(prec, 4),
+            "recall": round(rec, 4),
+            "f1": round(f1, 4),
+            "support": tp + fn,
+        }
+    return float(np.mean([v["f1"] for v in per.values()])) if per else 0.0, per
+
+
+def dice(a: npt.ArrayLike, b: npt.ArrayLike) -> float:
+    """Dice coefficient ``2|A & B| / (|A| + |B|)`` of two boolean masks (1.0 when both are empty)."""
+    x, y = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
+    if x.shape != y.shape:
+        raise ValueError(f"mask shapes differ: {x.shape} vs {y.shape}")
+    total = int(x.sum()) + int(y.sum())
+    return 1.0 if total == 0 else 2.0 * int((x & y).sum()) / total
+
+
+def iou(a: npt.ArrayLike, b: npt.ArrayLike) -> float:
+    """Intersection over union ``|A & B| / |A | B|`` of two boolean masks (1.0 when both are empty)."""
+    x, y = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
+    if x.shape != y.shape:
+        raise ValueError(f"mask shapes differ: {x.shape} vs {y.shape}")
+    union = int((x | y).sum())
+    return 1.0 if union == 0 else int((x & y).sum()) / union

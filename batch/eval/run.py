@@ -16,10 +16,13 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
-__all__ = ["match_boxes", "evaluate_run", "IOU_MATCH"]
+from batch.eval.metrics import precision_recall_f1
+from batch.stages.detect import DETECTOR_CLASSES
 
+__all__ = ["IOU_MATCH", "evaluate_run", "match_boxes"]
+
+#: IoU at which an output box matches a ground-truth box (and a second one is a duplicate).
 IOU_MATCH = 0.5
-CLASSES = ("RBC", "WBC", "platelet")
 
 
 def _candidates(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
@@ -75,9 +78,7 @@ def match_boxes(
 
 
 def _prf(tp: int, n_pred: int, n_true: int) -> dict[str, float]:
-    p = tp / n_pred if n_pred else 0.0
-    r = tp / n_true if n_true else 0.0
-    f = 2 * p * r / (p + r) if p + r else 0.0
+    p, r, f = precision_recall_f1(tp, n_pred, n_true)
     return {
         "precision": round(p, 4),
         "recall": round(r, 4),
@@ -98,7 +99,7 @@ def evaluate_run(
     """
     cells = cells.copy()
     cells["slide_id"] = cells["slide_id"].astype(str)
-    counts = {c: [0, 0, 0] for c in CLASSES}  # tp, n_pred, n_true
+    counts = {c: [0, 0, 0] for c in DETECTOR_CLASSES}  # tp, n_pred, n_true
     dup = 0
     seam_dup = 0
     n_wbc_true = 0
@@ -107,7 +108,7 @@ def evaluate_run(
     for sid in slides:
         t_s = truth[truth.slide_id.astype(str) == sid]
         p_s = cells[cells.slide_id == sid]
-        for cls in CLASSES:
+        for cls in DETECTOR_CLASSES:
             t = t_s[t_s["class"] == cls].reset_index(drop=True)
             p = p_s[p_s.det_class == cls].reset_index(drop=True)
             mp, mt = match_boxes(p, t, iou)
