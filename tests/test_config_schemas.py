@@ -33,6 +33,9 @@ def test_defaults_and_overrides(tmp_path: Path) -> None:
         ("tiling.overlap_px=400", "tiling.overlap_px"),
         ("storage.endpoint_url=ftp://x", "storage.endpoint_url"),
         ("execution.placement=gpu", "execution.placement"),
+        ("segmentation.k=4", "segmentation.kmeans"),
+        ("segmentation.kmeans=fast", "segmentation.kmeans"),
+        ("segmentation.open_radius_um=-1", "segmentation.open_radius_um"),
         ("nonsense", "--set"),
     ],
 )
@@ -43,6 +46,32 @@ def test_bad_config_names_the_key(override: str, names: str) -> None:
 
 def test_default_config_is_valid() -> None:
     assert Config().validate().tiling.tile_size == 640
+
+
+def test_every_segmentation_setting_is_reachable_and_reaches_the_stage() -> None:
+    """Every field of ``segmentation`` can be set with --set, and the stage uses the config's value."""
+    import numpy as np
+
+    from batch.stages.segment import segment_wbc
+
+    overrides = [
+        "segmentation.k=2", "segmentation.kmeans=opencv", "segmentation.max_nucleus_b=none",
+        "segmentation.min_nucleus_um2=0", "segmentation.drop_border_components=false",
+        "segmentation.crop_margin=0.2",
+    ]  # fmt: skip
+    cfg = load_config(None, overrides).segmentation
+    assert (cfg.k, cfg.kmeans, cfg.max_nucleus_b, cfg.min_nucleus_um2) == (2, "opencv", None, 0.0)
+    assert cfg.drop_border_components is False and cfg.crop_margin == 0.2
+    for name, value in vars(Config().segmentation).items():
+        assert load_config(None, [f"segmentation.{name}={value}"]).segmentation == Config().segmentation
+    # A purple disc on white: the config's a* separation decides whether it is a nucleus.
+    crop = np.full((48, 48, 3), 245, np.uint8)
+    yy, xx = np.mgrid[:48, :48]
+    crop[(yy - 24) ** 2 + (xx - 24) ** 2 < 100] = (110, 60, 170)
+    two = ["segmentation.k=2"]  # two colours in the crop: two clusters
+    assert segment_wbc(crop, mpp=0.25, config=load_config(None, two).segmentation).found
+    strict = load_config(None, [*two, "segmentation.min_a_separation=500"]).segmentation
+    assert not segment_wbc(crop, mpp=0.25, config=strict).found
 
 
 @pytest.mark.parametrize("table", schemas.TABLES)
