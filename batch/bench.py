@@ -18,6 +18,11 @@ storage and against tifffile itself:
   the covering tiles with its own arithmetic (not hemaray's), and its output
   is checked equal to hemaray's.
 
+``bench_detector`` times the detector in each inference runtime (PyTorch, ONNX
+Runtime, OpenVINO; `batch.stages.runtime`) on the same decoded tiles of a
+synthetic slide, alternating, and checks each runtime's boxes against
+PyTorch's (``<runtime>_parity``).
+
 ``s3_regions_per_s`` is end-to-end through moto and says little about the
 reader: moto copies the whole object out of its buffer for every ranged GET
 (``FakeKey.value``), so on a 60 MB slide each GET costs the server tens of
@@ -42,7 +47,7 @@ from numpy.typing import NDArray
 
 from batch.slides import decoded_tile_cache, open_slide
 
-__all__ = ["bench_io", "bench_pipeline"]
+__all__ = ["bench_detector", "bench_io", "bench_pipeline"]
 
 BENCH_REPEATS = 5
 BENCH_BUCKET = "hemaray-bench"
@@ -468,3 +473,87 @@ def bench_pipeline(
             "device": "cuda" if gpu else "cpu",
             "detector_torch_threads": threads,
         }
+
+
+# ------------------------------------------------------------------ detector runtimes
+
+
+#: Rounds of ``bench_detector``: every runtime once per round, alternating; best of each.
+BENCH_DETECTOR_ROUNDS = 3
+
+
+def bench_detector(
+    *,
+    width: int = 4096,
+    height: int = 4096,
+    seed: int = 0,
+    max_tiles: int = 48,
+    runtimes: tuple[str, ...] | None = None,
+    workdir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Detector tiles/s in each inference runtime on the same tiles, side by side, and parity.
+
+    The tiles are a synthetic slide's planned tiles, read and resized to the
+    detector's input as a run does (`batch.run.tasks.read_tiles`), at most
+    ``max_tiles``. Each runtime is loaded (exported on first use), warmed up
+    on one batch, then timed over all tiles :data:`BENCH_DETECTOR_ROUNDS`
+    times, the runtimes alternating within each round so a slow spell of
+    the machine hits all of them; each keeps its best. ``<runtime>_over_torch``
+    is the ratio of tiles/s; ``<runtime>_parity`` compares its boxes with
+    PyTorch's (`batch.eval.metrics.detection_parity`). A runtime that cannot
+    load (package missing) is reported under ``<runtime>_error``.
+    """
+    import torch
+
+    from batch.config import Config
+    from batch.errors import ModelLoadError
+    from batch.eval.metrics import detection_parity
+    from batch.run.columns import rows_to_batch
+    from batch.run.tasks import PlanStage, read_tiles
+    from batch.stages.detect import load_detector
+    from batch.stages.runtime import RUNTIMES
+    from batch.synth import synth_slides
+
+    chosen = runtimes or RUNTIMES
+    if "torch" not in chosen:
+        chosen = ("torch", *chosen)
+    with ExitStack() as stack:
+        if workdir is None:
+            workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="hemaray-benchd-"))
+        (slide,) = synth_slides(Path(workdir), slides=1, width=width, height=height, seed=seed)
+        config = Config()
+        detectors: dict[str, Any] = {}
+        result: dict[str, Any] = {}
+        for rt in chosen:
+            try:
+                detectors[rt] = load_detector(device="cpu", runtime=rt)
+            except ModelLoadError as e:
+                result[f"{rt}_error"] = str(e)
+        torch_det = detectors["torch"]
+        rows = PlanStage(config, torch_det.trained_mpp)(
+            {"slide_id": slide.stem, "slide_uri": str(slide)}
+        )[:max_tiles]
+        batch = read_tiles(rows_to_batch(rows), config)
+        tiles = [batch["image"][i] for i in range(len(rows))]
+        for det in detectors.values():
+            det.detect(tiles[: det.batch_size])  # warm-up
+        seconds: dict[str, list[float]] = {rt: [] for rt in detectors}
+        outputs: dict[str, Any] = {}
+        for _ in range(BENCH_DETECTOR_ROUNDS):
+            for rt, det in detectors.items():
+                t0 = time.perf_counter()
+                outputs[rt] = det.detect(tiles)
+                seconds[rt].append(time.perf_counter() - t0)
+        torch_tps = len(tiles) / min(seconds["torch"])
+        for rt, each in seconds.items():
+            tps = len(tiles) / min(each)
+            result[f"{rt}_tiles_per_s"] = round(tps, 3)
+            result[f"{rt}_seconds_each"] = [round(x, 3) for x in each]
+            if rt != "torch":
+                result[f"{rt}_over_torch"] = round(tps / torch_tps, 3)
+                result[f"{rt}_parity"] = detection_parity(outputs["torch"], outputs[rt])
+        result.update(
+            tiles=len(tiles), tile_size=config.tiling.tile_size,
+            batch_size=torch_det.batch_size, torch_threads=torch.get_num_threads(),
+        )  # fmt: skip
+        return result

@@ -94,7 +94,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.set)
     with open_slide(
-        args.uri, storage_options=_storage_options(args), max_pixels=config.slides.max_pixels
+        args.uri, storage_options=_storage_options(args), max_pixels=config.slides.max_pixels,
+        max_pages=config.slides.max_pages,
     ) as slide:
         plan = plan_tiles(
             slide, config.tiling, slide_id=Path(str(args.uri)).stem, target_mpp=args.target_mpp
@@ -170,6 +171,48 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from batch.analytics.command import report_command
+
+    return report_command(args.outs, by=args.by, html=args.html, crops=args.crops,
+                          as_json=args.json, storage_options=_storage_options(args))  # fmt: skip
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from batch.export import ExportOptions, export_run
+
+    opts = {"client_kwargs": {"endpoint_url": args.endpoint_url}} if args.endpoint_url else None
+    summary = export_run(
+        args.out,
+        args.to,
+        ExportOptions(
+            format=args.format,
+            select=args.select,
+            classes=args.classes.split(",") if args.classes else None,
+            slides=args.slides.split(",") if args.slides else None,
+            seed=args.seed,
+            field_px=args.field_px,
+            url_prefix=args.url_prefix,
+        ),
+        storage_options=opts,
+    )
+    _print_json(summary)
+    return 0
+
+
+def _cmd_import_labels(args: argparse.Namespace) -> int:
+    from batch.export.importer import import_labels
+
+    opts = {"client_kwargs": {"endpoint_url": args.endpoint_url}} if args.endpoint_url else None
+    table = import_labels(args.files, args.format, args.out, run=args.run, storage_options=opts)
+    matches = table.column("match").to_pylist()
+    _print_json(
+        {"out": args.out, "rows": table.num_rows}
+        | {f"matched_{m}": matches.count(m) for m in ("id", "iou", "new")}
+    )
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     import tempfile
 
@@ -181,6 +224,18 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         print(f"generating a {args.width} x {args.height} synthetic smear ...", file=sys.stderr)
         (slide,) = synth_slides(tmp, slides=1, width=args.width, height=args.height, seed=args.seed)
         result = bench_io(slide_path=slide, regions=args.regions, seed=args.seed, workdir=tmp)
+    _print_result(result, args.json)
+    return 0
+
+
+def _cmd_bench_detector(args: argparse.Namespace) -> int:
+    from batch.bench import bench_detector
+
+    print("bench detector: exporting (first use only) and timing each runtime ...", file=sys.stderr)
+    result = bench_detector(
+        width=args.width, height=args.height, seed=args.seed, max_tiles=args.tiles,
+        runtimes=tuple(args.runtimes.split(",")) if args.runtimes else None,
+    )  # fmt: skip
     _print_result(result, args.json)
     return 0
 
@@ -218,8 +273,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         from batch.eval.detector import eval_detector
 
         result = eval_detector(
-            args.data, args.model, mpp=args.mpp, split=args.split, max_images=args.limit
-        )
+            args.data, args.model, mpp=args.mpp, split=args.split, max_images=args.limit,
+            runtime=args.runtime,
+        )  # fmt: skip
     elif args.what == "classifier":
         from batch.eval.classifier import eval_classifier
 
@@ -521,6 +577,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--split", help="detector: which split of a YOLO/VOC set (default val)")
     e.add_argument(
+        "--runtime", default="torch", choices=["torch", "onnxruntime", "openvino"],
+        help="detector: inference runtime (exported once into the model cache)",
+    )  # fmt: skip
+    e.add_argument(
         "--limit", type=int, help="at most this many images (per class for ImageFolders)"
     )
     e.add_argument("--config", help="YAML config (images, synthetic)")
@@ -537,6 +597,53 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.add_argument("--endpoint-url", help="S3-compatible endpoint")
     ev.set_defaults(func=_cmd_evaluate)
+
+    rp = sub.add_parser("report", help="tables over run outputs; --html: a static review site")
+    rp.add_argument("outs", nargs="+", metavar="OUT", help="run output folders or s3:// prefixes")
+    rp.add_argument("--by", help="slide-metadata column to group and compare slides by")
+    rp.add_argument("--html", metavar="DIR", help="write the review site (index.html) here")
+    rp.add_argument("--crops", type=int, default=12, help="gallery crops per WBC type per slide")
+    rp.add_argument("--json", action="store_true", help="last line: the figures as one JSON object")
+    rp.add_argument("--endpoint-url", help="S3-compatible endpoint")
+    rp.set_defaults(func=_cmd_report)
+
+    x = sub.add_parser(
+        "export",
+        help="export a run's cells for annotation or training (COCO, YOLO, QuPath, Label Studio, CVAT, ImageFolder)",
+    )
+    x.add_argument("out", help="the run's output folder or s3:// prefix")
+    x.add_argument(
+        "--format", required=True,
+        choices=("coco", "cvat", "imagefolder", "labelstudio", "qupath", "yolo"),
+    )
+    x.add_argument("--to", required=True, help="export folder (local)")
+    x.add_argument(
+        "--select",
+        help="least-confident:N | margin:N | random:N | stratified:N (per slide and label); default: all",
+    )
+    x.add_argument("--classes", help="comma-separated detector classes or labels, e.g. WBC or blast")
+    x.add_argument("--slides", help="comma-separated slide ids (default: every committed slide)")
+    x.add_argument("--seed", type=int, default=0, help="seed of random / stratified selection")
+    x.add_argument(
+        "--field-px", type=int, default=640, help="field side in pixels at the detector's scale"
+    )
+    x.add_argument(
+        "--url-prefix", default="", help="Label Studio: prefix of image paths in tasks.json"
+    )
+    x.add_argument("--endpoint-url", help="S3-compatible endpoint")
+    x.set_defaults(func=_cmd_export)
+
+    il = sub.add_parser(
+        "import-labels", help="annotation tool files (QuPath, COCO, Label Studio, CVAT) into a labels table"
+    )
+    il.add_argument("files", nargs="+", help="the tool's files (QuPath: <slide_id>.geojson)")
+    il.add_argument("--format", required=True, choices=("coco", "cvat", "labelstudio", "qupath"))
+    il.add_argument("--out", required=True, help="labels table to write (.parquet)")
+    il.add_argument(
+        "--run", help="the run's output: match labels to its cells (by cell_id, else IoU >= 0.5)"
+    )
+    il.add_argument("--endpoint-url", help="S3-compatible endpoint")
+    il.set_defaults(func=_cmd_import_labels)
 
     b = sub.add_parser(
         "bench", help="benchmarks; the last line of --json output is one JSON object"
@@ -562,6 +669,16 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--seed", type=int, default=0)
     bp.add_argument("--gpu", action="store_true", help="run detector and pipeline on CUDA")
     bp.set_defaults(func=_cmd_bench_pipeline)
+    bd = bsub.add_parser(
+        "detector", help="detector tiles/s per inference runtime on the same tiles, and parity"
+    )
+    bd.add_argument("--json", action="store_true")
+    bd.add_argument("--runtimes", help="comma-separated (default: torch,onnxruntime,openvino)")
+    bd.add_argument("--tiles", type=int, default=48, help="at most this many tiles")
+    bd.add_argument("--width", type=int, default=4096, help="width of the generated smear")
+    bd.add_argument("--height", type=int, default=4096, help="height of the generated smear")
+    bd.add_argument("--seed", type=int, default=0)
+    bd.set_defaults(func=_cmd_bench_detector)
     add_cluster_commands(sub)
     return p
 

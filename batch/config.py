@@ -81,16 +81,23 @@ class TilingConfig:
 #: Per-slide budget on level-0 pixels (width * height); larger headers are refused.
 DEFAULT_MAX_PIXELS: int = 200_000 * 200_000
 
+#: Per-slide budget on TIFF pages (IFDs); a slide has a few dozen, a hostile file 10^5.
+DEFAULT_MAX_PAGES: int = 4096
+
 
 @dataclass
 class SlideConfig:
     """Limits on what a slide may be."""
 
     max_pixels: int = DEFAULT_MAX_PIXELS
+    #: Longest TIFF page chain accepted; a longer (or looping) one is a CorruptSlideError.
+    max_pages: int = DEFAULT_MAX_PAGES
 
     def validate(self) -> None:
         if self.max_pixels <= 0:
             raise ConfigError(f"slides.max_pixels must be > 0, got {self.max_pixels}")
+        if self.max_pages <= 0:
+            raise ConfigError(f"slides.max_pages must be > 0, got {self.max_pages}")
 
 
 @dataclass
@@ -115,6 +122,10 @@ class StorageConfig:
         return {"client_kwargs": {"endpoint_url": self.endpoint_url}}
 
 
+#: Values of ``detect.runtime`` (batch.stages.runtime.RUNTIMES).
+DETECT_RUNTIMES = ("torch", "onnxruntime", "openvino")
+
+
 @dataclass
 class DetectConfig:
     """The cell detector and how it runs."""
@@ -130,6 +141,10 @@ class DetectConfig:
     max_det: int = 1000
     #: Class-agnostic NMS: one cell gets one box even when classes compete.
     agnostic_nms: bool = True
+    #: Inference runtime: "torch" (the .pt as it is), "onnxruntime" or "openvino" (exported
+    #: once, offline, into the model cache; batch.stages.runtime). The exported runtimes give
+    #: the same cells up to float rounding (tested); their cell ids differ from torch's.
+    runtime: str = "torch"
     #: Tiles per forward pass.
     batch_size: int = 8
     #: Detector actors; 0: one per GPU, or on a CPU-only cluster one per CPU (at most 16).
@@ -142,6 +157,10 @@ class DetectConfig:
         if not 0 <= self.conf <= 1 or not 0 < self.iou <= 1:
             raise ConfigError(
                 f"detect.conf must be in [0,1] and detect.iou in (0,1]; got {self.conf}, {self.iou}"
+            )
+        if self.runtime not in DETECT_RUNTIMES:
+            raise ConfigError(
+                f"detect.runtime must be one of {DETECT_RUNTIMES}, got {self.runtime!r}"
             )
         if self.max_det < 1 or self.batch_size < 1 or self.actors < 0:
             raise ConfigError(
@@ -247,6 +266,8 @@ class SegmentationConfig:
 
 #: Values of ``execution.placement``.
 PLACEMENTS = ("auto", "staged", "fused")
+#: Stages ``execution.inject_fault`` can make fail on one tile.
+FAULT_STAGES = ("read", "detect", "crop", "segment", "classify", "crash")
 
 
 @dataclass
@@ -288,8 +309,13 @@ class ExecutionConfig:
     #: a run's memory whatever the slide size. 0: 4 read batches per detector actor, at least
     #: 256 MB.
     object_store_mb: int = 0
-    #: Testing hook: "SLIDE_ID:ROW:COL" makes that tile's read raise (fault tests use it).
-    inject_read_fault: str | None = None
+    #: Times a crashed worker (segfault, OOM kill) is restarted and its work retried; after
+    #: that the run ends and fails its unfinished slides (the crash recorded) instead of retrying
+    #: without limit (Ray Data's default for actors).
+    max_worker_restarts: int = 2
+    #: Testing hook: "STAGE:SLIDE_ID:ROW:COL" makes that stage raise on that tile (fault tests
+    #: use it); STAGE is one of FAULT_STAGES, "crash" kills the worker process at the read.
+    inject_fault: str | None = None
 
     def validate(self) -> None:
         if self.read_batch_size < 0 or self.classify_batch_size < 1:
@@ -304,6 +330,15 @@ class ExecutionConfig:
             raise ConfigError(
                 f"execution.placement must be one of {PLACEMENTS}, got {self.placement!r}"
             )
+        if self.max_worker_restarts < 0:
+            raise ConfigError("execution.max_worker_restarts must be >= 0")
+        if self.inject_fault is not None:
+            parts = self.inject_fault.split(":")
+            if len(parts) != 4 or parts[0] not in FAULT_STAGES:
+                raise ConfigError(
+                    "execution.inject_fault must be STAGE:SLIDE_ID:ROW:COL with STAGE one of "
+                    f"{FAULT_STAGES}, got {self.inject_fault!r}"
+                )
 
 
 @dataclass

@@ -18,7 +18,7 @@ import pyarrow as pa
 __all__ = ["TABLES", "load", "field_docs", "latest_version", "conform", "conform_to"]
 
 SCHEMA_DIR = Path(__file__).parent
-TABLES = ("cells", "slides", "failures")
+TABLES = ("cells", "slides", "failures", "labels")
 _LIST_RE = re.compile(r"^list<(.+)>$")
 _TS_RE = re.compile(r"^timestamp\[(\w+)(?:, tz=(.+))?\]$")
 

@@ -192,7 +192,7 @@ def test_tile_failure_fails_only_that_slide(slides_dir: Path, tmp_path: Path) ->
     inputs = resolve_inputs([str(slides_dir)])
     # Fault injection by flag (travels with the config to the workers): one tile of
     # slide_0001 fails to read after other tiles of that slide may already be staged.
-    faulty = load_config(None, ["execution.inject_read_fault=slide_0001:1:1"])
+    faulty = load_config(None, ["execution.inject_fault=read:slide_0001:1:1"])
     result = run_pipeline(inputs, str(out), faulty)
     assert result.committed == ["slide_0000"]
     assert list(result.failed) == ["slide_0001"]

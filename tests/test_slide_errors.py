@@ -223,6 +223,125 @@ def test_corrupt_png_is_corrupt(tmp_path: Path) -> None:
         open_slide(path)
 
 
+# ------------------------------------------------------------------ hostile page chains
+
+
+def _ifd_at(path: Path) -> list[int]:
+    """Byte offsets of the top-level IFDs (classic little-endian TIFF), walked by hand."""
+    data = path.read_bytes()
+    (offset,) = struct.unpack_from("<I", data, 4)
+    chain: list[int] = []
+    seen: set[int] = set()
+    while offset and offset not in seen:
+        chain.append(offset)
+        seen.add(offset)
+        (entries,) = struct.unpack_from("<H", data, offset)
+        (offset,) = struct.unpack_from("<I", data, offset + 2 + 12 * entries)
+    return chain
+
+
+def _next_pointer_at(data: bytes, ifd: int) -> int:
+    (entries,) = struct.unpack_from("<H", data, ifd)
+    return ifd + 2 + 12 * entries
+
+
+def append_pages(path: Path, count: int, *, loop_back: bool = False) -> None:
+    """Append ``count`` copies of page 0's IFD to the chain (its tags point at the same data).
+
+    With ``loop_back`` the last copy points at the first copy: a cycle of ``count`` pages.
+    """
+    data = bytearray(path.read_bytes())
+    first = _ifd_at(path)[0]
+    ifd = bytes(data[first : _next_pointer_at(data, first) + 4])
+    start = len(data) + len(data) % 2  # IFDs start on a word boundary
+    data.extend(bytes(start - len(data)))
+    last = _next_pointer_at(data, _ifd_at(path)[-1])
+    struct.pack_into("<I", data, last, start)
+    copies = bytearray(ifd * count)
+    for k in range(count):
+        nxt = start + (k + 1) * len(ifd) if k < count - 1 else (start if loop_back else 0)
+        struct.pack_into("<I", copies, (k + 1) * len(ifd) - 4, nxt)
+    data.extend(copies)
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("length", [1, 150])
+def test_page_chain_looping_back_is_corrupt_at_open(tmp_path: Path, length: int) -> None:
+    """A loop of any length is caught by the offsets seen (tifffile checks only at page 100)."""
+    path = write_tiled(tmp_path / f"loop{length}.tif")
+    if length == 1:
+        data = bytearray(path.read_bytes())
+        first = _ifd_at(path)[0]
+        struct.pack_into("<I", data, _next_pointer_at(data, first), first)
+        path.write_bytes(bytes(data))
+    else:
+        append_pages(path, length, loop_back=True)
+    with raises_fast(CorruptSlideError, str(path), cause=False):
+        open_slide(path)
+
+
+def test_hundred_thousand_pages_are_corrupt_at_open(tmp_path: Path) -> None:
+    path = write_tiled(tmp_path / "pages.tif")
+    append_pages(path, 100_000)
+    assert len(_ifd_at(path)) == 100_001
+    with raises_fast(CorruptSlideError, str(path), cause=False):
+        open_slide(path)
+
+
+def test_max_pages_is_the_budget(tmp_path: Path) -> None:
+    path = write_tiled(tmp_path / "six-pages.tif")
+    append_pages(path, 5)
+    with raises_fast(CorruptSlideError, str(path), cause=False):
+        open_slide(path, max_pages=5)
+    with open_slide(path, max_pages=6) as slide:
+        assert (slide.info.width, slide.info.height) == (WIDTH, HEIGHT)
+
+
+def zero_tile_table(path: Path, tag: str) -> None:
+    """Overwrite one of level 0's tile tables (TileOffsets / TileByteCounts) with zeros."""
+    with tifffile.TiffFile(path) as tif:
+        t = tif.pages[0].tags[tag]
+        at, size = int(t.valueoffset), int(t.valuebytecount)
+    with open(path, "r+b") as fh:
+        fh.seek(at)
+        fh.write(bytes(size))
+
+
+@pytest.mark.parametrize("compression", ["zlib", "none"])
+@pytest.mark.parametrize(
+    ("tables", "tile"),
+    [
+        (("TileByteCounts",), "level 0 tile (row 0, col 0)"),
+        (("TileOffsets",), "level 0 tile (row 0, col 0)"),
+        (("TileOffsets", "TileByteCounts"), None),
+    ],
+)
+def test_zeroed_tile_tables_are_corrupt_at_open(
+    tmp_path: Path, compression: str, tables: tuple[str, ...], tile: str | None
+) -> None:
+    """Not white background (zero counts), not garbage pixels (zero offsets): corrupt."""
+    path = write_tiled(tmp_path / f"zeroed-{compression}.tif", compression)
+    for tag in tables:
+        zero_tile_table(path, tag)
+    with raises_fast(CorruptSlideError, str(path), cause=False, tile=tile):
+        open_slide(path)
+    if tile is None:
+        with pytest.raises(CorruptSlideError) as info:
+            open_slide(path)
+        assert "zero" in str(info.value)
+
+
+def test_one_zeroed_byte_count_is_corrupt_naming_the_tile(tmp_path: Path) -> None:
+    path = write_tiled(tmp_path / "one-zero.tif")
+    with tifffile.TiffFile(path) as tif:
+        at = int(tif.pages[0].tags["TileByteCounts"].valueoffset)
+    with open(path, "r+b") as fh:
+        fh.seek(at + 4 * (ACROSS + 3))  # row 1, col 3
+        fh.write(bytes(4))
+    with raises_fast(CorruptSlideError, str(path), cause=False, tile="level 0 tile (row 1, col 3)"):
+        open_slide(path)
+
+
 # ------------------------------------------------------------------ too large
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from batch.config import DetectConfig
 from batch.datasets.detection import LabeledImage, read_detection_dataset
 from batch.eval.metrics import AP_CONF, detection_metrics
 from batch.stages.detect import CellDetector, Detections, estimate_mpp_from_rbc
@@ -124,6 +125,7 @@ def eval_detector(
     batch_size: int = 8,
     max_images: int | None = None,
     storage_options: dict[str, Any] | None = None,
+    runtime: str = DetectConfig.runtime,
 ) -> dict[str, Any]:
     """Evaluate a detector on a labelled YOLO or Pascal VOC set.
 
@@ -144,8 +146,9 @@ def eval_detector(
         Which split to evaluate; default ``val`` if present, else the whole set.
     conf
         Operating confidence threshold for precision / recall / F1.
-    device, batch_size
-        Passed to ``CellDetector`` when ``model`` is not one.
+    device, batch_size, runtime
+        Passed to ``CellDetector`` when ``model`` is not one (``runtime``:
+        torch, onnxruntime or openvino; `batch.stages.runtime`).
     max_images
         Evaluate only the first N images of the split (sorted by path).
     storage_options
@@ -163,8 +166,9 @@ def eval_detector(
         model
         if isinstance(model, CellDetector)
         else CellDetector(
-            model, device=device, batch_size=batch_size, storage_options=storage_options
-        )
+            model, device=device, batch_size=batch_size, storage_options=storage_options,
+            runtime=runtime,
+        )  # fmt: skip
     )
     images, split = _select_split(read_detection_dataset(data_dir), split)
     images = sorted(images, key=lambda im: str(im.path))
@@ -178,6 +182,7 @@ def eval_detector(
             "model": str(detector.weights_path),
             "model_sha256": detector.sha256,
             "trained_mpp": detector.trained_mpp,
+            "runtime": detector.runtime,
         }
     )
     return result

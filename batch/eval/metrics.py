@@ -35,6 +35,7 @@ import numpy.typing as npt
 from batch.config import DetectConfig
 
 __all__ = [
+    "detection_parity",
     "AP_CONF",
     "BENIGN_LABEL",
     "IOU_THRESHOLDS",
@@ -361,3 +362,42 @@ def iou(a: npt.ArrayLike, b: npt.ArrayLike) -> float:
         raise ValueError(f"mask shapes differ: {x.shape} vs {y.shape}")
     union = int((x | y).sum())
     return 1.0 if union == 0 else int((x & y).sum()) / union
+
+
+def detection_parity(
+    reference: Sequence[Any], other: Sequence[Any], *, iou: float = 0.9
+) -> dict[str, float | int]:
+    """How closely ``other``'s detections reproduce ``reference``'s on the same images.
+
+    Each argument holds one ``Detections`` (``boxes``, ``labels``, ``scores``)
+    per image. A reference box is matched by the other's box of the same
+    class with the highest IoU, when that IoU reaches ``iou``.
+
+    Returns
+    -------
+    dict
+        ``matched_fraction`` of reference boxes, ``worst_iou`` and
+        ``max_conf_diff`` over the matched pairs, and ``n_reference`` /
+        ``n_other`` box counts.
+    """
+    n_ref = n_other = n_matched = 0
+    worst_iou, max_diff = 1.0, 0.0
+    for a, b in zip(reference, other, strict=True):
+        n_ref, n_other = n_ref + len(a.boxes), n_other + len(b.boxes)
+        if not len(a.boxes) or not len(b.boxes):
+            continue
+        m = box_iou(a.boxes, b.boxes)
+        m[np.asarray(a.labels)[:, None] != np.asarray(b.labels)[None, :]] = -1.0
+        best = m.argmax(axis=1)
+        for i, j in enumerate(best):
+            if m[i, j] >= iou:
+                n_matched += 1
+                worst_iou = min(worst_iou, float(m[i, j]))
+                max_diff = max(max_diff, abs(float(a.scores[i]) - float(b.scores[j])))
+    return {
+        "matched_fraction": n_matched / n_ref if n_ref else 1.0,
+        "worst_iou": round(worst_iou, 6),
+        "max_conf_diff": round(max_diff, 6),
+        "n_reference": n_ref,
+        "n_other": n_other,
+    }

@@ -12,6 +12,7 @@ method per step: `start`, `consume` (per tile), `commit`, `fail`, and
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -31,6 +32,8 @@ from batch.run.sink import OutputStore, SlideWriter
 
 __all__ = ["EXIT_OK", "EXIT_PARTIAL", "EXIT_RUN_FAILED", "RunLedger", "RunResult", "summary_lines"]
 
+log = logging.getLogger(__name__)
+
 #: Exit codes of ``hemaray run``.
 EXIT_OK, EXIT_RUN_FAILED, EXIT_PARTIAL = 0, 1, 2
 
@@ -46,6 +49,9 @@ class RunResult:
     failed: dict[str, str] = field(default_factory=dict)
     #: The typed error of each failed slide.
     errors: dict[str, BaseException] = field(default_factory=dict)
+    #: Books that could not be written (slide id -> what failed): a failures or slides row
+    #: whose write raised. The run goes on; the slide stays failed in this result.
+    unrecorded: dict[str, str] = field(default_factory=dict)
     cells_by_class: dict[str, int] = field(default_factory=dict)
     wbc_types: dict[str, int] = field(default_factory=dict)
     tiles: int = 0
@@ -123,10 +129,10 @@ class RunLedger:
                 continue
             st.n_tiles = int(batch["n_tiles"][i])
             if batch["kind"][i] == "tile":
-                cells = unpack(batch["cells"][i])
-                if st.writer is None:
-                    st.writer = self.store.slide_writer(sid, self.schema)
                 try:
+                    cells = unpack(batch["cells"][i])
+                    if st.writer is None:
+                        st.writer = self.store.slide_writer(sid, self.schema)
                     st.writer.write(cells)  # conformed to the cells schema by the writer
                 except Exception as e:
                     self.fail(sid, "write", e)
@@ -140,17 +146,17 @@ class RunLedger:
     def commit(self, sid: str) -> None:
         """Publish slide ``sid``'s cells and its slides row (a write error fails the slide)."""
         st = self.states[sid]
-        writer = st.writer or self.store.slide_writer(sid, self.schema)
         info = st.info
-        summary = st.tally.summary(info.get("analysed_um2"))
-        row = {
-            "slide_id": sid, "slide_uri": st.uri, "status": "committed",
-            **{k: info.get(k) for k in ("format", "width", "height", "levels", "mpp", "mpp_source", "level_used", "tiles_planned", "tiles_skipped")},
-            "tiles_done": st.done, **summary,
-            "started_at": datetime.fromtimestamp(st.started, UTC),
-            "seconds": time.time() - st.started,
-        }  # fmt: skip
         try:
+            writer = st.writer or self.store.slide_writer(sid, self.schema)
+            summary = st.tally.summary(info.get("analysed_um2"))
+            row = {
+                "slide_id": sid, "slide_uri": st.uri, "status": "committed",
+                **{k: info.get(k) for k in ("format", "width", "height", "levels", "mpp", "mpp_source", "level_used", "tiles_planned", "tiles_skipped")},
+                "tiles_done": st.done, **summary,
+                "started_at": datetime.fromtimestamp(st.started, UTC),
+                "seconds": time.time() - st.started,
+            }  # fmt: skip
             writer.commit(row, _metadata_columns(st.metadata))
         except Exception as e:
             self.fail(sid, "write", e)
@@ -168,35 +174,60 @@ class RunLedger:
         )
 
     def fail(self, sid: str, stage: str, error: BaseException) -> None:
-        """Record slide ``sid`` as failed at ``stage``; drop anything staged for it."""
+        """Record slide ``sid`` as failed at ``stage``; drop anything staged for it.
+
+        The slide is failed in the result whatever happens to the writes: a
+        failures or slides row that cannot be written is logged and kept in
+        ``result.unrecorded``, and the run goes on.
+        """
         st = self.states[sid]
         st.failed = True
-        if st.writer is not None:
-            st.writer.discard()
-            st.writer = None
-        tile = getattr(error, "tile", None) if isinstance(error, HemarayError) else None
-        self.store.write_failure(sid, st.uri, stage=stage, error=error, tile=tile)
-        info = st.info or {}
-        self.store.write_slide_row(
-            {
-                "slide_id": sid, "slide_uri": st.uri, "status": "failed", "error": str(error),
-                **{k: info.get(k) for k in ("format", "width", "height", "levels", "mpp", "mpp_source")},
-                "started_at": datetime.fromtimestamp(st.started, UTC),
-                "seconds": time.time() - st.started,
-            },
-            _metadata_columns(st.metadata),
-        )  # fmt: skip
         type_name = error_type_name(error)
         self.result.failed[sid] = f"{type_name}: {error}"
         self.result.errors[sid] = error
         self.echo(f"FAILED {sid} at {stage}: {error}")
+        if st.writer is not None:
+            writer, st.writer = st.writer, None
+            self._record(sid, "discarding its staged cells", writer.discard)
+        tile = getattr(error, "tile", None) if isinstance(error, HemarayError) else None
+        self._record(
+            sid, "writing its failures row",
+            lambda: self.store.write_failure(sid, st.uri, stage=stage, error=error, tile=tile),
+        )  # fmt: skip
+        info = st.info or {}
+        row = {
+            "slide_id": sid, "slide_uri": st.uri, "status": "failed", "error": str(error),
+            **{k: info.get(k) for k in ("format", "width", "height", "levels", "mpp", "mpp_source")},
+            "started_at": datetime.fromtimestamp(st.started, UTC),
+            "seconds": time.time() - st.started,
+        }  # fmt: skip
+        self._record(
+            sid, "writing its slides row",
+            lambda: self.store.write_slide_row(row, _metadata_columns(st.metadata)),
+        )  # fmt: skip
 
-    def finish(self) -> None:
-        """Fail the slides that never completed (only when the dataset was cut short)."""
+    def _record(self, sid: str, what: str, write: Callable[[], Any]) -> None:
+        """Run one bookkeeping write; a failure is logged and kept, never raised."""
+        try:
+            write()
+        except Exception as e:
+            message = f"{what} failed ({type(e).__name__}: {e})"
+            previous = self.result.unrecorded.get(sid)
+            self.result.unrecorded[sid] = f"{previous}; {message}" if previous else message
+            log.error("slide %s: %s", sid, message)
+            self.echo(f"WARNING {sid}: {message}")
+
+    def finish(self, cause: BaseException | None = None) -> None:
+        """Fail the slides that never completed (only when the dataset was cut short).
+
+        ``cause`` is why it was cut short (e.g. a worker that crashed more often
+        than its retry budget allows); each unfinished slide's failure records it.
+        """
         for sid, st in self.states.items():
             if not st.failed and sid not in self.result.committed:
+                why = f": {type(cause).__name__}: {cause}" if cause is not None else ""
                 err = RuntimeError(
-                    f"slide returned {st.done} of {st.n_tiles} tiles; the run ended early"
+                    f"slide returned {st.done} of {st.n_tiles} tiles; the run ended early{why}"
                 )
                 self.fail(sid, "run", err)
 

@@ -125,16 +125,21 @@ def run_pipeline(
     )  # fmt: skip
     ledger = RunLedger(store, cells_schema(labels, config.export.crops), result, config, echo)
     ledger.start(todo)
+    cut_short: Exception | None = None
     if todo:
         saved = ray.data.DataContext.get_current().copy()
         try:
             ds = _build_dataset(todo, config, detector_mpp)
             for batch in ds.iter_batches(batch_format="numpy", batch_size=None, prefetch_batches=2):
                 ledger.consume(batch)
+        except Exception as e:  # e.g. a worker that crashed beyond its retries: fail, not crash
+            cut_short = e
+            log.error("the dataset ended with an error; failing the unfinished slides: %s", e)
+            echo(f"the run was cut short ({type(e).__name__}: {e})")
         finally:  # the run's block size and budget must not leak into the caller's datasets
             ray.data.DataContext._set_current(saved)
     # Slides that never returned a row cannot happen unless the dataset was cut short: record them.
-    ledger.finish()
+    ledger.finish(cut_short)
 
     result.seconds = time.time() - t0
     manifest.update(
@@ -143,6 +148,7 @@ def run_pipeline(
         committed=result.committed,
         skipped=result.skipped,
         failed=result.failed,
+        unrecorded=result.unrecorded,
         tiles=result.tiles,
         cells_by_class=result.cells_by_class,
     )
@@ -224,6 +230,11 @@ def _build_dataset(todo: list[SlideInput], config: Config, detector_mpp: float |
     # Ray Data polls every map worker's USS (reading /proc smaps) once a second by default;
     # the run does not use those figures.
     ctx.memory_usage_poll_interval_s = None
+    # Finite retries: a worker that crashes on a slide is restarted (and its work retried) a
+    # bounded number of times, then the dataset raises and the run fails the unfinished slides.
+    retries = ex.max_worker_restarts
+    task_retries: dict[str, Any] = {"max_retries": retries}
+    actor_retries: dict[str, Any] = {"max_restarts": retries, "max_task_retries": retries}
     ds: Any = ray.data.from_items(rows, override_num_blocks=min(len(rows), 200))
     actors, tasks = ray.data.ActorPoolStrategy, ray.data.TaskPoolStrategy
     # Planning opens headers (and may load a detector to estimate an unknown mpp): CPU tasks.
@@ -232,10 +243,11 @@ def _build_dataset(todo: list[SlideInput], config: Config, detector_mpp: float |
         fn_kwargs={"config": config, "trained_mpp": detector_mpp},
         compute=tasks(size=read_conc),
         num_cpus=ex.cpu_per_task,
+        **task_retries,
     )
     det_res: dict[str, Any] = (
         {"num_gpus": config.detect.gpus_per_actor} if use_gpu else {"num_cpus": ex.cpu_per_actor}
-    )
+    ) | actor_retries
     if fused:
         # One worker per core takes its tiles through the whole chain, the read included: no
         # pixels, crops or cell tables through the object store, and no reader, segmentation or
@@ -250,6 +262,7 @@ def _build_dataset(todo: list[SlideInput], config: Config, detector_mpp: float |
     ds = ds.map_batches(
         read_tiles, fn_kwargs={"config": config}, batch_size=read_batch,
         num_cpus=ex.cpu_per_task, compute=tasks(size=read_conc), batch_format="numpy",
+        **task_retries,
     )  # fmt: skip
     ds = ds.map_batches(
         DetectStage, fn_constructor_args=(config, threads),
@@ -258,10 +271,11 @@ def _build_dataset(todo: list[SlideInput], config: Config, detector_mpp: float |
     ds = ds.map_batches(
         SegmentStage, fn_constructor_args=(config,), batch_size=config.detect.batch_size,
         num_cpus=ex.cpu_per_task, compute=actors(size=seg_conc), batch_format="numpy",
+        **actor_retries,
     )  # fmt: skip
     cls_res: dict[str, Any] = (
         {"num_gpus": ex.gpus_per_classifier} if use_gpu else {"num_cpus": ex.cpu_per_classifier}
-    )
+    ) | actor_retries
     ds = ds.map_batches(
         ClassifyStage, fn_constructor_args=(config, 0 if use_gpu else cls_threads),
         batch_size=config.detect.batch_size, compute=actors(size=cls_actors), batch_format="numpy", **cls_res,

@@ -10,9 +10,16 @@ Columns grow and shrink along the way: `read_tiles` adds the decoded
 ``image``; `DetectStage` adds ``cells`` and, through `crop_tiles`, swaps the
 image for the WBC crops (``wbc_crops``), so megabytes of pixels stop at the
 detector; `segment_tiles` turns those into ``crops`` (crops + masks);
-`ClassifyStage` drops them again. A failure marks the tile's row as an
-``error`` row with its typed exception (`batch.run.columns.set_error`); the
-driver fails that slide.
+`ClassifyStage` drops them again.
+
+Fault isolation: an exception in any stage marks the rows it concerns as
+``error`` rows with their typed exception (`batch.run.columns.set_error`) and
+the driver fails those slides; nothing escapes to kill the run. Per-tile work
+fails its tile. A model call over a batch that raises is repeated tile by
+tile (`_by_tile`), so only the tiles that fail alone fail (a tile's result
+does not depend on its batch: cell ids are batching-independent). An error
+outside the per-tile work fails every tile of the batch (`_batch_guard`):
+the slides of that batch fail, other batches go on.
 """
 
 from __future__ import annotations
@@ -21,7 +28,9 @@ import hashlib
 import io
 import json
 import math
-from dataclasses import asdict
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import cv2
@@ -45,7 +54,7 @@ from batch.run.columns import (
     tile_name,
     unpack,
 )
-from batch.slides import open_slide
+from batch.slides import WHITE, open_slide
 from batch.stages.classify import WbcClassifier
 from batch.stages.crop import crop_regions, crop_wbcs, estimate_background
 from batch.stages.detect import load_detector
@@ -65,10 +74,86 @@ __all__ = [
     "model_key",
 ]
 
+#: Exit status of a worker killed by ``execution.inject_fault=crash:...``.
+INJECTED_CRASH_EXIT = 77
 #: Open slides kept per worker process.
 SLIDE_CACHE_SIZE = 8
 #: Centre region (detector pixels) used to estimate an unknown mpp from RBC sizes.
 MPP_PROBE_SIDE = 1024
+
+
+# --- fault isolation ----------------------------------------------------------------
+
+
+def inject_fault(config: Config, stage: str, batch: Batch, i: int) -> None:
+    """Raise if ``execution.inject_fault`` names ``stage`` and row ``i``'s tile (testing hook)."""
+    fault = config.execution.inject_fault
+    if fault is None or not fault.startswith(stage + ":"):
+        return
+    where = tile_name(batch, i)
+    if fault == f"{stage}:{where}" and stage == "crash":
+        os._exit(INJECTED_CRASH_EXIT)  # a segfault or OOM kill, as the worker's supervisor sees it
+    if fault == f"{stage}:{where}":
+        message = f"injected {stage} fault at tile {where} (execution.inject_fault)"
+        raise OSError(message) if stage == "read" else RuntimeError(message)
+
+
+def _by_tile(
+    batch: Batch, rows: list[int], stage: str, run: Callable[[list[int], frozenset[int]], list[Any]]
+) -> dict[int, Any]:
+    """``run`` over ``rows`` at once; if that raises, find and fail the rows that fail alone.
+
+    ``run(rows, blank)`` returns one result per row; rows in ``blank`` get a
+    placeholder input and their results are dropped. After a failure the
+    batch is run again with the failing rows blanked, so the others are
+    computed in a batch of the size a clean run had (on CPU a warm detector's
+    boxes were measured identical batched and alone, but GPU kernels may pick
+    other algorithms by batch size); if that fails too, the rows' results from
+    their single-row runs are used.
+    """
+    if not rows:
+        return {}
+    none: frozenset[int] = frozenset()
+    try:
+        return dict(zip(rows, run(rows, none), strict=True))
+    except Exception:
+        alone: dict[int, Any] = {}
+        for i in rows:
+            try:
+                alone[i] = run([i], none)[0]
+            except Exception as e:  # this tile's slide fails; the batch's other tiles go on
+                set_error(batch, i, stage, e)
+        failed = frozenset(rows) - alone.keys()
+        if not failed or not alone:
+            return alone
+        try:
+            results = run(rows, failed)
+        except Exception:
+            return alone
+        return {i: r for i, r in zip(rows, results, strict=True) if i not in failed}
+
+
+def _batch_guard(
+    stage: str, batch: Batch, call: Callable[[Batch], Batch], *, drop: tuple[str, ...],
+    add: tuple[str, ...],
+) -> Batch:  # fmt: skip
+    """``call(batch)``; if it raises, every tile row of the batch fails at ``stage``.
+
+    The failed batch leaves with the columns the stage would have left it
+    with (``drop`` removed, ``add`` present), so batches still concatenate.
+    """
+    try:
+        return call(batch)
+    except Exception as e:
+        for i, kind in enumerate(batch["kind"]):
+            if kind == "tile":
+                set_error(batch, i, stage, e)
+        n = len(batch["kind"])
+        out = {k: v for k, v in batch.items() if k not in drop}
+        for name in add:
+            if name not in out:
+                out[name] = object_array([b""] * n)
+        return out
 
 
 # --- plan ------------------------------------------------------------------------------
@@ -90,6 +175,7 @@ def _open(uri: str, config: Config) -> Any:
             uri,
             storage_options=config.storage.storage_options(),
             max_pixels=config.slides.max_pixels,
+            max_pages=config.slides.max_pages,
         ),
     )
 
@@ -214,15 +300,13 @@ class _InfoWithMpp:
 def read_tiles(batch: Batch, config: Config) -> Batch:
     """Read and decode each tile's region, resized to the detector's input size (``image``)."""
     size = config.tiling.tile_size
-    fault = config.execution.inject_read_fault
     images = np.full((len(batch["kind"]), size, size, 3), 255, dtype=np.uint8)
     for i, kind in enumerate(batch["kind"]):
         if kind != "tile":
             continue
         try:
-            where = tile_name(batch, i)
-            if fault is not None and where == fault:
-                raise OSError(f"injected read fault at tile {where} (execution.inject_read_fault)")
+            inject_fault(config, "crash", batch, i)
+            inject_fault(config, "read", batch, i)
             slide = _open(batch["slide_uri"][i], config)
             region = slide.read_region(
                 int(batch["x"][i]), int(batch["y"][i]), int(batch["w"][i]), int(batch["h"][i]),
@@ -247,6 +331,8 @@ _RESULT_DETECT_FIELDS = ("conf", "iou", "max_det", "agnostic_nms")
 def model_key(config: Config, detector_sha: str) -> str:
     """What the cell ids depend on besides slide and box: weights and result-changing settings."""
     detect = {k: getattr(config.detect, k) for k in _RESULT_DETECT_FIELDS}
+    if config.detect.runtime != "torch":  # float rounding of another runtime moves boxes a hair;
+        detect["runtime"] = config.detect.runtime  # torch's key stays what it always was
     key = json.dumps(
         {"det": detector_sha, "tiling": asdict(config.tiling), "detect": detect}, sort_keys=True
     )
@@ -266,19 +352,41 @@ class DetectStage:
         self.detector = load_detector(
             d.model, storage_options=config.storage.storage_options(), device=d.device,
             conf=d.conf, iou=d.iou, max_det=d.max_det, batch_size=d.batch_size,
-            agnostic_nms=d.agnostic_nms,
+            agnostic_nms=d.agnostic_nms, runtime=d.runtime,
         )  # fmt: skip
         self.version = self.detector.sha256[:12]
         self.model_key = model_key(config, self.detector.sha256)
 
     def __call__(self, batch: Batch) -> Batch:
-        idx = [i for i, k in enumerate(batch["kind"]) if k == "tile"]
+        return _batch_guard(
+            "detect", batch, self._detect_and_crop, drop=("image",), add=("cells", "wbc_crops")
+        )
+
+    def _run(self, batch: Batch, rows: list[int], blank: frozenset[int]) -> list[Any]:
+        images = []
+        for i in rows:
+            if i in blank or batch["kind"][i] != "tile":
+                images.append(np.full_like(batch["image"][i], WHITE))
+                continue
+            inject_fault(self.config, "detect", batch, i)
+            images.append(batch["image"][i])  # already at the detector's scale (the reader's)
+        return list(self.detector.detect(images))
+
+    def _detect_and_crop(self, batch: Batch) -> Batch:
+        # Every planned tile row, also those an earlier stage failed (blanked, results dropped):
+        # the detector's batches keep the size of a clean run's, and so do its float results.
+        planned = [
+            i for i, n in enumerate(batch["n_tiles"]) if n > 0 and batch["kind"][i] != "empty"
+        ]
         packed: list[bytes] = [b""] * len(batch["kind"])
-        if idx:
-            # Tiles are already at the detector's scale (the reader resized them).
-            dets = self.detector.detect([batch["image"][i] for i in idx])
-            for i, det in zip(idx, dets, strict=True):
+        dets = _by_tile(batch, planned, "detect", lambda rows, blank: self._run(batch, rows, blank))
+        for i, det in dets.items():
+            if batch["kind"][i] != "tile":
+                continue
+            try:
                 packed[i] = pack(self._cells(batch, i, det))
+            except Exception as e:
+                set_error(batch, i, "detect", e)
         return crop_tiles({**batch, "cells": object_array(packed)}, self.config)
 
     def _cells(self, batch: Batch, i: int, det: Any) -> pa.Table:
@@ -332,22 +440,30 @@ def crop_tiles(batch: Batch, config: Config) -> Batch:
     for i, kind in enumerate(batch["kind"]):
         if kind != "tile" or not batch["cells"][i]:
             continue
-        cells = unpack(batch["cells"][i])
-        wbc = np.flatnonzero(np.asarray(cells.column("det_class").to_pylist()) == "WBC")
-        if not len(wbc):
-            continue
-        image = batch["image"][i]
-        boxes = np.stack([cells.column(c).to_numpy()[wbc] for c in TILE_BOX_COLUMNS], axis=1)
-        bg = estimate_background(image)
-        crops = crop_wbcs(image, boxes, margin=config.segmentation.crop_margin, background=bg)
-        buf = io.BytesIO()
-        arrays: dict[str, npt.NDArray[Any]] = {f"crop{j}": c for j, c in enumerate(crops)}
-        arrays["rows"] = wbc
-        arrays["bg"] = np.asarray(bg, np.int64)
-        np.savez(buf, **arrays)  # type: ignore[arg-type]
-        out[i] = buf.getvalue()
+        try:
+            inject_fault(config, "crop", batch, i)
+            out[i] = _crop_tile(batch, i, config)
+        except Exception as e:  # this tile's slide fails; the batch's other tiles go on
+            set_error(batch, i, "crop", e)
     rest = {k: v for k, v in batch.items() if k != "image"}
     return {**rest, "wbc_crops": object_array(out)}
+
+
+def _crop_tile(batch: Batch, i: int, config: Config) -> bytes:
+    cells = unpack(batch["cells"][i])
+    wbc = np.flatnonzero(np.asarray(cells.column("det_class").to_pylist()) == "WBC")
+    if not len(wbc):
+        return b""
+    image = batch["image"][i]
+    boxes = np.stack([cells.column(c).to_numpy()[wbc] for c in TILE_BOX_COLUMNS], axis=1)
+    bg = estimate_background(image)
+    crops = crop_wbcs(image, boxes, margin=config.segmentation.crop_margin, background=bg)
+    buf = io.BytesIO()
+    arrays: dict[str, npt.NDArray[Any]] = {f"crop{j}": c for j, c in enumerate(crops)}
+    arrays["rows"] = wbc
+    arrays["bg"] = np.asarray(bg, np.int64)
+    np.savez(buf, **arrays)  # type: ignore[arg-type]
+    return buf.getvalue()
 
 
 def segment_tiles(batch: Batch, config: Config) -> Batch:
@@ -357,41 +473,51 @@ def segment_tiles(batch: Batch, config: Config) -> Batch:
     for i, kind in enumerate(batch["kind"]):
         if kind != "tile" or not batch["cells"][i]:
             continue
-        cells = unpack(batch["cells"][i])
-        morph = {k: np.full(cells.num_rows, np.nan) for k in MORPHOMETRIC_KEYS}
-        if batch["wbc_crops"][i]:
-            z = np.load(io.BytesIO(batch["wbc_crops"][i]))
-            wbc = z["rows"]
-            r, g, b = (int(v) for v in z["bg"])
-            bg = (r, g, b)
-            crops = [z[f"crop{j}"] for j in range(len(wbc))]
-            boxes = np.stack([cells.column(c).to_numpy()[wbc] for c in TILE_BOX_COLUMNS], axis=1)
-            crop_mpp = _detector_mpp(batch, i) or config.tiling.fallback_mpp
-            regions = crop_regions(boxes, margin=config.segmentation.crop_margin)
-            masks = []
-            for j, (crop, box, reg) in enumerate(zip(crops, boxes, regions, strict=True)):
-                cell_box = (box[0] - reg[0], box[1] - reg[1], box[2] - reg[0], box[3] - reg[1])
-                seg = segment_wbc(
-                    crop, mpp=crop_mpp, config=config.segmentation, background=bg,
-                    cell_box=cell_box,
-                )  # fmt: skip
-                for k, v in seg.morphometrics().items():
-                    if k in morph:
-                        morph[k][wbc[j]] = v
-                masks.append(seg.cell_mask)
-                masks.append(seg.nucleus_mask)
-            buf = io.BytesIO()
-            arrays: dict[str, npt.NDArray[Any]] = {f"crop{j}": c for j, c in enumerate(crops)}
-            arrays.update({f"cell{j}": m for j, m in enumerate(masks[0::2])})
-            arrays.update({f"nucleus{j}": m for j, m in enumerate(masks[1::2])})
-            arrays["rows"] = wbc
-            np.savez(buf, **arrays)  # type: ignore[arg-type]
-            crops_out[i] = buf.getvalue()
-        for k, values in morph.items():
-            cells = cells.append_column(k, pa.array(values, pa.float64(), mask=np.isnan(values)))
-        cells_out[i] = pack(cells)
+        try:
+            inject_fault(config, "segment", batch, i)
+            cells_out[i], crops_out[i] = _segment_tile(batch, i, config)
+        except Exception as e:  # this tile's slide fails; the batch's other tiles go on
+            set_error(batch, i, "segment", e)
     out = {k: v for k, v in batch.items() if k != "wbc_crops"}
     return {**out, "cells": object_array(cells_out), "crops": object_array(crops_out)}
+
+
+def _segment_tile(batch: Batch, i: int, config: Config) -> tuple[bytes, bytes]:
+    """Row ``i``'s cells with morphometrics, and its crops + masks (``b""``: no WBC)."""
+    cells = unpack(batch["cells"][i])
+    morph = {k: np.full(cells.num_rows, np.nan) for k in MORPHOMETRIC_KEYS}
+    packed_crops = b""
+    if batch["wbc_crops"][i]:
+        z = np.load(io.BytesIO(batch["wbc_crops"][i]))
+        wbc = z["rows"]
+        r, g, b = (int(v) for v in z["bg"])
+        bg = (r, g, b)
+        crops = [z[f"crop{j}"] for j in range(len(wbc))]
+        boxes = np.stack([cells.column(c).to_numpy()[wbc] for c in TILE_BOX_COLUMNS], axis=1)
+        crop_mpp = _detector_mpp(batch, i) or config.tiling.fallback_mpp
+        regions = crop_regions(boxes, margin=config.segmentation.crop_margin)
+        masks = []
+        for j, (crop, box, reg) in enumerate(zip(crops, boxes, regions, strict=True)):
+            cell_box = (box[0] - reg[0], box[1] - reg[1], box[2] - reg[0], box[3] - reg[1])
+            seg = segment_wbc(
+                crop, mpp=crop_mpp, config=config.segmentation, background=bg,
+                cell_box=cell_box,
+            )  # fmt: skip
+            for k, v in seg.morphometrics().items():
+                if k in morph:
+                    morph[k][wbc[j]] = v
+            masks.append(seg.cell_mask)
+            masks.append(seg.nucleus_mask)
+        buf = io.BytesIO()
+        arrays: dict[str, npt.NDArray[Any]] = {f"crop{j}": c for j, c in enumerate(crops)}
+        arrays.update({f"cell{j}": m for j, m in enumerate(masks[0::2])})
+        arrays.update({f"nucleus{j}": m for j, m in enumerate(masks[1::2])})
+        arrays["rows"] = wbc
+        np.savez(buf, **arrays)  # type: ignore[arg-type]
+        packed_crops = buf.getvalue()
+    for k, values in morph.items():
+        cells = cells.append_column(k, pa.array(values, pa.float64(), mask=np.isnan(values)))
+    return pack(cells), packed_crops
 
 
 class SegmentStage:
@@ -401,7 +527,10 @@ class SegmentStage:
         self.config = config
 
     def __call__(self, batch: Batch) -> Batch:
-        return segment_tiles(batch, self.config)
+        return _batch_guard(
+            "segment", batch, lambda b: segment_tiles(b, self.config), drop=("wbc_crops",),
+            add=("crops",),
+        )  # fmt: skip
 
 
 # --- classify ------------------------------------------------------------------------------
@@ -433,62 +562,113 @@ class ClassifyStage:
             self.classifiers.append((spec, clf, file_sha256(clf.model_path)[:12]))
 
     def __call__(self, batch: Batch) -> Batch:
+        return _batch_guard("classify", batch, self._classify_batch, drop=("crops",), add=())
+
+    def _classify_batch(self, batch: Batch) -> Batch:
         cells_out = list(batch["cells"])
-        # Gather every WBC crop of the batch so each classifier runs once per batch, not per tile.
-        tiles: list[tuple[int, pa.Table, npt.NDArray[np.int64], Any]] = []
-        crops: list[npt.NDArray[np.uint8]] = []
-        cell_masks: list[npt.NDArray[np.bool_]] = []
+        tiles: dict[int, _TileCrops] = {}
         for i, kind in enumerate(batch["kind"]):
             if kind != "tile" or not batch["cells"][i]:
                 continue
-            data = batch["crops"][i]
-            z = np.load(io.BytesIO(data)) if data else None
-            rows = z["rows"] if z is not None else np.zeros(0, np.int64)
-            tiles.append((i, unpack(batch["cells"][i]), rows, z))
-            if z is not None:
-                crops += [z[f"crop{j}"] for j in range(len(rows))]
-                cell_masks += [z[f"cell{j}"] for j in range(len(rows))]
-        results = [
-            clf.classify(crops, cell_masks) if crops else None for _, clf, _ in self.classifiers
-        ]
-        offset = 0
-        for i, cells, rows, z in tiles:
-            n = cells.num_rows
-            for (spec, _, version), res in zip(self.classifiers, results, strict=True):
-                labels: list[str | None] = [None] * n
-                confs = np.full(n, np.nan, np.float32)
-                probs: list[list[float] | None] = [None] * n
-                if res is not None:
-                    lab, conf, pr = res
-                    for j, r in enumerate(rows):
-                        labels[r], confs[r], probs[r] = (
-                            lab[offset + j],
-                            conf[offset + j],
-                            pr[offset + j].tolist(),
-                        )
-                cells = cells.append_column(f"{spec.name}_label", pa.array(labels, pa.string()))
-                cells = cells.append_column(
-                    f"{spec.name}_confidence", pa.array(confs, pa.float32(), mask=np.isnan(confs))
-                )
-                cells = cells.append_column(
-                    f"{spec.name}_probs", pa.array(probs, pa.list_(pa.float32()))
-                )
-                cells = cells.append_column(
-                    f"{spec.name}_version",
-                    pa.array([version if p is not None else None for p in probs], pa.string()),
-                )
-            if self.config.export.crops:
-                crop_png: list[bytes | None] = [None] * n
-                mask_png: list[bytes | None] = [None] * n
-                for j, r in enumerate(rows):
-                    crop_png[r] = _png(cv2.cvtColor(crops[offset + j], cv2.COLOR_RGB2BGR))
-                    mask_png[r] = _png(z[f"nucleus{j}"].astype(np.uint8) * 255)
-                cells = cells.append_column("crop_png", pa.array(crop_png, pa.binary()))
-                cells = cells.append_column("mask_png", pa.array(mask_png, pa.binary()))
-            offset += len(rows)
-            cells_out[i] = pack(cells.drop(list(TILE_BOX_COLUMNS)))
+            try:
+                tiles[i] = _TileCrops.of(batch, i)
+            except Exception as e:  # this tile's slide fails; the batch's other tiles go on
+                set_error(batch, i, "classify", e)
+        # Every WBC crop of the batch in one call per classifier, not one per tile.
+        results = _by_tile(
+            batch, list(tiles), "classify", lambda rows, blank: self._run(batch, rows, blank, tiles)
+        )
+        for i, per_classifier in results.items():
+            try:
+                cells_out[i] = pack(self._columns(tiles[i], per_classifier))
+            except Exception as e:
+                set_error(batch, i, "classify", e)
         out = {k: v for k, v in batch.items() if k != "crops"}
         return {**out, "cells": object_array(cells_out)}
+
+    def _run(
+        self, batch: Batch, rows: list[int], blank: frozenset[int], tiles: dict[int, _TileCrops]
+    ) -> list[Any]:
+        """Per row: per classifier, (labels, confidences, probabilities) of its WBCs, or None.
+
+        Rows in ``blank`` contribute no crops (their results are dropped).
+        """
+        rows_in = [i for i in rows if i not in blank]
+        for i in rows_in:
+            inject_fault(self.config, "classify", batch, i)
+        crops = [c for i in rows_in for c in tiles[i].crops]
+        masks = [m for i in rows_in for m in tiles[i].cell_masks]
+        results = [clf.classify(crops, masks) if crops else None for _, clf, _ in self.classifiers]
+        per_row: list[Any] = []
+        offset = 0
+        for i in rows:
+            if i in blank:
+                per_row.append(None)
+                continue
+            n = len(tiles[i].crops)
+            per_row.append(
+                [
+                    None if r is None else tuple(part[offset : offset + n] for part in r)
+                    for r in results
+                ]
+            )
+            offset += n
+        return per_row
+
+    def _columns(self, tile: _TileCrops, per_classifier: list[Any]) -> pa.Table:
+        """The tile's cells with the classifiers' columns (and crops / masks when exported)."""
+        cells, rows = tile.cells, tile.rows
+        n = cells.num_rows
+        for (spec, _, version), res in zip(self.classifiers, per_classifier, strict=True):
+            labels: list[str | None] = [None] * n
+            confs = np.full(n, np.nan, np.float32)
+            probs: list[list[float] | None] = [None] * n
+            if res is not None:
+                lab, conf, pr = res
+                for j, r in enumerate(rows):
+                    labels[r], confs[r], probs[r] = lab[j], conf[j], pr[j].tolist()
+            cells = cells.append_column(f"{spec.name}_label", pa.array(labels, pa.string()))
+            cells = cells.append_column(
+                f"{spec.name}_confidence", pa.array(confs, pa.float32(), mask=np.isnan(confs))
+            )
+            cells = cells.append_column(
+                f"{spec.name}_probs", pa.array(probs, pa.list_(pa.float32()))
+            )
+            cells = cells.append_column(
+                f"{spec.name}_version",
+                pa.array([version if p is not None else None for p in probs], pa.string()),
+            )
+        if self.config.export.crops:
+            crop_png: list[bytes | None] = [None] * n
+            mask_png: list[bytes | None] = [None] * n
+            for j, r in enumerate(rows):
+                crop_png[r] = _png(cv2.cvtColor(tile.crops[j], cv2.COLOR_RGB2BGR))
+                mask_png[r] = _png(tile.nucleus_masks[j].astype(np.uint8) * 255)
+            cells = cells.append_column("crop_png", pa.array(crop_png, pa.binary()))
+            cells = cells.append_column("mask_png", pa.array(mask_png, pa.binary()))
+        return cells.drop(list(TILE_BOX_COLUMNS))
+
+
+@dataclass
+class _TileCrops:
+    """One tile's cells and its WBCs' crops and masks (from `segment_tiles`)."""
+
+    cells: pa.Table
+    rows: npt.NDArray[np.int64]
+    crops: list[npt.NDArray[np.uint8]]
+    cell_masks: list[npt.NDArray[np.bool_]]
+    nucleus_masks: list[npt.NDArray[np.bool_]]
+
+    @classmethod
+    def of(cls, batch: Batch, i: int) -> _TileCrops:
+        data = batch["crops"][i]
+        z = np.load(io.BytesIO(data)) if data else None
+        rows = z["rows"] if z is not None else np.zeros(0, np.int64)
+
+        def pick(key: str) -> list[Any]:
+            return [] if z is None else [z[f"{key}{j}"] for j in range(len(rows))]
+
+        return cls(unpack(batch["cells"][i]), rows, pick("crop"), pick("cell"), pick("nucleus"))
 
 
 class CellStage:
@@ -509,6 +689,12 @@ class CellStage:
         self.classify = ClassifyStage(config, threads)
 
     def __call__(self, batch: Batch) -> Batch:
+        # Each stage isolates its own tiles; this guard catches what falls between them.
+        return _batch_guard(
+            "run", batch, self._chain, drop=("image", "wbc_crops", "crops"), add=("cells",)
+        )
+
+    def _chain(self, batch: Batch) -> Batch:
         if self.read:  # planned rows in: decode the tiles here, so pixels never leave the worker
             batch = read_tiles(batch, self.config)
         return self.classify(segment_tiles(self.detect(batch), self.config))

@@ -5,7 +5,7 @@ One entry point, :func:`open_slide`, turns a local path, a ``file://`` URL, an
 :class:`Slide`. A slide knows its pyramid (:class:`SlideInfo`) and reads
 regions of any level as ``HxWx3`` ``uint8`` RGB arrays.
 
-``open_slide(src, *, storage_options=None, max_pixels=DEFAULT_MAX_PIXELS)``
+``open_slide(src, *, storage_options=None, max_pixels=DEFAULT_MAX_PIXELS, max_pages=DEFAULT_MAX_PAGES)``
 takes ``storage_options`` keyword-only (the fsspec settings of a URL, e.g. an
 S3 endpoint). TIFF-family slides are read by ranged fetches of the covering
 tiles only (see :mod:`batch.slides.tiff`); JPEG and PNG are decoded whole.
@@ -32,6 +32,13 @@ Guarantees
                                             another format)
   truncated file, IFD or tile table past    :class:`CorruptSlideError`, at
   the end of the file                       open, naming the first bad tile
+  zeroed TileOffsets or TileByteCounts      :class:`CorruptSlideError`, at
+  (one without the other, or a whole        open (not white background, not
+  level of empty entries)                   garbage pixels)
+  a page chain that loops back (any         :class:`CorruptSlideError`, at
+  length) or has more than ``max_pages``    open, before tifffile walks it
+  pages (:mod:`~batch.slides.ifds`)         (bounded: at most ``max_pages``
+                                            small reads)
   tile bytes that fail to decode, or that   :class:`CorruptSlideError`, at
   make tifffile log a warning or error      read, naming the tile
   level 0 larger than ``max_pixels``        :class:`SlideTooLargeError`, before
@@ -57,13 +64,14 @@ This package's ``__init__`` is only the facade: import from ``batch.slides``.
 - :mod:`~batch.slides.limits`: the reader's limits and tuning constants.
 - :mod:`~batch.slides.sources`: byte sources (local, file object, fsspec/S3), storage errors.
 - :mod:`~batch.slides.tiff`: the TIFF backend; :mod:`~batch.slides.tiffmeta` (tag
-  meanings, colour conversion, mpp), :mod:`~batch.slides.jpeg` (JPEG tile checks)
-  and :mod:`~batch.slides.ranges` (range coalescing) serve it.
+  meanings, colour conversion, mpp), :mod:`~batch.slides.jpeg` (JPEG tile checks),
+  :mod:`~batch.slides.ifds` (the page-chain budget: cycles, page count) and
+  :mod:`~batch.slides.ranges` (range coalescing) serve it.
 - :mod:`~batch.slides.cache`: the process-wide decoded-tile cache.
 - :mod:`~batch.slides.raster`: the JPEG/PNG backend.
 
 The package may import only :mod:`batch.errors`, :mod:`batch.config` (for
-``DEFAULT_MAX_PIXELS``, the per-slide pixel budget, a user default) and
+``DEFAULT_MAX_PIXELS`` and ``DEFAULT_MAX_PAGES``, the per-slide budgets, user defaults) and
 :mod:`batch.lru`, plus third-party libraries.
 """
 

@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 from numpy.typing import NDArray
 
-from batch.config import DEFAULT_MAX_PIXELS
+from batch.config import DEFAULT_MAX_PAGES, DEFAULT_MAX_PIXELS
 from batch.errors import CorruptSlideError, SlideTooLargeError, UnsupportedSlideError
 from batch.slides.info import Backend, LevelInfo
 from batch.slides.limits import (
@@ -280,6 +280,7 @@ def open_slide(
     *,
     storage_options: dict[str, Any] | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_pages: int = DEFAULT_MAX_PAGES,
 ) -> Slide:
     """Open a slide from a path, a ``file://`` or ``s3://`` URL, or a binary file object.
 
@@ -296,6 +297,9 @@ def open_slide(
     max_pixels
         Refuse slides whose level 0 has more pixels than this
         (:class:`~batch.errors.SlideTooLargeError`), before allocating anything.
+    max_pages
+        Refuse TIFFs whose page chain is longer than this, or loops back
+        (:class:`~batch.errors.CorruptSlideError`), before tifffile parses it.
 
     Returns
     -------
@@ -326,7 +330,7 @@ def open_slide(
         kind = _sniff(head)
         backend: Backend
         if kind == "tiff":
-            backend = TiffBackend(uri, source, max_pixels)
+            backend = TiffBackend(uri, source, max_pixels, max_pages)
         elif kind in ("jpeg", "png"):
             backend = RasterBackend(uri, source, kind, max_pixels)
         else:

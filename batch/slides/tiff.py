@@ -21,8 +21,8 @@ as damage, and JPEG tiles are checked for a well-formed stream first
 (:mod:`batch.slides.jpeg`).
 
 This module may import only :mod:`batch.errors` and its siblings
-:mod:`~batch.slides.cache`, :mod:`~batch.slides.info`, :mod:`~batch.slides.jpeg`,
-:mod:`~batch.slides.limits`, :mod:`~batch.slides.ranges`,
+:mod:`~batch.slides.cache`, :mod:`~batch.slides.ifds`, :mod:`~batch.slides.info`,
+:mod:`~batch.slides.jpeg`, :mod:`~batch.slides.limits`, :mod:`~batch.slides.ranges`,
 :mod:`~batch.slides.sources` and :mod:`~batch.slides.tiffmeta`, plus
 third-party libraries (numpy, tifffile).
 """
@@ -51,6 +51,7 @@ from batch.errors import (
 )
 from batch.slides import cache as tile_cache
 from batch.slides.cache import DecodedTile
+from batch.slides.ifds import check_ifd_chain
 from batch.slides.info import LevelInfo, SlideInfo, clip_window
 from batch.slides.jpeg import jpeg_stream_problem
 from batch.slides.limits import COALESCE_MAX_GAP, MAX_SEGMENT_BYTES
@@ -70,6 +71,9 @@ from batch.slides.tiffmeta import (
 )
 
 __all__ = ["DecodeResult", "TiffBackend"]
+
+#: Bytes of a classic TIFF header; no tile's data can start inside it.
+TIFF_HEADER_BYTES = 8
 
 DecodeResult = tuple[Any, tuple[int, ...], tuple[int, ...]]
 """What a tifffile page's ``decode`` returns: (segment, indices, shape)."""
@@ -139,10 +143,15 @@ class _TiffLevel:
 class TiffBackend:
     """Reads TIFF-family slides by ranged tile reads (see module docstring)."""
 
-    def __init__(self, uri: str, source: ByteSource, max_pixels: int) -> None:
+    def __init__(self, uri: str, source: ByteSource, max_pixels: int, max_pages: int) -> None:
         self._uri = uri
         self._source = source
         self._reader = tile_cache.new_reader_id()  # this open slide's key in the decoded-tile cache
+        # Before tifffile walks the pages: a looping or endless chain is refused in bounded time.
+        try:
+            check_ifd_chain(source.header_file(), source.size, uri, max_pages)
+        except OSError as e:
+            raise storage_error(uri, e, "reading the TIFF page chain") from e
         with _capture_tifffile_log(logging.WARNING) as log:
             try:
                 self._tif = tifffile.TiffFile(
@@ -315,22 +324,53 @@ class TiffBackend:
                 f"level {index} needs {expected} tile/strip entries but its tables hold "
                 f"{len(offsets)} offsets and {len(counts)} byte counts; the file is damaged",
             )
-        ends = offsets[:expected] + counts[:expected]
-        bad = (
-            (counts[:expected] < 0)
-            | (offsets[:expected] < 0)
-            | ((counts[:expected] > 0) & (ends > self._source.size))
-        )
-        if bad.any():
-            first = int(np.argmax(bad))
+        self._check_tile_table(level, offsets[:expected], counts[:expected])
+        return level
+
+    def _check_tile_table(
+        self, level: _TiffLevel, offsets: NDArray[np.int64], counts: NDArray[np.int64]
+    ) -> None:
+        """Every tile's bytes lie inside the file, after the header; a level holds some data.
+
+        A tile with offset 0 and byte count 0 is the TIFF convention for a tile
+        never written (sparse files: it reads as white). One of the two zeroed
+        without the other is a damaged table, and a level whose every tile is
+        "never written" is a zeroed table, not a blank slide: neither may pass
+        as background.
+        """
+        uri, size = self._uri, self._source.size
+        ends = offsets + counts
+        sparse = (offsets == 0) & (counts == 0)
+        checks = [
+            (
+                (counts < 0) | (offsets < 0) | ((counts > 0) & (ends > size)),
+                "its data spans bytes {start}..{end} but the file has {size} bytes: the file "
+                "is truncated or its tile table is damaged",
+            ),
+            (
+                ~sparse & ((counts == 0) | (offsets < TIFF_HEADER_BYTES)),
+                "its tile table entry (offset {start}, {count} bytes) is zeroed or points into "
+                "the file header: the tile table is damaged",
+            ),
+        ]
+        for bad, message in checks:
+            if bad.any():
+                first = int(np.argmax(bad))
+                detail = message.format(
+                    start=int(offsets[first]), end=int(ends[first]), size=size,
+                    count=int(counts[first]),
+                )  # fmt: skip
+                raise CorruptSlideError(
+                    uri, f"{detail}; copy the file again from its source",
+                    tile=level.tile_label(first),
+                )  # fmt: skip
+        if len(counts) and sparse.all():
             raise CorruptSlideError(
                 uri,
-                f"its data spans bytes {int(offsets[first])}..{int(ends[first])} but the file "
-                f"has {self._source.size} bytes: the file is truncated or its tile table is "
-                "damaged; copy it again from its source",
-                tile=level.tile_label(first),
+                f"level {level.info.index}: every one of its {len(counts)} tile/strip table "
+                "entries is zero (no pixel data at all): the tile tables are zeroed; copy the "
+                "file again from its source",
             )
-        return level
 
     # -- reading
 

@@ -33,6 +33,7 @@ from batch.config import DetectConfig
 from batch.models import ModelCard, file_sha256, read_model_card, resolve_model
 from batch.stages.device import keep_torch_threads, select_device
 from batch.stages.preprocess import resample
+from batch.stages.runtime import exported_model
 
 __all__ = [
     "DETECTOR_CLASSES",
@@ -217,6 +218,9 @@ class CellDetector:
     agnostic_nms
         Class-agnostic NMS (default): overlapping boxes of different classes
         are one cell, kept once with its most confident class.
+    runtime
+        ``"torch"``, ``"onnxruntime"`` or ``"openvino"`` (`batch.stages.runtime`):
+        the same pre- and post-processing around another runtime's forward pass.
     """
 
     def __init__(
@@ -232,6 +236,7 @@ class CellDetector:
         trained_mpp: float | None = None,
         storage_options: dict[str, Any] | None = None,
         agnostic_nms: bool = True,
+        runtime: str = DetectConfig.runtime,
     ) -> None:
         if not 0 <= conf <= 1 or not 0 < iou <= 1:
             raise ValueError(f"conf must be in [0, 1] and iou in (0, 1]; got {conf}, {iou}")
@@ -259,6 +264,7 @@ class CellDetector:
         # One object is one cell: suppress overlapping boxes across classes too, so a cell the
         # network half-believes is a WBC and half an RBC gives one row, not two.
         self.agnostic_nms = agnostic_nms
+        self.runtime = runtime
         self._model, raw_names = self._load()
         self._names = tuple(normalize_class_name(n) for n in raw_names)
 
@@ -363,8 +369,10 @@ class CellDetector:
         """Load the network; return it and its raw class names by id."""
         from ultralytics import YOLO
 
-        model = YOLO(str(self.weights_path), task="detect")
-        raw = model.names
+        # An exported model is loaded (and a device selected) when its names are first read.
+        with keep_torch_threads():
+            model = YOLO(str(exported_model(self.weights_path, self.runtime)), task="detect")
+            raw = model.names
         ids = sorted(raw) if isinstance(raw, dict) else list(range(len(raw)))
         return model, [str(raw[i]) for i in ids]
 
@@ -374,7 +382,7 @@ class CellDetector:
         Ultralytics >= 8.4 reads ``quantize=16`` (``half`` is deprecated);
         8.3 reads ``half=True``. Full precision needs no argument.
         """
-        if not self.half:
+        if not self.half or self.runtime != "torch":
             return {}
         from ultralytics.cfg import DEFAULT_CFG_DICT
 

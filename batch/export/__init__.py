@@ -1,0 +1,13 @@
+"""Annotation round trip: a run's cells out to COCO, YOLO, QuPath, Label Studio, CVAT, ImageFolder, and back.
+
+`export_run` is the entry point (``hemaray export``): `select` chooses the
+cells (least confident first, margin, random, stratified), `source` reads the
+run slide by slide and cuts pixels from the slides, `fields` plans image
+fields and WBC crops, `formats` and `qupath` write each tool's layout.
+`importer.import_labels` (``hemaray import-labels``) reads the tools' files
+back into a labels table matched to the run's cells.
+"""
+
+from batch.export.export import FORMATS, ExportOptions, export_run
+
+__all__ = ["FORMATS", "ExportOptions", "export_run"]

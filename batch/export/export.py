@@ -1,0 +1,149 @@
+"""``hemaray export``: a run's cells into a labelling tool's or a training job's layout.
+
+Two passes over the run, one slide at a time: the first reads only the
+columns the selection needs and chooses the cells (`batch.export.select`);
+the second reads each slide with chosen cells in full, opens the slide and
+cuts only the fields or crops those cells need. Memory is bounded by one
+slide's cells (plus the chosen cells' ids and scores and the writer's index).
+The chosen cells and their scores are written next to the export as
+``selection.parquet``, and a summary as ``export.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from batch.errors import ConfigError
+from batch.export.fields import DEFAULT_FIELD_PX, plan_fields, read_crop, read_field
+from batch.export.formats import WRITERS, ExportContext, FormatWriter
+from batch.export.qupath import QuPathWriter
+from batch.export.select import Selector, parse_select
+from batch.export.source import RunSource, SlideRef
+from batch.models import DEFAULT_DETECTOR, read_model_card, resolve_model
+from batch.slides import open_slide
+from batch.tiling import choose_level
+
+__all__ = ["FORMATS", "ExportOptions", "export_run"]
+
+log = logging.getLogger(__name__)
+
+#: Every export format, by ``--format`` name.
+ALL_WRITERS: dict[str, type[FormatWriter]] = {**WRITERS, "qupath": QuPathWriter}
+FORMATS = tuple(sorted(ALL_WRITERS))
+#: Detector classes when the detector has no model card.
+DEFAULT_DETECTOR_CLASSES = ("RBC", "WBC", "platelet")
+#: Columns the selection pass reads.
+SELECT_COLUMNS = (
+    "cell_id", "x0", "y0", "x1", "y1", "det_class", "det_confidence",
+    "wbc_type_label", "wbc_type_confidence", "wbc_type_probs",
+)
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """What ``hemaray export`` was asked for."""
+
+    format: str
+    select: str | None = None
+    classes: Sequence[str] | None = None
+    slides: Sequence[str] | None = None
+    seed: int = 0
+    field_px: int = DEFAULT_FIELD_PX
+    url_prefix: str = ""
+
+
+def _detector_classes(source: RunSource) -> tuple[list[str], str]:
+    model = source.config.detect.model
+    local = resolve_model(model, storage_options=source.config.storage.storage_options())
+    card = read_model_card(local if model else DEFAULT_DETECTOR)
+    names = list(card.class_names) if card is not None and card.class_names else []
+    return names or list(DEFAULT_DETECTOR_CLASSES), str(getattr(card, "sha256", "") or "")[:12]
+
+
+def _context(source: RunSource, to: Path, opts: ExportOptions) -> ExportContext:
+    det_classes, version = _detector_classes(source)
+    wbc_labels = source.label_sets().get("wbc_type", [])
+    labels = [c for c in det_classes if c != "WBC"] + ["WBC"] + list(wbc_labels)
+    return ExportContext(
+        to=to, detector_classes=det_classes, labels=list(dict.fromkeys(labels)),
+        detector_version=version, url_prefix=opts.url_prefix, field_px=opts.field_px,
+    )
+
+
+def _export_slide(
+    writer: FormatWriter, ref: SlideRef, cells: pd.DataFrame, chosen: pd.DataFrame,
+    source: RunSource, detector_mpp: float,
+) -> None:
+    if writer.unit == "slides":
+        writer.add_slide(ref.slide_id, ref.uri, chosen)
+        return
+    margin = source.config.segmentation.crop_margin
+    with open_slide(ref.uri, storage_options=source.storage_options) as slide:
+        # The pipeline's scale: the level and resize the planner picks for the detector (it
+        # never upsamples, so a slide coarser than the detector's mpp is cut at its own).
+        downsamples = [lv.downsample for lv in slide.info.levels]
+        level, scale = choose_level(downsamples, ref.mpp, detector_mpp)
+        factor = downsamples[level] / scale
+        level0 = slide.info.levels[0]
+        if writer.unit == "fields":
+            for fld in plan_fields(
+                ref.slide_id, chosen, cells, factor=factor, size=writer.ctx.field_px,
+                slide_size=(level0.width, level0.height),
+            ):
+                writer.add_field(ref.slide_id, fld, read_field(slide, fld))
+            return
+        wbcs = chosen[chosen["det_class"] == "WBC"]
+        boxes = wbcs[["x0", "y0", "x1", "y1"]].to_numpy(np.float64)
+        for cell, box in zip(wbcs.itertuples(), boxes, strict=True):
+            writer.add_crop(ref.slide_id, cell, read_crop(slide, box, factor=factor, margin=margin))
+
+
+def export_run(
+    out: str, to: str | Path, opts: ExportOptions, *, storage_options: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Export a run's chosen cells to ``to`` in ``opts.format``; return the summary.
+
+    Raises
+    ------
+    ConfigError
+        An unknown format or selection, or slides the run does not have.
+    """
+    if opts.format not in ALL_WRITERS:
+        raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {opts.format!r}")
+    if opts.field_px < 32:
+        raise ConfigError(f"--field-px must be >= 32, got {opts.field_px}")
+    selector = Selector(parse_select(opts.select), opts.classes, opts.seed)
+    source = RunSource(out, storage_options=storage_options)
+    refs = source.slides(opts.slides)
+    for _ref, cells in source.iter_cells(refs, SELECT_COLUMNS):
+        selector.add(cells)
+    chosen = selector.result()
+
+    dest = Path(to)
+    dest.mkdir(parents=True, exist_ok=True)
+    chosen.to_parquet(dest / "selection.parquet", index=False)
+    ctx = _context(source, dest, opts)
+    writer = ALL_WRITERS[opts.format](ctx)
+    detector_mpp = source.detector_mpp()
+    for ref in refs:
+        mine = chosen[chosen["slide_id"] == ref.slide_id]
+        if mine.empty:
+            continue
+        cells = source.cells(ref.slide_id)
+        mine = mine.merge(cells.drop(columns=[c for c in mine if c != "cell_id"], errors="ignore"), on="cell_id")
+        _export_slide(writer, ref, cells, mine, source, detector_mpp)
+    summary = {
+        "format": opts.format, "out": out, "to": str(dest), "select": opts.select or "all",
+        "seed": opts.seed, "cells_selected": len(chosen), "detector_mpp": detector_mpp,
+        **writer.finish(),
+    }
+    (dest / "export.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary

@@ -1,0 +1,375 @@
+"""The fault suite: a bad slide or a failing stage costs that slide, never the run.
+
+Contracts, each asserted exactly:
+
+- an exception in any stage (read, detect, crop, segment, classify) on one
+  tile fails that tile's slide at that stage, typed; every other tile keeps
+  exactly a clean run's cell ids (stages called without Ray, and in real runs);
+- a model call over a batch that fails is retried tile by tile, so a
+  batch-level failure (a CUDA OOM, say) costs nothing when tiles pass alone;
+- a failures or slides row that cannot be written is logged and kept in the
+  result; the run goes on;
+- a worker that crashes on every attempt at a tile is restarted
+  ``execution.max_worker_restarts`` times, then the run ends: its unfinished
+  slides get a failures row recording the crash, the manifest is written, exit 2;
+- B1-B8 in one mixed folder: one ``hemaray run`` exits 2, commits every good
+  slide with exactly the ``cell_id`` set of a clean run of the good slides
+  alone, and writes exactly one failures row per bad slide with its typed error.
+"""
+
+from __future__ import annotations
+
+import shutil
+import struct
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+import tifffile
+from test_slide_errors import append_pages, write_tiled, zero_tile_table
+
+from batch.cli import main
+from batch.config import Config, load_config
+from batch.errors import StageError
+from batch.inputs import resolve_inputs
+from batch.run.columns import batch_error, rows_to_batch, tile_name, unpack
+from batch.run.ledger import RunLedger, RunResult
+from batch.run.pipeline import run_pipeline
+from batch.run.provenance import trained_mpp
+from batch.run.sink import OutputStore, cells_schema, read_table
+from batch.run.tasks import CellStage, DetectStage, plan_slide
+from batch.slides import open_slide
+from batch.synth import synth_slides
+
+SIDE = 1024
+GOOD = ("slide_0000", "slide_0001")
+
+
+@pytest.fixture(scope="module")
+def good_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("good")
+    synth_slides(d, slides=2, width=SIDE, height=SIDE, seed=5, kind="marrow")
+    return d
+
+
+# ------------------------------------------------------------------ stages without Ray
+
+
+@pytest.fixture(scope="module")
+def chain(good_dir: Path) -> tuple[CellStage, Config, list[dict[str, Any]]]:
+    """One fused chain over two slides' planned rows; tests set ``inject_fault`` on its config."""
+    config = Config()
+    mpp = trained_mpp(config)[0]
+    rows = [
+        r
+        for sid in GOOD
+        for r in plan_slide(
+            {"slide_id": sid, "slide_uri": str(good_dir / f"{sid}.tif")}, config, mpp
+        )
+    ]
+    assert {r["kind"] for r in rows} == {"tile"}
+    return CellStage(config, read=True), config, rows
+
+
+@pytest.fixture(scope="module")
+def clean_cells(chain: tuple[CellStage, Config, list[dict[str, Any]]]) -> list[pa.Table]:
+    stage, _, rows = chain
+    # The detector's first call fuses its layers (ultralytics), which moves its float outputs
+    # in the last bits: compare warm calls only.
+    stage(rows_to_batch(rows))
+    out = stage(rows_to_batch(rows))
+    assert set(out["kind"]) == {"tile"}
+    return [unpack(c) for c in out["cells"]]
+
+
+def _ids(cells: pa.Table) -> list[tuple[str, str]]:
+    """A tile's cells as (cell_id, class): what batching must not change.
+
+    Coordinates are compared through the ids (rounded to 0.01 px): the detector's
+    float32 outputs move in the last bits with the batch's composition.
+    """
+    ids, classes = cells.column("cell_id").to_pylist(), cells.column("det_class").to_pylist()
+    return sorted(zip(ids, classes, strict=True))
+
+
+def _with_wbc(cells: list[pa.Table], rows: list[dict[str, Any]], slide: str) -> int:
+    """Index of a tile of ``slide`` with at least one WBC (so every stage has work on it)."""
+    for i, (t, r) in enumerate(zip(cells, rows, strict=True)):
+        if r["slide_id"] == slide and "WBC" in t.column("det_class").to_pylist():
+            return i
+    raise AssertionError(f"no tile of {slide} has a WBC")
+
+
+@pytest.mark.parametrize("stage", ["read", "detect", "crop", "segment", "classify"])
+def test_stage_fault_fails_only_its_tile(
+    chain: tuple[CellStage, Config, list[dict[str, Any]]], clean_cells: list[pa.Table], stage: str
+) -> None:
+    cell_stage, config, rows = chain
+    bad = _with_wbc(clean_cells, rows, "slide_0001")
+    batch = rows_to_batch(rows)
+    config.execution.inject_fault = f"{stage}:{tile_name(batch, bad)}"
+    try:
+        out = cell_stage(batch)
+    finally:
+        config.execution.inject_fault = None
+    for i in range(len(rows)):
+        if i == bad:
+            error = batch_error(out, i)
+            assert isinstance(error, StageError), error
+            assert (error.stage, error.slide, error.tile) == (
+                stage,
+                "slide_0001",
+                tile_name(out, i),
+            )
+            assert "injected" in str(error)
+        else:
+            assert out["kind"][i] == "tile"
+            assert _ids(unpack(out["cells"][i])) == _ids(clean_cells[i]), f"row {i} changed"
+
+
+class _FlakyDetector:
+    """Fails any call over more than one tile (a batch-level fault such as a CUDA OOM)."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def detect(self, images: list[Any]) -> Any:
+        if len(images) > 1:
+            raise MemoryError("out of memory for a batch")
+        return self._inner.detect(images)
+
+
+class _BrokenDetector(_FlakyDetector):
+    def detect(self, images: list[Any]) -> Any:
+        raise RuntimeError("the model is broken")
+
+
+def test_batch_level_model_fault_is_retried_tile_by_tile(
+    chain: tuple[CellStage, Config, list[dict[str, Any]]], clean_cells: list[pa.Table]
+) -> None:
+    """A call that fails only batched fails no tile; one that always fails fails every tile."""
+    cell_stage, _, rows = chain
+    detector = cell_stage.detect.detector
+    try:
+        cell_stage.detect.detector = _FlakyDetector(detector)
+        out = cell_stage(rows_to_batch(rows))
+        assert set(out["kind"]) == {"tile"}
+        assert [_ids(unpack(c)) for c in out["cells"]] == [_ids(t) for t in clean_cells]
+        cell_stage.detect.detector = _BrokenDetector(detector)
+        out = cell_stage(rows_to_batch(rows))
+    finally:
+        cell_stage.detect.detector = detector
+    errors = [batch_error(out, i) for i in range(len(rows))]
+    assert all(isinstance(e, StageError) and e.stage == "detect" for e in errors)
+
+
+class _ExplodingDetectStage(DetectStage):
+    """A stage whose own code fails outside the per-tile work."""
+
+    def _detect_and_crop(self, batch: Any) -> Any:
+        raise ValueError("bad batch")
+
+
+def test_stage_failure_outside_tiles_fails_the_batch_only(
+    chain: tuple[CellStage, Config, list[dict[str, Any]]],
+) -> None:
+    cell_stage, config, rows = chain
+    exploding = _ExplodingDetectStage.__new__(_ExplodingDetectStage)
+    exploding.__dict__.update(cell_stage.detect.__dict__)
+    batch = rows_to_batch(rows)
+    batch["image"] = np.zeros((len(rows), 8, 8, 3), np.uint8)
+    out = exploding(batch)
+    assert "image" not in out and {"cells", "wbc_crops"} <= set(out)  # the stage's columns
+    errors = [batch_error(out, i) for i in range(len(rows))]
+    assert all(isinstance(e, StageError) and e.type_name == "ValueError" for e in errors)
+
+
+# ------------------------------------------------------------------ the driver's books
+
+
+class _NoBooks(OutputStore):
+    """An output store whose failures and slides writes fail (storage down for the books)."""
+
+    def write_failure(self, *args: Any, **kwargs: Any) -> None:
+        raise OSError("failures table unreachable")
+
+    def write_slide_row(self, *args: Any, **kwargs: Any) -> None:
+        raise OSError("slides table unreachable")
+
+
+def test_failed_bookkeeping_writes_are_kept_not_raised(tmp_path: Path) -> None:
+    config = Config()
+    store = _NoBooks(str(tmp_path / "out"))
+    result = RunResult(run_id="r", out=store.uri)
+    ledger = RunLedger(store, cells_schema({}, False), result, config, echo=lambda _: None)
+    ledger.start(resolve_inputs([str(write_tiled(tmp_path / "a.tif"))]))
+    ledger.fail("a", "read", RuntimeError("boom"))
+    ledger.finish()
+    assert list(result.failed) == ["a"] and result.exit_code == 2
+    assert "failures row failed" in result.unrecorded["a"]
+    assert "slides row failed" in result.unrecorded["a"]
+
+
+# ------------------------------------------------------------------ real runs
+
+
+def _cell_ids(out: Path, slides: set[str]) -> set[str]:
+    cells = read_table(str(out), "cells").select(["cell_id", "slide_id"]).to_pandas()
+    assert cells.cell_id.is_unique
+    return set(cells[cells.slide_id.astype(str).isin(slides)].cell_id)
+
+
+@pytest.fixture(scope="module")
+def clean_run(good_dir: Path, tmp_path_factory: pytest.TempPathFactory, ray_local: None) -> Path:
+    out = tmp_path_factory.mktemp("clean") / "out"
+    assert main(["run", str(good_dir), "--out", str(out)]) == 0
+    return out
+
+
+@pytest.mark.parametrize(
+    ("stage", "placement"), [("detect", "fused"), ("segment", "fused"), ("classify", "staged")]
+)
+def test_stage_fault_in_a_run_fails_only_that_slide(
+    good_dir: Path, clean_run: Path, tmp_path: Path, stage: str, placement: str
+) -> None:
+    clean = read_table(str(clean_run), "cells").to_pandas()
+    wbc = clean[(clean.slide_id.astype(str) == "slide_0001") & (clean.det_class == "WBC")].iloc[0]
+    fault = f"{stage}:slide_0001:{wbc.tile_row}:{wbc.tile_col}"
+    config = load_config(
+        None, [f"execution.inject_fault={fault}", f"execution.placement={placement}"]
+    )
+    out = tmp_path / "out"
+    result = run_pipeline(resolve_inputs([str(good_dir)]), str(out), config)
+    assert result.exit_code == 2 and result.committed == ["slide_0000"]
+    assert list(result.failed) == ["slide_0001"]
+    failures = read_table(str(out), "failures").to_pandas()
+    assert failures.stage.tolist() == [stage] and failures.error_type.tolist() == ["RuntimeError"]
+    assert failures.tile.tolist() == [fault.split(":", 1)[1]]
+    assert _cell_ids(out, {"slide_0000"}) == _cell_ids(clean_run, {"slide_0000"})
+    assert (out / "runs" / result.run_id / "manifest.json").is_file()
+
+
+# ------------------------------------------------------------------ B1-B8 in one folder
+
+
+def _write_pyramid(path: Path, rgb: np.ndarray, mpp: float | None) -> Path:
+    """A zlib-compressed tiled pyramid (3 levels); resolution tags only when ``mpp`` is given."""
+    levels = [rgb, rgb[::2, ::2], rgb[::4, ::4]]
+    with tifffile.TiffWriter(path) as tif:
+        for k, img in enumerate(levels):
+            extra: dict[str, Any] = {"subifds": 2} if k == 0 else {"subfiletype": 1}
+            if mpp is not None:
+                extra.update(resolution=(1e4 / (mpp * 2**k),) * 2, resolutionunit="CENTIMETER")
+            tif.write(
+                np.ascontiguousarray(img), tile=(256, 256), compression="zlib",
+                photometric="rgb", metadata=None, **extra,
+            )  # fmt: skip
+    return path
+
+
+def _make_b_cases(src: Path, d: Path) -> dict[str, str]:
+    """Write the bad slides (B1-B7) into ``d``; returns slide id -> expected error type."""
+    (d / "b1_text.tif").write_text("patient 12, smear 3: see attached\n")
+    (d / "b2_empty.tif").write_bytes(b"")
+    whole = write_tiled(d / "b3_truncated.tif")
+    whole.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    zero_tile_table(write_tiled(d / "b4_zeroed.tif"), "TileByteCounts")
+    with open_slide(src) as slide:
+        rgb = slide.read_level(0)
+    flipped = _write_pyramid(d / "b5_flipped.tif", rgb, 0.25)
+    _flip_centre_tiles(flipped)  # of every level: whichever level the plan reads is damaged
+    huge = write_tiled(d / "b6_huge.tif", levels=1)
+    with tifffile.TiffFile(huge) as tif:
+        at = [tif.pages[0].tags[t].valueoffset for t in ("ImageWidth", "ImageLength")]
+    with open(huge, "r+b") as fh:
+        for offset in at:
+            fh.seek(offset)
+            fh.write(struct.pack("<I", 1_000_000))
+    append_pages(write_tiled(d / "b7_cycle.tif"), 150, loop_back=True)
+    append_pages(write_tiled(d / "b7_pages.tif"), 100_000)
+    return {
+        "b1_text": "UnsupportedSlideError",
+        "b2_empty": "CorruptSlideError",
+        "b3_truncated": "CorruptSlideError",
+        "b4_zeroed": "CorruptSlideError",
+        "b5_flipped": "CorruptSlideError",
+        "b6_huge": "SlideTooLargeError",
+        "b7_cycle": "CorruptSlideError",
+        "b7_pages": "CorruptSlideError",
+    }
+
+
+def _flip_centre_tiles(path: Path) -> None:
+    """Invert 64 bytes inside the compressed data of the centre tile of every level."""
+    with tifffile.TiffFile(path) as tif:
+        spans = []
+        for page in (tif.pages[0], *(tif.pages[0].pages or [])):
+            across = -(-page.imagewidth // page.tilewidth)
+            down = -(-page.imagelength // page.tilelength)
+            k = (down // 2) * across + across // 2
+            spans.append((page.dataoffsets[k], page.databytecounts[k]))
+    with open(path, "r+b") as fh:
+        for start, count in spans:
+            fh.seek(start + count // 3)
+            data = fh.read(64)
+            fh.seek(start + count // 3)
+            fh.write(bytes(b ^ 0xFF for b in data))
+
+
+def test_b_cases_mixed_folder(good_dir: Path, clean_run: Path, tmp_path: Path) -> None:
+    d = tmp_path / "mixed"
+    d.mkdir()
+    for sid in GOOD:
+        shutil.copy(good_dir / f"{sid}.tif", d)
+    bad = _make_b_cases(good_dir / "slide_0000.tif", d)
+    # B8: no mpp in the file (estimated from the cells), and a slide without WBCs.
+    with open_slide(good_dir / "slide_0001.tif") as slide:
+        rgb = slide.read_level(0)
+    _write_pyramid(d / "b8_no_mpp.tif", rgb, None)
+    truth = pd.read_parquet(good_dir / "ground_truth.parquet")
+    no_wbc = rgb.copy()
+    wbcs = truth[(truth.slide_id == "slide_0001") & (truth["class"] == "WBC")]
+    for box in wbcs[["x0", "y0", "x1", "y1"]].to_numpy():
+        x0, y0, x1, y1 = (int(v) for v in box)
+        no_wbc[max(0, y0 - 8) : y1 + 8, max(0, x0 - 8) : x1 + 8] = 235
+    _write_pyramid(d / "b8_no_wbc.tif", no_wbc, 0.25)
+
+    out = tmp_path / "out"
+    assert main(["run", str(d), "--out", str(out)]) == 2
+    failures = read_table(str(out), "failures").to_pandas()
+    assert failures.slide_id.astype(str).is_unique  # exactly one row per bad slide
+    assert dict(zip(failures.slide_id.astype(str), failures.error_type, strict=True)) == bad
+    slides = read_table(str(out), "slides").to_pandas().set_index("slide_id")
+    committed = set(slides.index[slides.status == "committed"].astype(str))
+    assert committed == {*GOOD, "b8_no_mpp", "b8_no_wbc"}
+    assert _cell_ids(out, set(GOOD)) == _cell_ids(clean_run, set(GOOD))
+    assert slides.loc["b8_no_mpp", "mpp_source"] == "estimated"
+    assert slides.loc["b8_no_wbc", "n_wbc"] == 0 and slides.loc["b8_no_wbc", "n_rbc"] > 0
+
+
+def test_worker_crash_is_retried_finitely_then_fails_its_slides(
+    good_dir: Path, clean_run: Path, tmp_path: Path
+) -> None:
+    """A worker killed on every attempt at one tile: bounded restarts, then failures rows, exit 2."""
+    clean = read_table(str(clean_run), "cells").to_pandas()
+    tile = clean[clean.slide_id.astype(str) == "slide_0001"].iloc[0]
+    fault = f"crash:slide_0001:{tile.tile_row}:{tile.tile_col}"
+    config = load_config(
+        None, [f"execution.inject_fault={fault}", "execution.max_worker_restarts=1"]
+    )
+    out = tmp_path / "out"
+    result = run_pipeline(resolve_inputs([str(good_dir)]), str(out), config)
+    assert result.exit_code == 2 and "slide_0001" in result.failed
+    failures = read_table(str(out), "failures").to_pandas()
+    # One failures row per failed slide (slide_0000 too when it was in flight).
+    assert sorted(failures.slide_id.astype(str)) == sorted(result.failed)
+    message = failures.set_index(failures.slide_id.astype(str)).loc["slide_0001", "message"]
+    assert "ended early" in message and "died" in message.lower(), message
+    assert _cell_ids(out, set(result.committed)) == _cell_ids(clean_run, set(result.committed))
+    assert (out / "runs" / result.run_id / "manifest.json").is_file()
