@@ -103,6 +103,7 @@ def _with_wbc(cells: list[pa.Table], rows: list[dict[str, Any]], slide: str) -> 
     raise AssertionError(f"no tile of {slide} has a WBC")
 
 
+@pytest.mark.slow  # five stages, each with the shipped models: kept out of make test-fast
 @pytest.mark.parametrize("stage", ["read", "detect", "crop", "segment", "classify"])
 def test_stage_fault_fails_only_its_tile(
     chain: tuple[CellStage, Config, list[dict[str, Any]]], clean_cells: list[pa.Table], stage: str
