@@ -29,6 +29,7 @@ __all__ = [
     "ExecutionConfig",
     "ExportConfig",
     "CallsConfig",
+    "config_from_tree",
     "load_config",
 ]
 
@@ -507,4 +508,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"--set expects section.key=value, got {item!r}")
         key, raw = item.split("=", 1)
         _set_path(tree, key.strip(), raw.strip())
+    return config_from_tree(tree)
+
+
+def config_from_tree(tree: dict[str, Any]) -> Config:
+    """The validated config of a parsed YAML mapping (a saved run's ``config.yaml``, say).
+
+    Raises
+    ------
+    ConfigError
+        On unknown keys, wrong types or out-of-range values, naming the key.
+    """
     return _build(Config, tree, "").validate()

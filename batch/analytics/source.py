@@ -21,13 +21,12 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
-import yaml
 
 import schemas
 from batch.calls import counted_wbcs
 from batch.config import CallsConfig, SegmentationConfig
 from batch.errors import ConfigError
-from batch.run.sink import read_table
+from batch.run.sink import latest_run_config, read_table
 
 __all__ = ["RunOutputs", "open_outputs", "WBC_COLUMNS", "GATE_COLUMNS"]
 
@@ -76,21 +75,6 @@ class RunOutputs:
 
     def close(self) -> None:
         self.con.close()
-
-
-def _run_config(fs: Any, root: str) -> dict[str, Any]:
-    """The config of the newest run in one output (``runs/<run_id>/config.yaml``), or ``{}``."""
-    runs = f"{root}/runs"
-    if not fs.exists(runs):
-        return {}
-    ids = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(runs))
-    for run_id in reversed(ids):
-        path = f"{runs}/{run_id}/config.yaml"
-        if fs.exists(path):
-            with fs.open(path, "r") as f:
-                loaded = yaml.safe_load(f)
-            return loaded if isinstance(loaded, dict) else {}
-    return {}
 
 
 def _gate_and_margin(config: dict[str, Any]) -> tuple[CallsConfig, float]:
@@ -155,7 +139,7 @@ def open_outputs(
     for i, out in enumerate(outs):
         fs, root = fsspec.core.url_to_fs(out.rstrip("/"), **(storage_options or {}))
         root = root.rstrip("/")
-        config = _run_config(fs, root) or config
+        config = latest_run_config(out, storage_options=storage_options) or config
         data = _cells_dataset(fs, root)
         if data is not None:
             con.register(f"cells_{i}", data)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import math
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,12 +23,11 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 import pyarrow.dataset as pads
-import yaml
 
-from batch.config import Config, load_config
+from batch.config import Config, config_from_tree, load_config
 from batch.errors import ConfigError
 from batch.run.provenance import label_sets, trained_mpp
-from batch.run.sink import read_table
+from batch.run.sink import latest_run_config, read_table
 from batch.slides import Slide
 
 __all__ = ["RUN_CONFIG_SECTIONS", "RunSource", "SlideRef", "read_scaled"]
@@ -78,22 +76,14 @@ class RunSource:
         self.config = config if config is not None else self._run_config()
 
     def _run_config(self) -> Config:
-        found = sorted(self.fs.glob(f"{self.root}/runs/*/config.yaml"))
-        if not found:
-            return load_config(None, [])
-        # Run ids start with their UTC start time, so the last one is the latest run. Only
-        # the sections an export needs are read: a run written by another version of
+        # Only the sections an export needs are read: a run written by another version of
         # hemaray may carry execution keys this one does not know.
-        saved = yaml.safe_load(self.fs.cat_file(found[-1])) or {}
-        wanted = {k: v for k, v in saved.items() if k in RUN_CONFIG_SECTIONS}
-        with tempfile.NamedTemporaryFile("w", suffix=".yaml") as tmp:
-            yaml.safe_dump(wanted, tmp)
-            tmp.flush()
-            try:
-                return load_config(tmp.name, [])
-            except ConfigError as e:
-                log.warning("%s: run config not readable (%s); using defaults", found[-1], e)
-                return load_config(None, [])
+        saved = latest_run_config(self.out, storage_options=self.storage_options)
+        try:
+            return config_from_tree({k: v for k, v in saved.items() if k in RUN_CONFIG_SECTIONS})
+        except ConfigError as e:
+            log.warning("%s: saved run config not readable (%s); using defaults", self.out, e)
+            return load_config(None, [])
 
     def detector_mpp(self) -> float:
         """Microns per pixel of the detector's input (and so of the pipeline's WBC crops)."""

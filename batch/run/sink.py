@@ -33,6 +33,7 @@ from typing import Any
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
+import yaml
 
 import schemas
 from batch.errors import error_type_name
@@ -44,6 +45,7 @@ __all__ = [
     "SUMMARY_KEY",
     "PARTITION_KEY",
     "cells_schema",
+    "latest_run_config",
     "read_table",
 ]
 
@@ -279,3 +281,16 @@ def read_table(out: str, table: str, *, storage_options: dict[str, Any] | None =
     if not fs.exists(path) or not fs.ls(path):
         return schemas.load(table).empty_table()
     return ds.dataset(path, filesystem=fs, format="parquet", partitioning=partitioning).to_table()
+
+
+def latest_run_config(out: str, *, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The saved config (parsed ``config.yaml``) of the newest run in ``out``; ``{}`` if none.
+
+    Run ids start with their UTC start time, so the last one sorted is the newest.
+    """
+    fs, root = fsspec.core.url_to_fs(out.rstrip("/"), **(storage_options or {}))
+    found = sorted(fs.glob(f"{root.rstrip('/')}/runs/*/config.yaml"))
+    if not found:
+        return {}
+    loaded = yaml.safe_load(fs.cat_file(found[-1]))
+    return loaded if isinstance(loaded, dict) else {}

@@ -88,14 +88,12 @@ MPP_PROBE_SIDE = 1024
 def inject_fault(config: Config, stage: str, batch: Batch, i: int) -> None:
     """Raise if ``execution.inject_fault`` names ``stage`` and row ``i``'s tile (testing hook)."""
     fault = config.execution.inject_fault
-    if fault is None or not fault.startswith(stage + ":"):
+    if fault is None or fault != f"{stage}:{tile_name(batch, i)}":
         return
-    where = tile_name(batch, i)
-    if fault == f"{stage}:{where}" and stage == "crash":
+    if stage == "crash":
         os._exit(INJECTED_CRASH_EXIT)  # a segfault or OOM kill, as the worker's supervisor sees it
-    if fault == f"{stage}:{where}":
-        message = f"injected {stage} fault at tile {where} (execution.inject_fault)"
-        raise OSError(message) if stage == "read" else RuntimeError(message)
+    message = f"injected {stage} fault at tile {fault.split(':', 1)[1]} (execution.inject_fault)"
+    raise OSError(message) if stage == "read" else RuntimeError(message)
 
 
 def _by_tile(
