@@ -295,7 +295,7 @@ def test_help_documents_usage(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_hemaray_cli_registers_cluster_commands() -> None:
-    """``batch/cli.py`` wires ``add_cluster_commands`` into ``hemaray``."""
+    """``batch/cli`` wires ``add_cluster_commands`` into ``hemaray``."""
     from batch.cli import build_parser
 
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))

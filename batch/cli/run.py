@@ -1,0 +1,171 @@
+"""``hemaray run``, ``eval`` and ``evaluate``: the pipeline and the scores of its models."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from batch.cli.common import init_ray, print_json
+
+__all__ = ["add_commands"]
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from batch.config import load_config
+    from batch.inputs import resolve_inputs
+    from batch.run.ledger import EXIT_RUN_FAILED, summary_lines
+    from batch.run.pipeline import run_pipeline
+
+    sets = list(args.set)
+    if args.mpp is not None:
+        sets.append(f"mpp={args.mpp}")
+    if args.endpoint_url:
+        sets.append(f"storage.endpoint_url={args.endpoint_url}")
+    config = load_config(args.config, sets)
+    slides = resolve_inputs(args.slides, storage_options=config.storage.storage_options())
+    if not slides:
+        print("hemaray: error: no slides found in " + " ".join(args.slides), file=sys.stderr)
+        return EXIT_RUN_FAILED
+    print(f"hemaray run: {len(slides)} slide(s) -> {args.out}", file=sys.stderr)
+    init_ray(args.address)
+    result = run_pipeline(slides, args.out, config, overwrite=args.overwrite)
+    for line in summary_lines(result):
+        print(line)
+    return result.exit_code
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from batch.eval.run import evaluate_run
+    from batch.run.sink import read_table
+
+    opts = {"client_kwargs": {"endpoint_url": args.endpoint_url}} if args.endpoint_url else None
+    cells = read_table(args.out, "cells", storage_options=opts).to_pandas()
+    truth = pd.read_parquet(args.truth, storage_options=opts)
+    result = evaluate_run(cells, truth, iou=args.iou)
+    if args.json:
+        print_json(result)
+    else:
+        print(json.dumps(result, indent=2))
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from batch.config import load_config
+
+    def progress(done: int, total: int) -> None:
+        print(f"\r{done}/{total}", end="", file=sys.stderr, flush=True)
+
+    if args.what != "synthetic" and not args.data:
+        print(f"hemaray eval {args.what}: error: --data is required", file=sys.stderr)
+        return 2
+    if args.what == "synthetic":
+        from batch.eval.synthetic import eval_synthetic
+
+        result = eval_synthetic(
+            load_config(args.config, list(args.set)), seed=args.seed, slides=args.slides,
+            width=args.size, height=args.size, kind=args.kind, progress=progress,
+        )  # fmt: skip
+        print(file=sys.stderr)
+    elif args.what == "detector":
+        from batch.eval.detector import eval_detector
+
+        result = eval_detector(
+            args.data, args.model, mpp=args.mpp, split=args.split, max_images=args.limit,
+            runtime=args.runtime,
+        )  # fmt: skip
+    elif args.what == "classifier":
+        from batch.eval.classifier import eval_classifier
+
+        result = eval_classifier(args.data, args.model or "all_subtype", limit_per_class=args.limit)
+    else:
+        from batch.eval.images import eval_images
+
+        sets = list(args.set) + ([f"mpp={args.mpp}"] if args.mpp else [])
+        result = eval_images(
+            args.data, load_config(args.config, sets), limit_per_class=args.limit, progress=progress
+        )
+        print(file=sys.stderr)
+    if args.json:
+        print_json(result)
+    else:
+        print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def add_commands(sub: Any) -> None:
+    """Register this module's subcommands on the ``hemaray`` parser's subparsers."""
+    r = sub.add_parser(
+        "run",
+        help="process slides into per-cell Parquet (local Ray, or a cluster with --address)",
+        description="Exit code: 0 all slides committed, 2 some slides failed, 1 the run itself failed.",
+    )
+    r.add_argument(
+        "slides",
+        nargs="+",
+        help="paths, globs, folders, s3:// prefixes or a manifest (.csv/.parquet with slide_uri)",
+    )
+    r.add_argument("--out", required=True, help="output folder or s3:// prefix")
+    r.add_argument("--config", help="YAML config")
+    r.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override, e.g. detect.batch_size=16",
+    )
+    r.add_argument("--address", help="Ray cluster address (default: start local Ray)")
+    r.add_argument("--mpp", type=float, help="level-0 mpp for images whose files carry none")
+    r.add_argument(
+        "--endpoint-url", help="S3-compatible endpoint; credentials come from the AWS chain"
+    )
+    r.add_argument(
+        "--overwrite", action="store_true", help="reprocess slides already committed in OUT"
+    )
+    r.set_defaults(func=_cmd_run)
+    e = sub.add_parser(
+        "eval", help="score the models on labelled data (the last line is one JSON object)"
+    )
+    e.add_argument("what", choices=["detector", "classifier", "images", "synthetic"])
+    e.add_argument("--data", help="VOC/YOLO set (detector) or ImageFolder (classifier, images)")
+    e.add_argument("--seed", type=int, default=0, help="synthetic: generator seed")
+    e.add_argument("--slides", type=int, default=2, help="synthetic: number of slides")
+    e.add_argument("--size", type=int, default=4096, help="synthetic: slide width and height (px)")
+    e.add_argument(
+        "--kind", choices=["blood", "marrow"], default="blood", help="synthetic: smear kind"
+    )
+    e.add_argument(
+        "--model", help="model file; classifier: wbc_type, all_subtype or a path (default: shipped)"
+    )
+    e.add_argument(
+        "--mpp", type=float, help="mpp of the images (default: estimated from RBC sizes)"
+    )
+    e.add_argument("--split", help="detector: which split of a YOLO/VOC set (default val)")
+    e.add_argument(
+        "--runtime", default="torch", choices=["torch", "onnxruntime", "openvino"],
+        help="detector: inference runtime (exported once into the model cache)",
+    )  # fmt: skip
+    e.add_argument(
+        "--limit", type=int, help="at most this many images (per class for ImageFolders)"
+    )
+    e.add_argument("--config", help="YAML config (images, synthetic)")
+    e.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override (images, synthetic)",
+    )
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.set_defaults(func=_cmd_eval)
+
+    ev = sub.add_parser("evaluate", help="score a run's cells against a synthetic ground truth")
+    ev.add_argument("out", help="the run's output folder or s3:// prefix")
+    ev.add_argument("--truth", required=True, help="ground_truth.parquet written by hemaray synth")
+    ev.add_argument("--iou", type=float, default=0.5, help="IoU for a match")
+    ev.add_argument("--json", action="store_true", help="print one JSON object")
+    ev.add_argument("--endpoint-url", help="S3-compatible endpoint")
+    ev.set_defaults(func=_cmd_evaluate)
