@@ -171,13 +171,24 @@ class DetectConfig:
 
 @dataclass
 class ClassifierSpec:
-    """One WBC classifier; it adds NAME_label, NAME_confidence, NAME_probs, NAME_version columns."""
+    """One WBC classifier; it adds NAME_label, NAME_confidence, NAME_probs, NAME_version columns.
+
+    Classifiers form a hierarchy: one with a ``parent`` runs only on the WBCs
+    that parent (an earlier classifier in ``classifiers``) labelled with one of
+    ``parent_labels``; its columns are null for the others. The default chain
+    is detector WBC -> ``wbc_type`` (every WBC) -> ``all_subtype`` (cells called
+    ``blast``); add ``lymphocyte`` to ``parent_labels`` to subtype those too.
+    """
 
     name: str = "all_subtype"
     #: Local path or s3:// URL; a bare shipped name (wbc_type, all_subtype) means the shipped weights.
     model: str = "all_subtype"
     #: mask, crop or dual; None: what the model card says.
     input_mode: str | None = None
+    #: Name of the classifier whose labels select this one's cells; None: every WBC.
+    parent: str | None = None
+    #: The parent's labels this classifier runs on.
+    parent_labels: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         if not self.name.isidentifier():
@@ -186,10 +197,18 @@ class ClassifierSpec:
             )
         if self.input_mode not in (None, "mask", "crop", "dual"):
             raise ConfigError(f"classifiers.{self.name}.input_mode must be mask, crop or dual")
+        if (self.parent is None) != (not self.parent_labels):
+            raise ConfigError(
+                f"classifiers.{self.name}: parent and parent_labels go together "
+                f"(got parent={self.parent!r}, parent_labels={self.parent_labels!r})"
+            )
 
 
 def _default_classifiers() -> list[ClassifierSpec]:
-    return [ClassifierSpec("wbc_type", "wbc_type"), ClassifierSpec("all_subtype", "all_subtype")]
+    return [
+        ClassifierSpec("wbc_type", "wbc_type"),
+        ClassifierSpec("all_subtype", "all_subtype", parent="wbc_type", parent_labels=["blast"]),
+    ]
 
 
 #: Values of ``segmentation.kmeans``.
@@ -363,6 +382,19 @@ class CallsConfig:
     #: 22-70 on all4). Set all three to 0 to count every WBC.
     min_nucleus_a: float = 18.0
 
+    #: The classifier whose labels make the WBC differential and pick the blasts.
+    type_classifier: str = "wbc_type"
+    #: The classifier whose labels among the blasts make the ALL call.
+    subtype_classifier: str = "all_subtype"
+    #: type_classifier labels counted as blasts.
+    blast_labels: list[str] = field(default_factory=lambda: ["blast"])
+    #: type_classifier labels that are not leukocytes (artefacts, platelet clumps, nucleated red
+    #: cells the detector boxed as WBCs): left out of the differential and the blast fraction.
+    not_leukocytes: list[str] = field(default_factory=lambda: ["other", "platelet", "erythroblast"])
+    #: The ALL call is made only when blasts reach this share of the counted leukocytes
+    #: (WHO: >= 20 % blasts in blood or marrow for acute leukemia); below it the call is "none".
+    min_blast_fraction: float = 0.20
+
     def validate(self) -> None:
         if not 0 <= self.min_wbc_confidence <= 1:
             raise ConfigError(
@@ -370,6 +402,10 @@ class CallsConfig:
             )
         if self.min_nucleus_um2 < 0:
             raise ConfigError(f"calls.min_nucleus_um2 must be >= 0, got {self.min_nucleus_um2}")
+        if not 0 <= self.min_blast_fraction <= 1:
+            raise ConfigError(
+                f"calls.min_blast_fraction must be in [0, 1], got {self.min_blast_fraction}"
+            )
 
 
 @dataclass
@@ -408,6 +444,12 @@ class Config:
         names = [c.name for c in self.classifiers]
         if len(names) != len(set(names)):
             raise ConfigError(f"classifiers: names must be unique, got {names}")
+        for i, spec in enumerate(self.classifiers):
+            if spec.parent is not None and spec.parent not in names[:i]:
+                raise ConfigError(
+                    f"classifiers.{spec.name}.parent must name an earlier classifier "
+                    f"(one of {names[:i]}), got {spec.parent!r}"
+                )
         if self.mpp is not None and self.mpp <= 0:
             raise ConfigError(f"mpp must be > 0, got {self.mpp}")
         return self

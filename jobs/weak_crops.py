@@ -57,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rename", action="append", default=[], metavar="FOLDER=LABEL")
     p.add_argument("--max-per-class", type=int)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--rejected-label",
+        help="write crops without a nucleus under this label (e.g. other) instead of dropping them",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 
@@ -82,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         rename=rename,
         max_per_class=args.max_per_class,
         seed=args.seed,
+        rejected_label=args.rejected_label,
     )
     summary = report.to_dict()
     (args.out / "weak_crops_report.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -39,7 +39,7 @@ class Report:
     def summary(self) -> pd.DataFrame:
         """The index table: one row per slide with counts, blast fraction, call, failures."""
         b = self.blasts[
-            ["slide_id", "n_blasts", "n_subtyped", "blast_fraction", "ci_low", "ci_high", "all_subtype_call"]
+            ["slide_id", "n_blasts", "blast_fraction", "ci_low", "ci_high", "all_subtype_call"]
         ]
         return self.slides.merge(b, on="slide_id", how="left")
 

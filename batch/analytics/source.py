@@ -160,7 +160,11 @@ def open_outputs(
         raise ConfigError(
             f"slide ids {dupes[:5]} appear in more than one output; report those runs separately"
         )
-    base = set(schemas.load("slides").names)
+    schema = schemas.load("slides")
+    for f in schema:  # outputs of older versions lack some columns: null, not an error
+        if f.name not in slides.column_names:
+            slides = slides.append_column(f.name, pa.nulls(slides.num_rows, f.type))
+    base = set(schema.names)
     metadata = [n for n in slides.column_names if n not in base]
     con.register("slides_arrow", slides)
     con.execute("CREATE TABLE slides AS SELECT * FROM slides_arrow")

@@ -2,19 +2,17 @@
 
 Every function is one DuckDB query (aggregates stream over the Parquet) and
 returns a pandas frame. WBC figures count the WBCs that vote in the slide's
-calls (`batch.calls.counted_wbcs`); blasts are `batch.calls.BLAST_LABELS`
-among the counted WBCs with an ``all_subtype_label``, as in the slides table.
+calls (`batch.calls.counted_wbcs`); the blast fraction, its interval and the
+ALL call are the slides table's own (`batch.calls.SlideTally`), not recomputed.
 """
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import pandas as pd
 
 from batch.analytics.source import RunOutputs
-from batch.calls import BLAST_LABELS
+from batch.calls import wilson_interval
 
 __all__ = [
     "MORPHOMETRICS",
@@ -34,25 +32,8 @@ MORPHOMETRICS = {
     "nc_ratio": "ratio",
     "nucleus_circularity": "0-1",
 }
-#: z for a two-sided 95 % interval.
-Z95 = 1.959963984540054
 #: Bins of the confidence histograms over [0, 1].
 CONFIDENCE_BINS = 20
-
-
-def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval for ``k`` successes in ``n`` trials (NaN, NaN when n == 0)."""
-    if n <= 0:
-        return (math.nan, math.nan)
-    p = k / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
-
-
-def _blast_list() -> str:
-    return ", ".join(f"'{b}'" for b in sorted(BLAST_LABELS))
 
 
 def slide_counts(src: RunOutputs) -> pd.DataFrame:
@@ -101,35 +82,24 @@ def differential(src: RunOutputs) -> pd.DataFrame:
 
 
 def blast_fractions(src: RunOutputs) -> pd.DataFrame:
-    """Per slide: blasts, subtyped WBCs, blast fraction with its 95 % Wilson interval, ALL call.
+    """Per slide: blasts, counted leukocytes, blast fraction with its 95 % Wilson interval, ALL call.
 
-    The call is the most frequent ``all_subtype_label`` (ties by name), the
-    rule of `batch.calls.SlideTally` and so of the slides table; ``none`` when
-    no counted WBC was subtyped.
+    Read from the slides table, which `batch.calls.SlideTally` fills for
+    ``hemaray run`` and ``hemaray eval images`` alike: one aggregation. Slides
+    without counted leukocytes (or failed) have NaN figures and no call.
     """
     df = src.con.execute(
-        f"""
-        WITH sub AS (
-            SELECT slide_id, all_subtype_label AS label, count(*) AS n
-            FROM wbc WHERE all_subtype_label IS NOT NULL GROUP BY ALL),
-        top AS (
-            SELECT slide_id, arg_min(label, (-n, label)) AS dominant,
-                   max(n) AS n_dominant, sum(n) AS n_subtyped,
-                   sum(n) FILTER (WHERE label IN ({_blast_list()})) AS n_blasts
-            FROM sub GROUP BY slide_id)
-        SELECT s.slide_id, coalesce(t.n_blasts, 0) AS n_blasts,
-               coalesce(t.n_subtyped, 0) AS n_subtyped, t.dominant AS all_subtype_call
-        FROM slides s LEFT JOIN top t USING (slide_id) ORDER BY s.slide_id
+        """
+        SELECT slide_id, coalesce(n_blasts, 0) AS n_blasts,
+               coalesce(n_wbc_counted, 0) AS n_wbc_counted, blast_fraction,
+               blast_fraction_low AS ci_low, blast_fraction_high AS ci_high, all_subtype_call
+        FROM slides ORDER BY slide_id
         """
     ).df()
     df["n_blasts"] = df["n_blasts"].astype(int)
-    df["n_subtyped"] = df["n_subtyped"].astype(int)
-    frac = [k / n if n else math.nan for k, n in zip(df.n_blasts, df.n_subtyped, strict=True)]
-    ci = [wilson_interval(int(k), int(n)) for k, n in zip(df.n_blasts, df.n_subtyped, strict=True)]
-    df["blast_fraction"] = frac
-    df["ci_low"] = [c[0] for c in ci]
-    df["ci_high"] = [c[1] for c in ci]
-    df["all_subtype_call"] = df["all_subtype_call"].fillna("none")
+    df["n_wbc_counted"] = df["n_wbc_counted"].astype(int)
+    for col in ("blast_fraction", "ci_low", "ci_high"):
+        df[col] = df[col].astype(float)
     return df
 
 

@@ -56,8 +56,9 @@ from batch.run.columns import (
 )
 from batch.slides import WHITE, open_slide
 from batch.stages.classify import WbcClassifier
-from batch.stages.crop import crop_regions, crop_wbcs, estimate_background
+from batch.stages.crop import crop_regions, crop_wbcs, estimate_background, png_bytes
 from batch.stages.detect import load_detector
+from batch.stages.hierarchy import ChainLink, classify_chain
 from batch.stages.segment import MORPHOMETRIC_KEYS, segment_wbc
 from batch.tiling import plan_tiles
 
@@ -534,13 +535,6 @@ class SegmentStage:
 # --- classify ------------------------------------------------------------------------------
 
 
-def _png(arr: npt.NDArray[Any]) -> bytes:
-    ok, buf = cv2.imencode(".png", arr)
-    if not ok:
-        raise ValueError("PNG encoding failed")
-    return bytes(buf.tobytes())
-
-
 class ClassifyStage:
     """Run every configured classifier over the WBC crops; adds NAME_* columns per classifier."""
 
@@ -558,6 +552,9 @@ class ClassifyStage:
                 storage_options=config.storage.storage_options(),
             )  # fmt: skip
             self.classifiers.append((spec, clf, file_sha256(clf.model_path)[:12]))
+        self.links = [
+            ChainLink(s.name, c, s.parent, tuple(s.parent_labels)) for s, c, _ in self.classifiers
+        ]
 
     def __call__(self, batch: Batch) -> Batch:
         return _batch_guard("classify", batch, self._classify_batch, drop=("crops",), add=())
@@ -596,7 +593,7 @@ class ClassifyStage:
             inject_fault(self.config, "classify", batch, i)
         crops = [c for i in rows_in for c in tiles[i].crops]
         masks = [m for i in rows_in for m in tiles[i].cell_masks]
-        results = [clf.classify(crops, masks) if crops else None for _, clf, _ in self.classifiers]
+        results = classify_chain(self.links, crops, masks) if crops else [None] * len(self.links)
         per_row: list[Any] = []
         offset = 0
         for i in rows:
@@ -624,7 +621,8 @@ class ClassifyStage:
             if res is not None:
                 lab, conf, pr = res
                 for j, r in enumerate(rows):
-                    labels[r], confs[r], probs[r] = lab[j], conf[j], pr[j].tolist()
+                    labels[r], confs[r] = lab[j], conf[j]
+                    probs[r] = None if pr[j] is None else pr[j].tolist()
             cells = cells.append_column(f"{spec.name}_label", pa.array(labels, pa.string()))
             cells = cells.append_column(
                 f"{spec.name}_confidence", pa.array(confs, pa.float32(), mask=np.isnan(confs))
@@ -640,8 +638,8 @@ class ClassifyStage:
             crop_png: list[bytes | None] = [None] * n
             mask_png: list[bytes | None] = [None] * n
             for j, r in enumerate(rows):
-                crop_png[r] = _png(cv2.cvtColor(tile.crops[j], cv2.COLOR_RGB2BGR))
-                mask_png[r] = _png(tile.nucleus_masks[j].astype(np.uint8) * 255)
+                crop_png[r] = png_bytes(cv2.cvtColor(tile.crops[j], cv2.COLOR_RGB2BGR))
+                mask_png[r] = png_bytes(tile.nucleus_masks[j].astype(np.uint8) * 255)
             cells = cells.append_column("crop_png", pa.array(crop_png, pa.binary()))
             cells = cells.append_column("mask_png", pa.array(mask_png, pa.binary()))
         return cells.drop(list(TILE_BOX_COLUMNS))

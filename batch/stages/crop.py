@@ -15,6 +15,8 @@ pixels back to the tile (or to level-0 via the tile's origin) use that region.
 
 from __future__ import annotations
 
+from typing import Any
+
 import cv2
 import numpy as np
 import numpy.typing as npt
@@ -26,6 +28,7 @@ __all__ = [
     "crop_regions",
     "crop_wbcs",
     "estimate_background",
+    "png_bytes",
     "letterbox",
 ]
 
@@ -67,7 +70,9 @@ def estimate_background(image: npt.NDArray[np.uint8]) -> tuple[int, int, int]:
     return (int(median[0]), int(median[1]), int(median[2]))
 
 
-def crop_regions(boxes: npt.ArrayLike, *, margin: float = SegmentationConfig.crop_margin) -> npt.NDArray[np.int64]:
+def crop_regions(
+    boxes: npt.ArrayLike, *, margin: float = SegmentationConfig.crop_margin
+) -> npt.NDArray[np.int64]:
     """Integer crop regions ``(N, 4)`` ``x0, y0, x1, y1`` (half-open) for boxes grown by ``margin``.
 
     The region is ``floor(x0 - margin * w)`` to ``ceil(x1 + margin * w)`` (the
@@ -171,3 +176,11 @@ def crop_wbcs(
             crop = letterbox(crop, out_size, fill)
         crops.append(crop)
     return crops
+
+
+def png_bytes(image: npt.NDArray[Any]) -> bytes:
+    """``image`` (BGR or grey, as OpenCV writes it) encoded as PNG."""
+    ok, buf = cv2.imencode(".png", image)
+    if not ok:
+        raise ValueError("PNG encoding failed")
+    return bytes(buf.tobytes())

@@ -155,6 +155,7 @@ def weak_crops(
     max_per_class: int | None = None,
     batch_size: int = 8,
     seed: int = 0,
+    rejected_label: str | None = None,
 ) -> WeakCropReport:
     """Detect WBCs on an image-labelled ImageFolder and write weakly labelled crops.
 
@@ -188,6 +189,11 @@ def weak_crops(
         Images per detector call.
     seed
         Seed of the samples.
+    rejected_label
+        Write the crops that fail the nucleus check under this label (e.g.
+        ``other``: red cells and smudges the detector called WBCs, examples of
+        the WBC classifier's artefact class) instead of dropping them; their
+        group is their source image too.
 
     Returns
     -------
@@ -222,7 +228,8 @@ def weak_crops(
     report = WeakCropReport(out=out, mpp=mpp)
     counts: Counter[str] = Counter()
     out.mkdir(parents=True, exist_ok=True)
-    for label in sorted({label for label, _ in items}):
+    folders = {label for label, _ in items} | ({rejected_label} if rejected_label else set())
+    for label in sorted(folders):
         (out / label).mkdir(exist_ok=True)
     group_rows: list[dict[str, str]] = []
     crop_rows: list[dict[str, Any]] = []
@@ -251,20 +258,23 @@ def weak_crops(
             for k, (crop, box, region, score) in enumerate(
                 zip(crops, boxes, regions, scores, strict=True)
             ):
+                crop_label = label
                 if nucleus_check is not None and not _has_nucleus(
                     crop, box, region, *nucleus_check
                 ):
                     report.rejected_no_nucleus += 1
-                    continue
-                rel = f"{label}/{stem}__wbc{k}.png"
+                    if rejected_label is None:
+                        continue
+                    crop_label = rejected_label
+                rel = f"{crop_label}/{stem}__wbc{k}.png"
                 if not cv2.imwrite(str(out / rel), np.ascontiguousarray(crop[..., ::-1])):
                     raise OSError(f"could not write {out / rel}")
-                counts[label] += 1
+                counts[crop_label] += 1
                 group_rows.append({"file": rel, "group": source})
                 crop_rows.append(
                     {
                         "file": rel,
-                        "label": label,
+                        "label": crop_label,
                         "source": source,
                         "x0": round(float(box[0]), 1),
                         "y0": round(float(box[1]), 1),
