@@ -5,8 +5,10 @@ Each image of an ImageFolder (one folder per class, e.g. the ALL set's
 places on Ray (plan, read, detect, crop + segment, classify), here called
 in-process by `batch.run.local.chain_cells`, and its cells are aggregated by
 the same :class:`batch.calls.SlideTally` that fills the ``slides`` table. The
-image's call is the dominant ``all_subtype`` label among its WBCs; an image
-with no WBC gets no call and counts as wrong.
+image's call is the slide call: the dominant ``all_subtype`` label among its
+blasts when blasts reach ``calls.min_blast_fraction`` of its counted
+leukocytes, else ``none``, which is scored as ``benign`` (no leukemia seen);
+an image with no counted leukocyte gets no call and counts as wrong.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from batch.calls import SlideTally
+from batch.calls import NO_ALL_CALL, SlideTally
 from batch.config import Config
 from batch.datasets.folders import class_dirs, folder_label, list_images
 from batch.eval.metrics import macro_f1
@@ -25,6 +27,8 @@ __all__ = ["NO_CALL", "call_images", "eval_images"]
 
 #: The prediction of an image without a counted WBC (scored as wrong).
 NO_CALL = "no_call"
+#: The label a ``none`` call (blasts under the threshold) is scored as.
+NONE_AS = "benign"
 
 
 def call_images(
@@ -63,7 +67,8 @@ def eval_images(
         paths += files
         truth += [folder_label(folder.name)] * len(files)
     summaries = call_images(paths, config, progress=progress)
-    pred = [summaries[str(p)]["all_subtype_call"] or NO_CALL for p in paths]
+    calls = [summaries[str(p)]["all_subtype_call"] or NO_CALL for p in paths]
+    pred = [NONE_AS if c == NO_ALL_CALL else c for c in calls]
     labels = sorted(set(truth))
     macro, per = macro_f1(truth, pred, labels)
     confusion: dict[str, dict[str, int]] = {t: {} for t in labels}
@@ -77,5 +82,21 @@ def eval_images(
         "confusion": confusion,
         "n_images": len(paths),
         "no_call": pred.count(NO_CALL),
+        "called_none": calls.count(NO_ALL_CALL),
+        "blast_fraction_median": {
+            t: _median(
+                [
+                    summaries[str(p)]["blast_fraction"]
+                    for p, u in zip(paths, truth, strict=True)
+                    if u == t
+                ]
+            )
+            for t in labels
+        },
         "split_note": "images as given; no patient ids, so no split by patient is possible",
     }
+
+
+def _median(values: list[float | None]) -> float | None:
+    known = sorted(v for v in values if v is not None)
+    return round(known[len(known) // 2], 4) if known else None

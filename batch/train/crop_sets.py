@@ -1,0 +1,184 @@
+"""One WBC-crop ImageFolder from several labelled sources, cut as the pipeline cuts.
+
+A classifier that must work on ``hemaray run``'s crops is best trained on
+crops made the same way, and the taxonomy's classes come from different
+places: the PBC set (eight peripheral-blood types, one centred cell per
+image), weakly labelled detector crops of the ALL set (`batch.train.weak_labels`:
+blasts, hematogones, and the red cells the detector boxed as WBCs, the
+``other`` class), and synthetic slides run through the pipeline itself
+(`crops_from_run`: every WBC detection with its ground-truth type, or
+``other`` when it matches no WBC).
+
+`build_crop_set` resamples every source to one mpp (the detector's: the
+pipeline cuts its crops at the detector's scale), re-crops centred-cell
+images to the segmented cell plus the pipeline's margin
+(`batch.stages.preprocess.prepare_crop`), renames classes into the taxonomy,
+caps each class per source (a seeded sample of whole groups' images), and
+writes ``<out>/<label>/<source>__<name>.png`` with ``groups.csv``
+(``file,group``; the group is the source plus its own grouping, e.g. the
+source image of weak crops or the synthetic slide) and ``sources.json``.
+Train on it with ``jobs/train_classifier.py --input crop --mpp <mpp> --groups
+<out>/groups.csv``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+import re
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from batch.config import SegmentationConfig
+from batch.datasets.folders import class_dirs, list_images, read_rgb
+from batch.eval.metrics import box_iou
+from batch.stages.preprocess import prepare_crop
+
+__all__ = ["CropSource", "build_crop_set", "crops_from_run", "OTHER_LABEL"]
+
+#: Label of WBC detections that are not leukocytes (smudges, red cells, stain debris).
+OTHER_LABEL = "other"
+
+
+@dataclass
+class CropSource:
+    """One labelled ImageFolder and how to turn its images into pipeline crops."""
+
+    name: str
+    root: str
+    #: Microns per pixel of the images.
+    mpp: float
+    #: The images hold one centred cell (PBC): crop to the segmented cell + margin.
+    recrop: bool = False
+    #: Folder -> label; folders mapped to "" are skipped.
+    rename: dict[str, str] = field(default_factory=dict)
+    #: ``file,group`` CSV (paths relative to root), e.g. weak_crops' groups.csv.
+    groups_csv: str | None = None
+    #: At most this many images per class from this source (seeded sample).
+    max_per_class: int | None = None
+    #: What the card should say about the source (licence, url).
+    citation: dict[str, str] = field(default_factory=dict)
+
+
+def _groups(src: CropSource) -> dict[str, str]:
+    if not src.groups_csv:
+        return {}
+    with open(src.groups_csv, newline="") as f:
+        return {row["file"]: row["group"] for row in csv.DictReader(f)}
+
+
+def build_crop_set(
+    sources: Sequence[CropSource],
+    out: str | Path,
+    *,
+    target_mpp: float,
+    margin: float = SegmentationConfig.crop_margin,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Write the combined crop set; returns counts per source and label."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, str]] = []
+    report: dict[str, Any] = {"target_mpp": target_mpp, "sources": {}}
+    for src in sources:
+        groups = _groups(src)
+        counts: Counter[str] = Counter()
+        skipped = 0
+        for folder in class_dirs(Path(src.root)):
+            label = src.rename.get(folder.name, folder.name)
+            if not label:
+                continue
+            files = list_images(folder)
+            if src.max_per_class is not None and len(files) > src.max_per_class:
+                files = sorted(
+                    random.Random(f"{seed}:{src.name}:{label}").sample(files, src.max_per_class)
+                )
+            (out / label).mkdir(exist_ok=True)
+            for path in files:
+                rgb = read_rgb(path)
+                if rgb is None:
+                    skipped += 1
+                    continue
+                crop, _, found = prepare_crop(
+                    rgb, scale=src.mpp / target_mpp, mpp=target_mpp, recrop=src.recrop,
+                    margin=margin, needs_mask=False,
+                )  # fmt: skip
+                if src.recrop and not found:
+                    skipped += 1
+                    continue
+                rel_src = path.relative_to(src.root).as_posix()
+                name = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{src.name}__{folder.name}__{path.stem}")
+                rel = f"{label}/{name}.png"
+                cv2.imwrite(str(out / rel), np.ascontiguousarray(crop[..., ::-1]))
+                rows.append({"file": rel, "group": f"{src.name}:{groups.get(rel_src, rel_src)}"})
+                counts[label] += 1
+        report["sources"][src.name] = {
+            **asdict(src), "crops": dict(sorted(counts.items())), "skipped": skipped,
+        }  # fmt: skip
+    with open(out / "groups.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["file", "group"])
+        w.writeheader()
+        w.writerows(rows)
+    (out / "sources.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def crops_from_run(
+    cells: pd.DataFrame,
+    truth: pd.DataFrame,
+    out: str | Path,
+    *,
+    source: str = "synthetic",
+    iou: float = 0.5,
+    max_per_class: int | None = None,
+    seed: int = 0,
+) -> dict[str, int]:
+    """Label a run's WBC crops with a synthetic ground truth and write them as an ImageFolder.
+
+    ``cells`` is a run's cells table with ``crop_png`` (run with
+    ``--set export.crops=true``); ``truth`` the generator's
+    ``ground_truth.parquet``. A WBC detection takes the ``wbc_type`` of the
+    truth WBC it overlaps best (IoU >= ``iou``); one that matches no truth WBC
+    is ``other``. Writes ``<out>/<label>/<source>__<cell_id>.png`` and appends
+    to ``<out>/groups.csv`` (group: the slide). Returns crops per label.
+    """
+    out = Path(out)
+    wbc = cells[(cells["det_class"] == "WBC") & cells["crop_png"].notna()]
+    picked: dict[str, list[tuple[str, str, bytes]]] = defaultdict(list)
+    for sid, dets in wbc.groupby("slide_id"):
+        t = truth[(truth["slide_id"] == sid) & (truth["class"] == "WBC")]
+        boxes = dets[["x0", "y0", "x1", "y1"]].to_numpy(np.float64)
+        tboxes = t[["x0", "y0", "x1", "y1"]].to_numpy(np.float64)
+        ious = box_iou(boxes, tboxes) if len(t) else np.zeros((len(dets), 0))
+        for k, (cell_id, png) in enumerate(zip(dets["cell_id"], dets["crop_png"], strict=True)):
+            j = int(ious[k].argmax()) if ious.shape[1] else -1
+            label = str(t["wbc_type"].iloc[j]) if j >= 0 and ious[k, j] >= iou else OTHER_LABEL
+            picked[label].append((str(sid), str(cell_id), bytes(png)))
+    counts: dict[str, int] = {}
+    rows = []
+    for label, items in sorted(picked.items()):
+        if max_per_class is not None and len(items) > max_per_class:
+            items = random.Random(f"{seed}:{source}:{label}").sample(items, max_per_class)
+        (out / label).mkdir(parents=True, exist_ok=True)
+        for sid, cell_id, png in items:
+            rel = f"{label}/{source}__{cell_id}.png"
+            # crop_png holds BGR PNG bytes (cv2.imencode of the RGB crop flipped): write as is
+            (out / rel).write_bytes(png)
+            rows.append({"file": rel, "group": f"{source}:{sid}"})
+        counts[label] = len(items)
+    groups = out / "groups.csv"
+    new = not groups.exists()
+    with open(groups, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["file", "group"])
+        if new:
+            w.writeheader()
+        w.writerows(rows)
+    return counts
