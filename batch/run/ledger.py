@@ -54,6 +54,8 @@ class RunResult:
     unrecorded: dict[str, str] = field(default_factory=dict)
     cells_by_class: dict[str, int] = field(default_factory=dict)
     wbc_types: dict[str, int] = field(default_factory=dict)
+    #: Per committed slide: its differential, blast fraction (95 % interval) and ALL call.
+    slide_calls: dict[str, dict[str, Any]] = field(default_factory=dict)
     tiles: int = 0
     seconds: float = 0.0
     manifest_uri: str = ""
@@ -168,6 +170,7 @@ class RunLedger:
             result.cells_by_class[cls] = result.cells_by_class.get(cls, 0) + n
         for lab, n in st.tally.wbc_type.items():
             result.wbc_types[lab] = result.wbc_types.get(lab, 0) + n
+        result.slide_calls[sid] = {k: summary[k] for k in SLIDE_CALL_KEYS}
         self.echo(
             f"committed {sid}: {st.done} tiles, {summary['n_rbc']} RBC, {summary['n_wbc']} WBC, "
             f"{summary['n_platelet']} platelets, call {summary['all_subtype_call']}"
@@ -232,6 +235,35 @@ class RunLedger:
                 self.fail(sid, "run", err)
 
 
+#: The slides-row figures the end-of-run summary shows per slide.
+SLIDE_CALL_KEYS = (
+    "n_wbc_counted", "wbc_differential", "n_blasts", "blast_fraction", "blast_fraction_low",
+    "blast_fraction_high", "all_subtype_call", "all_subtype_share", "all_subtype_n",
+)  # fmt: skip
+#: Slides listed one per line in the summary; more are counted, not listed.
+SUMMARY_SLIDES = 20
+
+
+def slide_call_line(sid: str, calls: dict[str, Any]) -> str:
+    """One slide's differential, blast fraction with its interval, and ALL call, on one line."""
+    diff = json.loads(calls.get("wbc_differential") or "{}")
+    top = ", ".join(
+        f"{k} {v:.0%}" for k, v in sorted(diff.items(), key=lambda kv: -kv[1]) if v >= 0.005
+    )
+    n = calls.get("n_wbc_counted") or 0
+    text = f"  {sid}: {n} leukocytes ({top or 'no differential'})"
+    if calls.get("blast_fraction") is not None:
+        text += (
+            f"; blasts {calls['blast_fraction']:.1%} "
+            f"[{calls['blast_fraction_low']:.1%}, {calls['blast_fraction_high']:.1%}]"
+        )
+    call = calls.get("all_subtype_call")
+    text += f"; call {call}"
+    if calls.get("all_subtype_share") is not None:
+        text += f" ({calls['all_subtype_share']:.0%} of {calls['all_subtype_n']} blasts)"
+    return text
+
+
 def summary_lines(result: RunResult) -> Iterable[str]:
     """The end-of-run table people read."""
     yield f"run {result.run_id}: {len(result.committed)} committed, {len(result.skipped)} skipped, {len(result.failed)} failed"
@@ -245,6 +277,13 @@ def summary_lines(result: RunResult) -> Iterable[str]:
             f"{k} {v / n_wbc:.0%}"
             for k, v in sorted(result.wbc_types.items(), key=lambda kv: -kv[1])
         )
-        yield f"WBC differential: {diff}"
+        yield f"WBC differential (counted leukocytes, all slides): {diff}"
+    slides = sorted(result.slide_calls.items())
+    if slides:
+        yield "per slide: counted leukocytes (differential); blast fraction [95% CI]; ALL call"
+    for sid, calls in slides[:SUMMARY_SLIDES]:
+        yield slide_call_line(sid, calls)
+    if len(slides) > SUMMARY_SLIDES:
+        yield f"  ... and {len(slides) - SUMMARY_SLIDES} more slides (hemaray report OUT)"
     yield f"tiles: {result.tiles} in {result.seconds:.1f} s ({result.tiles_per_s:.2f} tiles/s)"
     yield f"output: {result.out} (cells/, slides/, failures/, manifest {result.manifest_uri})"
