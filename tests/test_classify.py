@@ -117,3 +117,79 @@ def test_shipped_weights(name: str) -> None:
     _, _, probs = clf.classify(crops, masks)
     assert probs.shape == (2, len(clf.class_names))
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+
+
+def _with_card(model: Path, folder: Path, **extra: object) -> Path:
+    """A copy of ``model`` with a sidecar card carrying ``extra`` (e.g. a temperature)."""
+    import shutil
+
+    from batch.models import ModelCard, write_model_card
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / model.name
+    shutil.copyfile(model, path)
+    card = ModelCard(name="t", task="classify", class_names=list(LABELS.values()), extra=extra)
+    write_model_card(card, path, embed=False, markdown=False)
+    return path
+
+
+@pytest.mark.parametrize("mode", ["mask", "dual"])
+def test_card_temperature_calibrates_every_probability(
+    tiny_model: Path, tmp_path: Path, mode: str
+) -> None:
+    temperature = 0.25  # sharpens the untrained model's near-uniform output visibly
+    path = _with_card(tiny_model, tmp_path / "calibrated", temperature=temperature)
+    clf = WbcClassifier(path, name="t", device="cpu", imgsz=32, input_mode=mode)
+    assert clf.temperature == temperature
+    crops, masks = _crops(5)
+    labels, conf, probs = clf.classify(crops, masks)
+    raw = clf.probabilities(crops, masks, calibrated=False)
+    # Uncalibrated card-less model: the raw probabilities, as before calibration existed.
+    _, _, plain = WbcClassifier(
+        tiny_model, name="t", device="cpu", imgsz=32, input_mode=mode
+    ).classify(crops, masks)
+    np.testing.assert_allclose(raw, plain, atol=1e-6)
+    z = np.log(raw.astype(np.float64)) / temperature
+    expected = np.exp(z - z.max(axis=1, keepdims=True))
+    expected /= expected.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(probs, expected, atol=1e-5)
+    assert not np.allclose(probs, raw, atol=1e-3)
+    np.testing.assert_array_equal(probs.argmax(axis=1), raw.argmax(axis=1))
+    assert labels == [clf.class_names[i] for i in raw.argmax(axis=1)]
+    np.testing.assert_allclose(conf, probs.max(axis=1))
+    # predict_images: calibrated per rendered image unless asked for the raw softmax.
+    images = [v for c, m in zip(crops, masks, strict=True) for v in render_input(c, m, mode, 32)]
+    per_image = clf.predict_images(images, calibrated=False)
+    np.testing.assert_allclose(clf.predict_images(images), clf.calibrate(per_image), atol=1e-6)
+    if mode == "mask":
+        np.testing.assert_allclose(clf.predict_images(images), probs, atol=1e-5)
+
+
+def test_calibration_job_fits_and_records_the_temperature(tiny_model: Path, tmp_path: Path) -> None:
+    import json
+
+    import cv2
+
+    from batch.train.calibrate import calibrate_classifier
+
+    path = _with_card(tiny_model, tmp_path / "model", input_mode="crop")
+    data = tmp_path / "val"
+    rng = np.random.default_rng(3)
+    for folder in ("Benign", "pro_b"):
+        (data / folder).mkdir(parents=True)
+        for i in range(3):
+            cv2.imwrite(
+                str(data / folder / f"{i}.png"), rng.integers(0, 256, (24, 24, 3), np.uint8)
+            )
+    result = calibrate_classifier(path, data, limit_per_class=2, png=tmp_path / "fit.png")
+    card = json.loads(path.with_suffix(".json").read_text())
+    t = card["extra"]["temperature"]
+    assert t == result["temperature"] and t > 0
+    fitted_on = card["extra"]["calibration"]["fitted_on"]
+    assert fitted_on["data"] == str(data.resolve()) and fitted_on["n"] == 4
+    assert fitted_on["images_per_class"] == {"benign": 2, "pro_b": 2}
+    assert "first 2 images" in fitted_on["selection"]
+    assert card["extra"]["input_mode"] == "crop"  # the rest of the card is kept
+    assert "Temperature T" in path.with_suffix(".md").read_text()
+    assert (tmp_path / "fit.png").is_file()
+    assert WbcClassifier(path, name="t", device="cpu", imgsz=32).temperature == t

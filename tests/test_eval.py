@@ -33,9 +33,7 @@ def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def test_eval_images_matches_run_calls(
-    image_folder: Path, tmp_path: Path, ray_local: None
-) -> None:
+def test_eval_images_matches_run_calls(image_folder: Path, tmp_path: Path, ray_local: None) -> None:
     config = load_config(None, ["mpp=0.25"])
     paths = sorted(image_folder.glob("*/*.png"))
     calls = call_images(paths, config)
@@ -54,18 +52,29 @@ def test_eval_images_matches_run_calls(
     assert set(scored["per_class"]) == {p.parent.name for p in paths}
 
 
-def test_eval_images_cli_prints_json_last(image_folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_eval_images_cli_prints_json_last(
+    image_folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["eval", "images", "--data", str(image_folder), "--mpp", "0.25", "--json"]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     data = json.loads(last)
     assert {"accuracy", "macro_f1", "per_class", "confusion"} <= set(data)
 
 
-def test_eval_classifier_on_crops(image_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["eval", "classifier", "--model", "all_subtype", "--data", str(image_folder), "--json"]) == 0
+def test_eval_classifier_on_crops(
+    image_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    png = tmp_path / "reliability.png"
+    argv = ["eval", "classifier", "--model", "all_subtype", "--data", str(image_folder), "--json"]
+    assert main([*argv, "--png", str(png)]) == 0
     data = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert data["n"] == len(list(image_folder.glob("*/*.png")))
     assert {"accuracy", "macro_f1", "per_class", "confusion_matrix"} & set(data)
+    # Calibration: the card's temperature (1.0 when it has none) and the ECE at T = 1 and at T.
+    assert data["temperature"] > 0 and 0 <= data["ece"] <= 1 and 0 <= data["ece_before"] <= 1
+    if data["temperature"] == 1.0:
+        assert data["ece"] == data["ece_before"]
+    assert data["reliability_png"] == str(png) and png.read_bytes()[:4] == b"\x89PNG"
 
 
 @pytest.mark.slow

@@ -114,12 +114,26 @@ def test_tiny_training_offline(image_folder: Path, tmp_path: Path, no_network: l
         assert "patient" in m["split_note"]
         assert m["by_group"]["n"] == m["n_groups"]  # one label per patient here
         assert (out / f"confusion_{split}.png").is_file()
+        # Calibration: T fitted on val, ECE before / after on both splits, one diagram each.
+        calib = m["calibration"]
+        assert calib["temperature"] == metrics["temperature"]
+        assert 0 <= calib["ece"] <= 1 and 0 <= calib["ece_before"] <= 1
+        assert (out / f"reliability_{split}.png").is_file()
 
     card = json.loads((out / "tiny.json").read_text())
     assert card["task"] == "classify" and card["class_names"] == ["benign", "pro_b"]
     assert card["extra"]["input_mode"] == "dual" and card["trained_mpp"] == 0.25
     assert "not for clinical diagnosis" in card["intended_use"]
     assert "Classification metrics" in (out / "tiny.md").read_text()
+    t = card["extra"]["temperature"]
+    assert t == metrics["temperature"] and t > 0
+    fitted_on = card["extra"]["calibration"]["fitted_on"]
+    assert fitted_on["split"] == "val" and fitted_on["n"] == metrics["metrics"]["val"]["n"]
+    assert (
+        card["metrics"]["val"]["calibration"]["nll"]
+        <= card["metrics"]["val"]["calibration"]["nll_before"]
+    )
+    assert "Temperature T" in (out / "tiny.md").read_text()
 
     with open(out / "work" / "manifest.csv") as fh:
         rows = list(csv.DictReader(fh))

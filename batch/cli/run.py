@@ -80,7 +80,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     elif args.what == "classifier":
         from batch.eval.classifier import eval_classifier
 
-        result = eval_classifier(args.data, args.model or "all_subtype", limit_per_class=args.limit)
+        result = eval_classifier(
+            args.data, args.model or "all_subtype", mpp=args.mpp, limit_per_class=args.limit,
+            png=args.png,
+        )  # fmt: skip
     else:
         from batch.eval.images import eval_images
 
@@ -158,6 +161,9 @@ def add_commands(sub: Any) -> None:
         default=[],
         metavar="KEY=VALUE",
         help="config override (images, synthetic)",
+    )
+    e.add_argument(
+        "--png", help="classifier: write a reliability diagram (before / after calibration) here"
     )
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.set_defaults(func=_cmd_eval)

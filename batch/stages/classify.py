@@ -25,6 +25,15 @@ Every rendering is letterboxed to a square of the model's image size
 (`batch.stages.crop.letterbox`), so ultralytics' resize + centre-crop never
 cuts the cell off.
 
+Calibration: a model card may carry a *temperature* ``T`` (``extra.temperature``,
+fitted by `batch.eval.calibration.fit_temperature` on labelled validation
+data). Every probability a `WbcClassifier` returns by default is then
+``softmax(log(p) / T)`` of the model's own probabilities ``p``
+(`apply_temperature`); in ``"dual"`` mode ``p`` is the mean of the two
+views, the quantity the temperature was fitted on. ``T > 1`` softens
+over-confident scores; the most probable class never changes. Without a
+temperature (``T = 1``) the probabilities are the model's, unchanged.
+
 Devices: ``device="auto"`` picks CUDA when available, else the CPU;
 ``half="auto"`` uses fp16 on CUDA only.
 """
@@ -45,9 +54,12 @@ __all__ = [
     "DEFAULT_BATCH_SIZE",
     "INPUT_MODES",
     "MASK_FILL",
+    "TEMPERATURE_KEY",
     "InputMode",
     "WbcClassifier",
+    "apply_temperature",
     "render_input",
+    "temperature_log_probs",
 ]
 
 InputMode = Literal["mask", "crop", "dual"]
@@ -59,6 +71,47 @@ MASK_FILL: tuple[int, int, int] = (0, 0, 0)
 DEFAULT_BATCH_SIZE = 64
 #: Image size used when neither the caller, the model card nor the checkpoint names one.
 FALLBACK_IMGSZ = 64
+#: Model card ``extra`` key of the calibration temperature (absent: 1.0, probabilities as given).
+TEMPERATURE_KEY = "temperature"
+#: Probabilities are clipped to this before the log, so a float32 softmax that underflowed
+#: to 0 stays finite (its class keeps the lowest rank).
+MIN_PROB = 1e-12
+
+
+def temperature_log_probs(probs: npt.ArrayLike, temperature: float) -> npt.NDArray[np.float64]:
+    """Log of the temperature-scaled probabilities: ``log_softmax(log(p) / T)``, row-wise.
+
+    ``log(p)`` equals the model's logits up to a per-row constant, which the
+    softmax removes, so this is the usual ``softmax(logits / T)``.
+
+    Parameters
+    ----------
+    probs
+        ``(N, C)`` probabilities (rows sum to 1).
+    temperature
+        ``T > 0``.
+    """
+    if not (np.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    p = np.asarray(probs, dtype=np.float64)
+    if p.ndim != 2:
+        raise ValueError(f"probabilities must be an (N, C) array, got shape {p.shape}")
+    z = np.log(np.clip(p, MIN_PROB, None)) / temperature
+    z -= z.max(axis=1, keepdims=True)
+    out: npt.NDArray[np.float64] = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    return out
+
+
+def apply_temperature(probs: npt.ArrayLike, temperature: float) -> npt.NDArray[np.float32]:
+    """Calibrated probabilities ``softmax(log(p) / T)`` (float32, rows sum to 1).
+
+    ``T == 1`` returns ``p`` itself (as float32), so an uncalibrated model's
+    output is bit-for-bit what it was. The row-wise order of the classes, and
+    so the argmax, never changes.
+    """
+    if temperature == 1.0:
+        return np.asarray(probs, dtype=np.float32)
+    return np.exp(temperature_log_probs(probs, temperature)).astype(np.float32)
 
 
 def render_input(
@@ -144,6 +197,9 @@ class WbcClassifier:
         Crops per forward pass.
     storage_options
         fsspec options for a remote ``model_path``.
+    temperature
+        Calibration temperature; None: the model card's (``extra.temperature``),
+        else 1.0 (the model's probabilities unchanged).
     """
 
     def __init__(
@@ -157,6 +213,7 @@ class WbcClassifier:
         imgsz: int | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
         storage_options: dict[str, Any] | None = None,
+        temperature: float | None = None,
     ) -> None:
         from ultralytics import YOLO
 
@@ -194,6 +251,10 @@ class WbcClassifier:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = batch_size
         self.trained_mpp: float | None = self.card.trained_mpp if self.card is not None else None
+        t = float(extra.get(TEMPERATURE_KEY, 1.0) if temperature is None else temperature)
+        if not (np.isfinite(t) and t > 0):
+            raise ValueError(f"{text}: temperature must be a finite number > 0, got {t!r}")
+        self.temperature: float = t
 
     def _model_imgsz(self) -> int:
         if self.card is not None and self.card.imgsz:
@@ -204,8 +265,21 @@ class WbcClassifier:
             return int(sz[0] if isinstance(sz, list | tuple) else sz)
         return FALLBACK_IMGSZ
 
-    def predict_images(self, images: Sequence[npt.NDArray[np.uint8]]) -> npt.NDArray[np.float32]:
-        """Class probabilities ``(N, C)`` of already rendered RGB images (see `render_input`)."""
+    def calibrate(self, probs: npt.ArrayLike) -> npt.NDArray[np.float32]:
+        """Apply this classifier's temperature to ``(N, C)`` per-crop probabilities."""
+        return apply_temperature(probs, self.temperature)
+
+    def predict_images(
+        self, images: Sequence[npt.NDArray[np.uint8]], *, calibrated: bool = True
+    ) -> npt.NDArray[np.float32]:
+        """Class probabilities ``(N, C)`` of already rendered RGB images (see `render_input`).
+
+        ``calibrated=False`` gives the model's own softmax. With ``calibrated``
+        (the default) each image's probabilities are temperature-scaled on
+        their own, which is what `classify` returns in the ``"mask"`` and
+        ``"crop"`` modes; in ``"dual"`` mode `classify` scales the mean of a
+        crop's two views instead, so average raw views and `calibrate` that.
+        """
         if len(images) == 0:
             return np.zeros((0, len(self.class_names)), np.float32)
         probs: list[npt.NDArray[np.float32]] = []
@@ -219,7 +293,45 @@ class WbcClassifier:
                     chunk, imgsz=self.imgsz, device=self.device, verbose=False, **self._precision
                 )
             probs.extend(r.probs.data.float().cpu().numpy() for r in results)
-        return np.stack(probs).astype(np.float32)
+        raw = np.stack(probs).astype(np.float32)
+        return self.calibrate(raw) if calibrated else raw
+
+    def probabilities(
+        self,
+        crops: Sequence[npt.NDArray[np.uint8]],
+        masks: Sequence[npt.NDArray[np.bool_] | None] | None = None,
+        *,
+        calibrated: bool = True,
+    ) -> npt.NDArray[np.float32]:
+        """``(N, C)`` class probabilities of crops (arguments as in `classify`).
+
+        ``calibrated=False`` gives the model's own probabilities (``"dual"``:
+        the mean of the two views), the input of `calibrate`.
+        """
+        n = len(crops)
+        n_cls = len(self.class_names)
+        if n == 0:
+            return np.zeros((0, n_cls), np.float32)
+        if masks is None:
+            if self.input_mode != "crop":
+                raise ValueError(
+                    f"classifier {self.name!r} (input_mode={self.input_mode!r}) needs masks"
+                )
+            mask_list: Sequence[npt.NDArray[np.bool_] | None] = [None] * n
+        else:
+            mask_list = masks
+        if len(mask_list) != n:
+            raise ValueError(f"got {n} crops but {len(mask_list)} masks")
+        views = [
+            render_input(c, m, self.input_mode, self.imgsz, fill=self.mask_fill)
+            for c, m in zip(crops, mask_list, strict=True)
+        ]
+        n_views = len(views[0])
+        flat = [v for per_crop in views for v in per_crop]
+        raw = self.predict_images(flat, calibrated=False)
+        probs = raw.reshape(n, n_views, n_cls).mean(axis=1)
+        probs = (probs / probs.sum(axis=1, keepdims=True)).astype(np.float32)
+        return self.calibrate(probs) if calibrated else probs
 
     def classify(
         self,
@@ -241,32 +353,15 @@ class WbcClassifier:
         labels : list of str
             The most probable class per crop.
         confidences : numpy.ndarray
-            ``(N,)`` probability of that class.
+            ``(N,)`` calibrated probability of that class.
         probs : numpy.ndarray
-            ``(N, C)`` class probabilities in `class_names` order; rows sum to 1.
+            ``(N, C)`` calibrated class probabilities (`temperature`) in
+            `class_names` order; rows sum to 1.
         """
-        n = len(crops)
-        n_cls = len(self.class_names)
+        probs = self.probabilities(crops, masks)
+        n = len(probs)
         if n == 0:
-            return [], np.zeros(0, np.float32), np.zeros((0, n_cls), np.float32)
-        if masks is None:
-            if self.input_mode != "crop":
-                raise ValueError(
-                    f"classifier {self.name!r} (input_mode={self.input_mode!r}) needs masks"
-                )
-            mask_list: Sequence[npt.NDArray[np.bool_] | None] = [None] * n
-        else:
-            mask_list = masks
-        if len(mask_list) != n:
-            raise ValueError(f"got {n} crops but {len(mask_list)} masks")
-        views = [
-            render_input(c, m, self.input_mode, self.imgsz, fill=self.mask_fill)
-            for c, m in zip(crops, mask_list, strict=True)
-        ]
-        n_views = len(views[0])
-        flat = [v for per_crop in views for v in per_crop]
-        probs = self.predict_images(flat).reshape(n, n_views, n_cls).mean(axis=1)
-        probs = probs / probs.sum(axis=1, keepdims=True)
+            return [], np.zeros(0, np.float32), probs
         idx = probs.argmax(axis=1)
         labels = [self.class_names[i] for i in idx]
-        return labels, probs[np.arange(n), idx].astype(np.float32), probs.astype(np.float32)
+        return labels, probs[np.arange(n), idx].astype(np.float32), probs

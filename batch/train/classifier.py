@@ -39,9 +39,17 @@ Steps (`train_classifier`; steps 1-4 are `batch.datasets.folders` and
    malignant-vs-benign false-negative rate when a ``benign`` class exists,
    MAE over class indices (seed 000; meaningful only for ordered labels),
    confusion matrix (JSON + PNG; `batch.eval.metrics.classification_metrics`).
+   **Calibrate**: one temperature fitted on the val probabilities (the same
+   per-image probabilities as the val metrics; `batch.eval.calibration`),
+   with the top-label ECE before and after on val and test (and a
+   reliability diagram per split, ``reliability_<split>.png``). The
+   temperature changes no label, so the metrics above hold either way.
    Written to ``metrics.json``.
 7. **Ship**: ``<out>/<name>.pt`` with its model card (JSON, markdown, and
-   embedded in the checkpoint; `batch.models.write_model_card`).
+   embedded in the checkpoint; `batch.models.write_model_card`); the card
+   carries the temperature (``extra.temperature``, applied by
+   `batch.stages.classify.WbcClassifier`) and what it was fitted on
+   (`batch.train.classifier_card`).
 """
 
 from __future__ import annotations
@@ -56,7 +64,6 @@ import sys
 import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -65,10 +72,17 @@ import numpy.typing as npt
 
 from batch.config import SegmentationConfig
 from batch.datasets.folders import SPLITS, discover_images, read_rgb
+from batch.eval.calibration import calibration_report, fit_temperature
 from batch.eval.metrics import classification_metrics
-from batch.models import ModelCard, render_card_markdown, write_model_card
+from batch.models import ModelCard, write_model_card
+from batch.plot import plot_reliability
 from batch.stages.classify import INPUT_MODES, MASK_FILL, WbcClassifier
 from batch.stages.device import select_device
+from batch.train.classifier_card import (
+    CALIBRATION_KEY,
+    set_calibration,
+    write_classifier_markdown,
+)
 from batch.train.classifier_data import (
     DEFAULT_IMGSZ,
     DEFAULT_TEST_FRACTION,
@@ -145,9 +159,13 @@ def plot_confusion(
 # --------------------------------------------------------------------------- training
 
 
+#: Per split: per source image, the model's (uncalibrated) probabilities and the true index.
+SplitProbs = dict[str, tuple[npt.NDArray[np.float64], list[int]]]
+
+
 def _evaluate(
     weights: Path, rows: Sequence[dict[str, Any]], work: Path, cfg: TrainClassifierConfig
-) -> tuple[dict[str, Any], list[str]]:
+) -> tuple[dict[str, Any], list[str], SplitProbs]:
     clf = WbcClassifier(
         weights,
         name=cfg.name,
@@ -160,6 +178,7 @@ def _evaluate(
     index = {c: i for i, c in enumerate(names)}
     grouped = cfg.groups_csv is not None or cfg.group_regex is not None
     results: dict[str, Any] = {}
+    split_probs: SplitProbs = {}
     for split in ("val", "test"):
         split_rows = [r for r in rows if r["split"] == split and not r["flip"]]
         if not split_rows:
@@ -176,7 +195,7 @@ def _evaluate(
                     raise ValueError(f"cannot read image {str(work / r['file'])!r}")
                 images.append(rgb)
                 owner.append(i)
-        probs = clf.predict_images(images)
+        probs = clf.predict_images(images, calibrated=False)
         agg = np.zeros((len(sources), len(names)), dtype=np.float64)
         np.add.at(agg, np.asarray(owner), probs)
         agg /= agg.sum(axis=1, keepdims=True)  # dual: the mean of the two views
@@ -190,7 +209,37 @@ def _evaluate(
             if by_group is not None:
                 m["by_group"] = by_group
         results[split] = m
-    return results, names
+        split_probs[split] = (agg, y_true)
+    return results, names, split_probs
+
+
+def _calibrate(
+    split_probs: SplitProbs, metrics: dict[str, Any], out: Path, name: str, data: str
+) -> tuple[float, dict[str, Any] | None]:
+    """Fit T on val; ECE before / after per split into ``metrics``, and PNGs.
+
+    Returns T and the card's calibration record (None without a val split:
+    T = 1, uncalibrated).
+    """
+    if "val" not in split_probs:
+        log.warning("no validation split: the classifier is left uncalibrated (T = 1)")
+        return 1.0, None
+    val_probs, val_y = split_probs["val"]
+    temperature = fit_temperature(val_probs, val_y)
+    for split, (probs, y) in split_probs.items():
+        report = calibration_report(probs, y, temperature)
+        metrics[split][CALIBRATION_KEY] = {k: v for k, v in report.items() if k != "bins"}
+        plot_reliability(
+            {
+                f"before (T = 1): ECE {report['ece_before']:.3f}": report["bins"]["before"],
+                f"after (T = {temperature:g}): ECE {report['ece']:.3f}": report["bins"]["after"],
+            },
+            out / f"reliability_{split}.png",
+            f"{name} {split} (n={report['n']}; T fitted on val)",
+        )
+    fit = metrics["val"][CALIBRATION_KEY]
+    log.info("temperature %.3f (val ECE %.3f -> %.3f)", temperature, fit["ece_before"], fit["ece"])
+    return temperature, {"fitted_on": {"data": data, "split": "val", "n": len(val_y)}, "fit": fit}
 
 
 def _group_metrics(
@@ -219,44 +268,6 @@ def _split_note(cfg: TrainClassifierConfig) -> str:
         else f"groups from file-name regex {cfg.group_regex!r}"
     )
     return f"split by group ({how}); no group in two splits"
-
-
-def _metrics_markdown(metrics: dict[str, Any]) -> str:
-    lines = ["## Classification metrics", ""]
-    for split, m in metrics.items():
-        if not isinstance(m, dict) or "accuracy" not in m:
-            continue
-        lines += [
-            f"### {split}: {m['n']} images, {m.get('n_groups', '?')} groups ({m.get('split_note', '')})",
-            "",
-            f"accuracy {m['accuracy']:.3f}, macro F1 {m['macro_f1']:.3f}, "
-            f"macro FNR {m['false_negative_rate_macro']:.3f}, MAE over class indices "
-            f"{m['mae_class_index']:.3f} (seed 000's MAE; meaningful only for ordered labels)",
-            "",
-            "| class | precision | recall | F1 | FNR | support |",
-            "| - | - | - | - | - | - |",
-        ]
-        for c, v in m["per_class"].items():
-            fnr = "-" if v["false_negative_rate"] is None else f"{v['false_negative_rate']:.3f}"
-            lines.append(
-                f"| {c} | {v['precision']:.3f} | {v['recall']:.3f} | {v['f1']:.3f} | {fnr} | {v['support']} |"
-            )
-        bg = m.get("by_group")
-        if bg:
-            lines += [
-                "",
-                f"Per group ({bg['n']} groups; {bg['note']}): accuracy {bg['accuracy']:.3f}, "
-                f"macro F1 {bg['macro_f1']:.3f}",
-            ]
-        mb = m.get("malignant_vs_benign")
-        if mb and mb.get("false_negative_rate") is not None:
-            lines += [
-                "",
-                f"Malignant vs benign: false-negative rate {mb['false_negative_rate']:.3f} "
-                f"({mb['n_malignant']} malignant, {mb['n_benign']} benign)",
-            ]
-        lines.append("")
-    return "\n".join(lines) + "\n"
 
 
 def _write_manifest(rows: Sequence[dict[str, Any]], path: Path) -> None:
@@ -349,7 +360,8 @@ def train_classifier(cfg: TrainClassifierConfig) -> dict[str, Any]:
     weights = out / f"{cfg.name}.pt"
     shutil.copyfile(best, weights)
 
-    metrics, names = _evaluate(weights, rows, work, cfg)
+    metrics, names, split_probs = _evaluate(weights, rows, work, cfg)
+    temperature, calibration = _calibrate(split_probs, metrics, out, cfg.name, str(root))
     note = _split_note(cfg)
     for split, m in metrics.items():
         m["split_note"] = note
@@ -372,6 +384,7 @@ def train_classifier(cfg: TrainClassifierConfig) -> dict[str, Any]:
         "images_per_split": split_counts,
         "renderings_per_split": rendering_counts,
         "metrics": metrics,
+        "temperature": temperature,
         "training_time_s": round(train_s, 1),
         "render_time_s": round(render_s, 1),
     }
@@ -420,21 +433,11 @@ def train_classifier(cfg: TrainClassifierConfig) -> dict[str, Any]:
             "seed": cfg.seed,
         },
     )
+    if calibration is not None:
+        set_calibration(card, temperature, calibration["fitted_on"], calibration["fit"])
     write_model_card(card, weights, embed=True, markdown=False)
     write_classifier_markdown(weights)
     return summary
-
-
-def write_classifier_markdown(weights: Path) -> Path:
-    """Write ``<stem>.md`` for a classifier from its sidecar card JSON (metrics tables included)."""
-    data = json.loads(weights.with_suffix(".json").read_text())
-    sha = data.pop("sha256", None)
-    card = ModelCard.from_dict(data)
-    md = render_card_markdown(ModelCard(**{**asdict(card), "metrics": {}}))
-    md += "\n" + _metrics_markdown(card.metrics) + f"\nSHA-256 of `{weights.name}`: `{sha}`\n"
-    out = weights.with_suffix(".md")
-    out.write_text(md)
-    return out
 
 
 # --------------------------------------------------------------------------- CLI
