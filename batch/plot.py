@@ -95,7 +95,6 @@ def plot_reliability(
         top.set_ylim(0, 1)
         top.set_ylabel("accuracy")
         top.set_title(name, fontsize=10)
-        top.legend(loc="upper left", fontsize=7)
         bottom.bar(left, [b["count"] for b in full], width=width, align="edge",
                    color="grey", edgecolor="black", linewidth=0.5)  # fmt: skip
         for b in full:
@@ -104,9 +103,12 @@ def plot_reliability(
         bottom.set_xlabel("confidence (top-class probability)")
         bottom.set_ylabel("samples")
         bottom.margins(y=0.25)
+    handles, names = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="upper center", ncol=3, fontsize=8, frameon=False,
+               bbox_to_anchor=(0.5, 0.95))  # fmt: skip
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)

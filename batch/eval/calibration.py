@@ -20,6 +20,7 @@ Pure functions over probability arrays and integer labels; no models, no files.
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -37,6 +38,8 @@ __all__ = [
     "negative_log_likelihood",
     "reliability_bins",
 ]
+
+log = logging.getLogger(__name__)
 
 #: Equal-width confidence bins of the ECE and the reliability diagram.
 DEFAULT_BINS = 15
@@ -96,6 +99,9 @@ def fit_temperature(
     -------
     float
         The fitted temperature, rounded to ``TEMPERATURE_DECIMALS`` places.
+        A fit at a bound is logged as a warning: a validation set the model
+        gets all right pushes ``T`` towards 0 (ever sharper), one it gets
+        mostly wrong towards the upper bound; neither says much.
     """
     from scipy.optimize import minimize_scalar
 
@@ -111,7 +117,16 @@ def fit_temperature(
         method="bounded",
         options={"xatol": LOG_T_TOLERANCE},
     )
-    return round(math.exp(float(res.x)), TEMPERATURE_DECIMALS)
+    t = math.exp(float(res.x))
+    if min(abs(res.x - math.log(lo)), abs(res.x - math.log(hi))) < 10 * LOG_T_TOLERANCE:
+        log.warning(
+            "temperature fit reached its bound (T = %.3g, bounds %s) on %d samples; "
+            "use more (or harder) validation data",
+            t,
+            bounds,
+            len(y),
+        )
+    return round(t, TEMPERATURE_DECIMALS)
 
 
 def reliability_bins(

@@ -48,8 +48,12 @@ NEW_CARD_NOTE = (
 
 
 def file_list_digest(files: Sequence[str | Path], root: str | Path) -> str:
-    """SHA-256 of the sorted file paths relative to ``root``: which images, not their bytes."""
-    rel = sorted(Path(f).resolve().relative_to(Path(root).resolve()).as_posix() for f in files)
+    """SHA-256 of the sorted file paths relative to ``root``: which images, not their bytes.
+
+    Paths are taken as listed (symbolic links are not followed), so a folder
+    of links to a dataset's files digests like a copy of them.
+    """
+    rel = sorted(Path(f).relative_to(Path(root)).as_posix() for f in files)
     return hashlib.sha256("\n".join(rel).encode()).hexdigest()
 
 
@@ -64,6 +68,7 @@ def calibrate_classifier(
     png: str | Path | None = None,
     write: bool = True,
     command: str = "",
+    description: str = "",
 ) -> dict[str, Any]:
     """Fit a temperature for ``model`` on the ImageFolder ``data`` and store it in its card.
 
@@ -85,6 +90,9 @@ def calibrate_classifier(
         False: report only, leave the card alone.
     command
         The command line, recorded in the card.
+    description
+        What ``data`` is, in words, recorded in the card (e.g. "the model's
+        own val split, reproduced with seed 0").
 
     Returns
     -------
@@ -103,6 +111,7 @@ def calibrate_classifier(
     per_class = Counter(clf.class_names[i] for i in crops.labels)
     fitted_on = {
         "data": str(Path(data).resolve()),
+        **({"description": description} if description else {}),
         "n": len(crops.labels),
         "images_per_class": dict(sorted(per_class.items())),
         "selection": (
@@ -169,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu | cuda:0 | auto")
     p.add_argument("--bins", type=int, default=DEFAULT_BINS, help="ECE bins (equal width)")
     p.add_argument("--png", type=Path, help="also write a reliability diagram (before / after)")
+    p.add_argument(
+        "--describe", default="", help="what the data are, for the card (which split, how chosen)"
+    )
     p.add_argument("--dry-run", action="store_true", help="report only; leave the card alone")
     return p
 
@@ -188,6 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         png=args.png,
         write=not args.dry_run,
         command="python jobs/calibrate_classifier.py " + shlex.join(argv_list),
+        description=args.describe,
     )
     print(json.dumps(result, indent=2))
     return 0
