@@ -135,14 +135,11 @@ def _temperature_markdown(extra: dict[str, Any]) -> str:
         f"Temperature T = {float(extra[TEMPERATURE_KEY]):g}; every probability the classifier "
         "returns is softmax(log(p) / T) of the model's own p.",
     ]
-    if where:
-        lines.append(
-            "Fitted on "
-            + ", ".join(f"{k} {v}" for k, v in where.items())
-            + f" ({rec.get('created', '')})."
-        )
     if isinstance(rec.get("fit"), dict):
-        lines.append(_calibration_line(rec["fit"]) + " (on the fitting data).")
+        lines += ["", _calibration_line(rec["fit"]) + " (on the fitting data)."]
+    if where:
+        lines += ["", f"Fitted on ({rec.get('created', '')}):", ""]
+        lines += [f"- {k}: {v}" for k, v in where.items()]
     return "\n".join(lines) + "\n\n"
 
 
