@@ -24,8 +24,7 @@ import pytest
 
 from batch.analytics.cohort import bootstrap_median_difference
 from batch.analytics.site import CROPS_PER_CLASS
-from batch.calls import wilson_interval
-from batch.calls import BLAST_LABELS, counted_wbcs
+from batch.calls import BLAST_LABELS, counted_wbcs, wilson_interval
 from batch.cli import main
 from batch.config import CallsConfig, load_config
 from batch.inputs import SlideInput
