@@ -13,7 +13,7 @@ blasts, hematogones, and the red cells the detector boxed as WBCs, the
 pipeline cuts its crops at the detector's scale), re-crops centred-cell
 images to the segmented cell plus the pipeline's margin
 (`batch.stages.preprocess.prepare_crop`), renames classes into the taxonomy,
-caps each class per source (a seeded sample of whole groups' images), and
+caps each class per source (a seeded sample of its images), and
 writes ``<out>/<label>/<source>__<name>.png`` with ``groups.csv``
 (``file,group``; the group is the source plus its own grouping, e.g. the
 source image of weak crops or the synthetic slide) and ``sources.json``.
@@ -123,12 +123,21 @@ def build_crop_set(
         report["sources"][src.name] = {
             **asdict(src), "crops": dict(sorted(counts.items())), "skipped": skipped,
         }  # fmt: skip
-    with open(out / "groups.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["file", "group"])
-        w.writeheader()
-        w.writerows(rows)
-    (out / "sources.json").write_text(json.dumps(report, indent=2) + "\n")
+    _append_groups(out / "groups.csv", rows)
+    manifest = out / "sources.json"  # a set may be built in several calls: keep earlier sources
+    if manifest.exists():
+        report["sources"] = {**json.loads(manifest.read_text())["sources"], **report["sources"]}
+    manifest.write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def _append_groups(path: Path, rows: list[dict[str, str]]) -> None:
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["file", "group"])
+        if new:
+            w.writeheader()
+        w.writerows(rows)
 
 
 def crops_from_run(
@@ -174,11 +183,5 @@ def crops_from_run(
             (out / rel).write_bytes(png)
             rows.append({"file": rel, "group": f"{source}:{sid}"})
         counts[label] = len(items)
-    groups = out / "groups.csv"
-    new = not groups.exists()
-    with open(groups, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["file", "group"])
-        if new:
-            w.writeheader()
-        w.writerows(rows)
+    _append_groups(out / "groups.csv", rows)
     return counts
