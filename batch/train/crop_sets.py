@@ -66,6 +66,9 @@ class CropSource:
     max_per_class: int | None = None
     #: What the card should say about the source (licence, url).
     citation: dict[str, str] = field(default_factory=dict)
+    #: Prefix of this source's groups (default: its name); sources cut from the same images
+    #: share one, so no image's cells land in two splits.
+    group_prefix: str | None = None
 
 
 def _groups(src: CropSource) -> dict[str, str]:
@@ -118,7 +121,8 @@ def build_crop_set(
                 name = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{src.name}__{folder.name}__{path.stem}")
                 rel = f"{label}/{name}.png"
                 cv2.imwrite(str(out / rel), np.ascontiguousarray(crop[..., ::-1]))
-                rows.append({"file": rel, "group": f"{src.name}:{groups.get(rel_src, rel_src)}"})
+                group = groups.get(rel_src, rel_src)
+                rows.append({"file": rel, "group": f"{src.group_prefix or src.name}:{group}"})
                 counts[label] += 1
         report["sources"][src.name] = {
             **asdict(src), "crops": dict(sorted(counts.items())), "skipped": skipped,
