@@ -34,6 +34,14 @@ def main(argv: list[str] | None = None) -> int:
         "--run-max-per-class", type=int, help="at most this many crops per label and run"
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--run-label", default="wbc_type", help="ground-truth column that labels run crops"
+    )
+    p.add_argument(
+        "--run-unmatched",
+        default="other",
+        help="label of run crops matching no truth WBC; 'skip' drops them",
+    )
     args = p.parse_args(argv)
     if len(args.run) != len(args.truth):
         p.error("give one --truth per --run")
@@ -49,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         cells = read_table(run, "cells").to_pandas()
         report["sources"][f"synthetic_{i}"] = crops_from_run(
             cells, pd.read_parquet(truth), args.out, source=f"synthetic{i}",
-            max_per_class=args.run_max_per_class, seed=args.seed,
+            max_per_class=args.run_max_per_class, seed=args.seed, label_column=args.run_label,
+            unmatched=None if args.run_unmatched == "skip" else args.run_unmatched,
         )  # fmt: skip
     (args.out / "sources.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     print(json.dumps(report, indent=2, default=str))

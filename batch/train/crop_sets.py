@@ -153,14 +153,17 @@ def crops_from_run(
     iou: float = 0.5,
     max_per_class: int | None = None,
     seed: int = 0,
+    label_column: str = "wbc_type",
+    unmatched: str | None = OTHER_LABEL,
 ) -> dict[str, int]:
     """Label a run's WBC crops with a synthetic ground truth and write them as an ImageFolder.
 
     ``cells`` is a run's cells table with ``crop_png`` (run with
     ``--set export.crops=true``); ``truth`` the generator's
     ``ground_truth.parquet``. A WBC detection takes the ``wbc_type`` of the
-    truth WBC it overlaps best (IoU >= ``iou``); one that matches no truth WBC
-    is ``other``. Writes ``<out>/<label>/<source>__<cell_id>.png`` and appends
+    truth WBC it overlaps best (IoU >= ``iou``) from ``label_column`` (e.g.
+    ``subtype`` for an ALL-subtype set; a null truth label skips the crop); one
+    that matches no truth WBC is labelled ``unmatched`` (None: skipped). Writes ``<out>/<label>/<source>__<cell_id>.png`` and appends
     to ``<out>/groups.csv`` (group: the slide). Returns crops per label.
     """
     out = Path(out)
@@ -173,8 +176,10 @@ def crops_from_run(
         ious = box_iou(boxes, tboxes) if len(t) else np.zeros((len(dets), 0))
         for k, (cell_id, png) in enumerate(zip(dets["cell_id"], dets["crop_png"], strict=True)):
             j = int(ious[k].argmax()) if ious.shape[1] else -1
-            label = str(t["wbc_type"].iloc[j]) if j >= 0 and ious[k, j] >= iou else OTHER_LABEL
-            picked[label].append((str(sid), str(cell_id), bytes(png)))
+            label = t[label_column].iloc[j] if j >= 0 and ious[k, j] >= iou else unmatched
+            if label is None or (isinstance(label, float) and np.isnan(label)):
+                continue
+            picked[str(label)].append((str(sid), str(cell_id), bytes(png)))
     counts: dict[str, int] = {}
     rows = []
     for label, items in sorted(picked.items()):
