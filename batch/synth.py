@@ -10,20 +10,23 @@ the slide's pixel count).
 
 How a slide is made
 -------------------
-A slide is a list of objects (compact numpy structured arrays, 31 bytes per
+A slide is a list of objects (compact numpy structured arrays, 32 bytes per
 object) placed once from the slide's seed, plus a spatial bucket index.
 Every tile of every pyramid level is rendered directly from that list at the
 level's scale, so level ``k`` never needs level ``k - 1``:
 
 * Optical model: each object adds stain *density* to one of three planes
-  (eosin: RBCs; azure: nuclei, platelets; methylene blue: cytoplasm). Per
+  (eosin: RBCs, neutrophil / monocyte cytoplasm; azure: nuclei, platelets;
+  methylene blue: cytoplasm, basophil granules) and, where an eosinophil is,
+  a fourth (its orange-red granules). Per
   pixel, absorbance is ``density @ stain_vectors`` and the recorded colour is
   ``white * illumination * exp(-absorbance) + noise`` (Beer-Lambert), so
   overlapping cells darken the way they do in the thick zone.
 * RBCs and platelets are drawn from a per-slide bank of sprites (continuous
   shape models sampled with 3x3 supersampling at each level's scale); WBCs are
-  continuous models evaluated per cell (nucleus outline, chromatin texture,
-  nucleoli, vacuoles, cytoplasm), exactly on the level-0 pixel grid at level 0.
+  continuous models evaluated per cell (nucleus outline or lobes, chromatin
+  texture, nucleoli, vacuoles, granules, cytoplasm), exactly on the level-0
+  pixel grid at level 0.
 * Smear geometry along x: thick body -> monolayer -> feathered edge, then
   glass (``blank_fraction`` of the area, beyond a tongue-shaped edge). RBCs sit
   on a jittered hexagonal lattice thinned by a blue-noise dither to the local
@@ -35,35 +38,63 @@ level's scale, so level ``k`` never needs level ``k - 1``:
   brightness gradient. Sensor noise is a fixed function of pixel coordinates,
   so any region rendered alone equals the same region of a tile.
 
-Cost (measured on 1 shared core, mpp 0.25, blood)
--------------------------------------------------
-8192 x 6144 px (5 levels, ~48,000 objects): ~5 s, peak RSS ~210 MB.
-32768 x 32768 px (7 levels, ~1,020,000 objects): ~56 s of CPU, peak RSS
-~470 MB (interpreter and libraries included); the file is ~400 MB.
+Cost (measured on 1 shared core, mpp 0.25)
+------------------------------------------
+8192 x 6144 px (5 levels, ~48,000 objects), blood: ~5-6 s, peak RSS ~215 MB;
+leukemia (~500 WBCs) ~1.3x and marrow (~4,000 nucleated cells) ~3.5x the
+blood time, peak RSS ~225 and ~270 MB. (Normal leukocytes cost about as much
+as blasts to render; blood timing is unchanged within measurement noise since
+they were added.) 32768 x 32768 px blood (7 levels, ~1,020,000 objects): ~56 s
+of CPU, peak RSS ~470 MB (interpreter and libraries included); the file is
+~400 MB.
 
-Densities (defaults)
---------------------
+Densities and WBC mixes (``kind``)
+----------------------------------
 Per 100x oil field (FN 22: ~0.038 mm^2, about 780 x 780 px at 0.25 um/px)
 the monolayer holds ~450 RBCs (~370 per FN 20 field) and ~14 platelets
 (reference ranges: 280-400 and 10-15); the thick body about twice as many
 RBCs, the feathered edge ~300. WBC density follows the RBCs' (more blood per
 area in the thick body) and is raised up to 1.6x at the feathered edge and
-1.4x along the lateral borders. ``kind="blood"``: 1 WBC per 400 RBCs, ~1.3
-WBCs per monolayer field, i.e. ~11,000/uL at 4.5 million RBC/uL: circulating
-blasts at a high-normal count (an aleukaemic / early leukaemic picture; a
-hyperleukocytic 100,000/uL would crowd the RBCs out). That gives a 2048 x 2048
-field about 8-15 WBCs and an 8192 x 6144 slide about 120-140, enough to test
-the WBC stages on small slides. ``kind="marrow"``: 1 nucleated cell per 8
-RBCs, ~40 per monolayer field and ~55 in the thick body (reference range:
-40-60). Each slide picks a dominant subtype (60-85 % of its WBCs, the rest
-spread over the other three by a flat Dirichlet draw): any of the four for
-blood, a blast subtype 90 % of the time for marrow.
+1.4x along the lateral borders.
 
-Subtypes differ by overlapping distributions of size, N:C ratio, chromatin
-condensation (fine lacy vs condensed homogeneous), nucleoli (count and
-visibility), nuclear outline (irregularity, indentation / cleft) and
-cytoplasmic vacuoles and basophilia; see ``SUBTYPE_TRAITS``. No single feature
-separates them.
+* ``kind="blood"``: 1 WBC per 400 RBCs, ~1.3 WBCs per monolayer field, i.e.
+  ~11,000/uL at 4.5 million RBC/uL (high-normal, so small slides hold enough
+  WBCs: a 2048 x 2048 field about 8-15, an 8192 x 6144 slide about 120-140).
+  The WBCs are the normal types (``NORMAL_WBC_TYPES``) in a per-slide
+  differential drawn around the adult means (``WBC_TYPE_MEANS``: neutrophils
+  58 %, lymphocytes 32, monocytes 5.5, eosinophils 3, basophils 1; central
+  95 % of slides 48-69, 23-42, 3-9, 1.4-5.5, 0.6-1.6 %).
+* ``kind="leukemia"``: leukocytosis, 1 WBC per 100 RBCs (~45,000/uL, ~5 per
+  monolayer field). A share ``blast_fraction`` (default 0.6) of the WBCs are
+  lymphoblasts; the slide picks a dominant blast subtype (60-85 % of its
+  blasts, the rest spread over the other two by a flat Dirichlet draw); the
+  other WBCs are the normal types in a normal differential.
+* ``kind="marrow"``: 1 nucleated cell per 8 RBCs, ~40 per monolayer field and
+  ~55 in the thick body (reference range: 40-60): hematogones (subtype
+  ``benign``, type ``lymphocyte``) and blasts; the dominant subtype (60-85 %,
+  the rest over the other three) is a blast subtype 90 % of the time.
+
+Blood and leukemia slides assign types by a stratified (golden-ratio) draw
+over the slide's mix, so a slide's counts follow its mix to within a cell or
+two (the slide-to-slide variation is in the mix, not in counting noise);
+marrow slides draw each cell independently, as they always have.
+
+Cell morphology
+---------------
+Normal leukocytes (``WBC_TYPE_TRAITS``): segmented neutrophils (10-14 um, 3-5
+lobes joined by thin chromatin strands, pale pink-lilac finely granular
+cytoplasm), lymphocytes (mostly small, 7-9 um, some large, 12-15 um; round
+dense nucleus, high N:C, a scant pale-blue rim), monocytes (12-18 um; kidney,
+horseshoe or folded nucleus with lacier, paler chromatin; abundant grey-blue
+cytoplasm, fine vacuoles), eosinophils (12-15 um; bilobed, cytoplasm packed
+with coarse orange-red granules) and basophils (10-13 um; dark purple-black
+coarse granules over the whole cell, nucleus included).
+
+Hematogones and the blast subtypes differ by overlapping distributions of
+size, N:C ratio, chromatin condensation (fine lacy vs condensed homogeneous),
+nucleoli (count and visibility), nuclear outline (irregularity, indentation /
+cleft) and cytoplasmic vacuoles and basophilia; see ``SUBTYPE_TRAITS``. No
+single feature separates them.
 
 Ground truth (``ground_truth.parquet``, :data:`GROUND_TRUTH_SCHEMA`)
 -------------------------------------------------------------------
@@ -75,8 +106,13 @@ column            type      meaning (unit)
 ``slide_id``      string    file stem, e.g. ``"slide_0000"``
 ``object_id``     int64     id unique within the slide (0, 1, ...; spatial order)
 ``class``         string    ``"RBC"`` | ``"WBC"`` | ``"platelet"``
-``subtype``       string    WBC only: ``"benign"`` | ``"early_pre_b"`` |
-                            ``"pre_b"`` | ``"pro_b"``; null otherwise
+``wbc_type``      string    WBC only (``WBC_TYPES``): ``"neutrophil"`` |
+                            ``"lymphocyte"`` | ``"monocyte"`` |
+                            ``"eosinophil"`` | ``"basophil"`` | ``"blast"``;
+                            null for RBCs and platelets
+``subtype``       string    blasts: ``"early_pre_b"`` | ``"pre_b"`` |
+                            ``"pro_b"``; marrow hematogones (``wbc_type``
+                            lymphocyte): ``"benign"``; null otherwise
 ``x0``, ``y0``    int64     box top-left, level-0 pixels (inclusive)
 ``x1``, ``y1``    int64     box bottom-right, level-0 pixels (exclusive)
 ``cx``, ``cy``    float64   box centre ``((x0 + x1) / 2, (y0 + y1) / 2)``,
@@ -101,10 +137,11 @@ blank glass.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -122,10 +159,17 @@ __all__ = [
     "CLASSES",
     "GROUND_TRUTH_FILE",
     "GROUND_TRUTH_SCHEMA",
+    "BLAST_SUBTYPES",
+    "DEFAULT_BLAST_FRACTION",
+    "KINDS",
+    "NORMAL_WBC_TYPES",
     "SUBTYPES",
     "SUBTYPE_TRAITS",
     "SubtypeTraits",
     "SyntheticSlide",
+    "WBC_TYPES",
+    "WBC_TYPE_TRAITS",
+    "WbcTypeTraits",
     "ZONES",
     "ground_truth_table",
     "make_slide",
@@ -142,11 +186,25 @@ I64 = NDArray[np.int64]
 
 CLASSES: tuple[str, ...] = ("RBC", "WBC", "platelet")
 SUBTYPES: tuple[str, ...] = ("benign", "early_pre_b", "pre_b", "pro_b")
+BLAST_SUBTYPES: tuple[str, ...] = SUBTYPES[1:]
+#: Ground-truth ``wbc_type`` of a WBC; the first five are the normal blood leukocytes.
+WBC_TYPES: tuple[str, ...] = (
+    "neutrophil",
+    "lymphocyte",
+    "monocyte",
+    "eosinophil",
+    "basophil",
+    "blast",
+)
+NORMAL_WBC_TYPES: tuple[str, ...] = WBC_TYPES[:5]
+KINDS: tuple[str, ...] = ("blood", "leukemia", "marrow")
 ZONES: tuple[str, ...] = ("thick", "monolayer", "feathered")
 GROUND_TRUTH_FILE = "ground_truth.parquet"
 
 _RBC, _WBC, _PLATELET = 0, 1, 2
 _EOSIN, _AZURE, _BLUE = 0, 1, 2  # stain density planes
+_ORANGE = 3  # eosinophil granules: a 4th plane, present only where an eosinophil is
+_NEUTROPHIL, _LYMPHOCYTE, _MONOCYTE, _EOSINOPHIL, _BASOPHIL, _BLAST = range(len(WBC_TYPES))
 
 # ---------------------------------------------------------------------------
 # Morphology (sizes in um; reference sizes, smear geometry and counts)
@@ -171,7 +229,11 @@ RBC_SPACING_PROFILE: tuple[tuple[float, float], ...] = (
 )
 ZONE_LIMITS = (0.30, 0.75)  # u < 0.30 thick, < 0.75 monolayer, else feathered
 PLATELETS_PER_RBC = 1.0 / 40.0  # singles; with clumps ~1:30 (10-15 vs 280-400 per field)
-WBC_PER_RBC = {"blood": 1.0 / 400.0, "marrow": 1.0 / 8.0}  # see module docstring
+WBC_PER_RBC = {  # see module docstring
+    "blood": 1.0 / 400.0,
+    "leukemia": 1.0 / 100.0,  # leukocytosis (~45,000/uL), a common ALL presentation
+    "marrow": 1.0 / 8.0,
+}
 PLATELET_CLUMP_FRACTION = 0.15
 # RBC centres are kept >= WBC radius + f * RBC radius from a WBC centre; f over u:
 # 0.65 in the thick body (RBCs overlap the rim), 0.9 from the monolayer on (touching).
@@ -187,8 +249,27 @@ WBC_LATERAL_BOOST = 0.4  # extra WBC density near the smear's lateral borders
 WBC_LATERAL_BAND = 0.08  # lateral band, fraction of the slide height
 DOMINANT_FRACTION_RANGE = (0.60, 0.85)  # share of the slide's dominant subtype
 DOMINANT_WEIGHTS = {  # probability of each subtype being a slide's dominant one
-    "blood": (0.25, 0.25, 0.25, 0.25),
     "marrow": (0.10, 0.30, 0.30, 0.30),  # ALL marrow: 25-95 % lymphoblasts
+}
+DEFAULT_BLAST_FRACTION = 0.6  # kind="leukemia": share of blasts among the WBCs
+# Normal WBC differential (adult blood): mean share of each normal type, and the shape
+# of the gamma draw around it (share_i ~ Gamma(k_i, mean_i / k_i), then normalised).
+# Central 95 % of the drawn shares: neutrophils ~48-69 %, lymphocytes ~23-42 %,
+# monocytes ~3-9 %, eosinophils ~1.4-5.5 %, basophils ~0.6-1.6 % (references: 40-70,
+# 20-40, 2-8, 1-5, 0.5-1.5).
+WBC_TYPE_MEANS = {
+    "neutrophil": 0.585,
+    "lymphocyte": 0.32,
+    "monocyte": 0.055,
+    "eosinophil": 0.03,
+    "basophil": 0.01,
+}
+WBC_TYPE_SHAPES = {
+    "neutrophil": 40.0,
+    "lymphocyte": 30.0,
+    "monocyte": 14.0,
+    "eosinophil": 9.0,
+    "basophil": 16.0,
 }
 
 
@@ -274,6 +355,136 @@ VACUOLE_RADIUS_UM = (0.35, 0.9)
 CHROMATIN_FINE_UM = 0.55  # grain of lacy chromatin
 CHROMATIN_COARSE_UM = 1.6  # clumps of condensed chromatin
 
+
+@dataclass(frozen=True)
+class WbcTypeTraits:
+    """Distributions of one normal leukocyte type's features (Wright-Giemsa look).
+
+    Sizes are in um; ``(mean, sd)`` pairs are normal distributions clipped
+    to plausible ranges when drawn. Densities are stain densities (1 is the
+    reference nucleus / RBC / blast-cytoplasm colour).
+    """
+
+    modes: tuple[
+        tuple[float, float, float, float, float], ...
+    ]  # (weight, d mean, d sd, nc mean, nc sd)
+    diameter_range_um: tuple[float, float]
+    nucleus: Literal["round", "lobed", "monocytoid"]
+    lobes: tuple[tuple[int, float], ...] = ((1, 1.0),)  # (lobe count, weight)
+    lobe_spacing: tuple[float, float] = (1.9, 2.4)  # centre distance, in lobe radii
+    lobe_turn: tuple[float, float] = (0.4, 1.2)  # bend of the lobe chain per lobe (rad)
+    bridge_um: tuple[float, float] = (0.25, 0.4)  # radius of the chromatin strand between lobes
+    outline_irregularity: float = 0.04  # sd of the 2nd-4th harmonic amplitudes
+    lobe_elongation: float = 0.0  # lobes' 2nd-harmonic amplitude is drawn from [0, this)
+    indent: tuple[float, float, float] = (0.0, 0.0, 0.0)  # probability, depth range
+    condensation: tuple[float, float] = (0.8, 0.08)
+    nucleus_gain: float = 1.0  # chromatin density multiplier (dense pyknotic-looking nuclei > 1)
+    cyto_blue: tuple[float, float] = (0.1, 0.02)  # methylene-blue density of the cytoplasm
+    cyto_eosin: tuple[float, float] = (0.0, 0.0)  # eosin density of the cytoplasm
+    cyto_grain: float = 0.0  # amplitude of the fine cytoplasmic texture (granularity)
+    vacuoles_mean: float = 0.0
+    granules: Literal["none", "eosinophilic", "basophilic"] = "none"
+    granule_radius_um: tuple[float, float] = (0.3, 0.45)
+    granule_spacing: float = 2.1  # lattice spacing, in mean granule radii
+    granule_density: tuple[float, float] = (1.0, 0.1)
+    granule_fill: float = 1.0  # share of the lattice sites holding a granule
+    granule_over_nucleus: float = 0.15  # share of the granules kept where they cover the nucleus
+
+
+# Normal leukocytes (MORPHOLOGY.md): segmented neutrophils 10-14 um, 3-5 lobes joined by
+# thin strands, pale pink-lilac finely granular cytoplasm; lymphocytes small (7-9 um)
+# or large (12-15 um), round dense nucleus, scant pale-blue rim; monocytes 12-18 um,
+# kidney / horseshoe / folded nucleus with lacier chromatin, abundant grey-blue
+# cytoplasm, fine vacuoles; eosinophils 12-15 um, bilobed, packed coarse orange-red
+# granules; basophils 10-13 um, dark purple-black coarse granules over the nucleus.
+WBC_TYPE_TRAITS: dict[str, WbcTypeTraits] = {
+    "neutrophil": WbcTypeTraits(
+        modes=((1.0, 12.0, 0.9, 0.28, 0.03),),
+        diameter_range_um=(9.8, 14.5),
+        nucleus="lobed",
+        lobes=((3, 0.50), (4, 0.36), (5, 0.14)),
+        lobe_spacing=(1.75, 2.25),
+        lobe_turn=(0.6, 1.4),
+        bridge_um=(0.2, 0.36),
+        outline_irregularity=0.06,
+        lobe_elongation=0.2,
+        condensation=(0.88, 0.06),
+        cyto_blue=(0.07, 0.02),
+        cyto_eosin=(0.30, 0.05),
+        cyto_grain=0.45,
+    ),
+    "lymphocyte": WbcTypeTraits(
+        modes=((0.85, 8.0, 0.6, 0.80, 0.04), (0.15, 13.0, 1.0, 0.58, 0.06)),
+        diameter_range_um=(6.5, 15.5),
+        nucleus="round",
+        outline_irregularity=0.03,
+        indent=(0.2, 0.06, 0.18),
+        condensation=(0.88, 0.06),
+        nucleus_gain=1.05,
+        cyto_blue=(0.50, 0.10),
+        cyto_grain=0.05,
+    ),
+    "monocyte": WbcTypeTraits(
+        modes=((1.0, 15.0, 1.6, 0.40, 0.05),),
+        diameter_range_um=(12.0, 19.0),
+        nucleus="monocytoid",
+        outline_irregularity=0.06,
+        condensation=(0.40, 0.08),
+        nucleus_gain=0.9,
+        cyto_blue=(0.32, 0.05),
+        cyto_eosin=(0.20, 0.03),
+        cyto_grain=0.12,
+        vacuoles_mean=1.3,
+    ),
+    "eosinophil": WbcTypeTraits(
+        modes=((1.0, 13.2, 0.9, 0.28, 0.03),),
+        diameter_range_um=(11.0, 15.5),
+        nucleus="lobed",
+        lobes=((2, 0.85), (3, 0.15)),
+        lobe_spacing=(1.8, 2.2),
+        lobe_turn=(0.3, 0.9),
+        bridge_um=(0.3, 0.5),
+        outline_irregularity=0.05,
+        lobe_elongation=0.12,
+        condensation=(0.78, 0.07),
+        cyto_blue=(0.06, 0.02),
+        cyto_eosin=(0.10, 0.03),
+        granules="eosinophilic",
+        granule_radius_um=(0.32, 0.46),
+        granule_spacing=2.1,
+        granule_density=(1.25, 0.12),
+        granule_over_nucleus=0.12,
+    ),
+    "basophil": WbcTypeTraits(
+        modes=((1.0, 11.5, 0.8, 0.36, 0.05),),
+        diameter_range_um=(9.5, 13.5),
+        nucleus="lobed",
+        lobes=((1, 0.4), (2, 0.6)),
+        lobe_spacing=(1.3, 1.8),
+        lobe_turn=(0.2, 0.8),
+        bridge_um=(0.6, 0.9),
+        outline_irregularity=0.07,
+        condensation=(0.62, 0.08),
+        cyto_blue=(0.16, 0.04),
+        cyto_eosin=(0.12, 0.03),
+        granules="basophilic",
+        granule_radius_um=(0.30, 0.62),
+        granule_spacing=2.6,
+        granule_density=(1.0, 0.15),
+        granule_fill=0.8,
+        granule_over_nucleus=0.9,
+    ),
+}
+TYPED_NC_RANGE = (0.22, 0.92)
+# Monocyte nuclear shapes and their probabilities.
+MONOCYTE_SHAPES = (("kidney", 0.4), ("horseshoe", 0.3), ("folded", 0.3))
+# Stain density planes a granule adds to, per unit granule density.
+GRANULE_PLANES = {"eosinophilic": ((_ORANGE, 1.0),), "basophilic": ((_BLUE, 1.7), (_EOSIN, 1.4))}
+GRANULE_SATURATION = 1.3  # overlapping granules saturate at this density
+CYTO_GRAIN_UM = 0.35  # grain of the cytoplasm's fine granularity
+NUCLEAR_RIM_UM = 0.25  # least cytoplasm kept between a normal cell's nucleus and its edge
+_CHAIN_TRIES = 12  # attempts at a lobe chain that fits the cell before compressing it
+
 # ---------------------------------------------------------------------------
 # Colour: stain vectors are optical densities per unit
 # density, calibrated so that on a white of (240, 240, 236) a monolayer RBC's
@@ -286,6 +497,9 @@ STAIN_RGB_AT_UNIT_DENSITY = {
     "eosin": (190.0, 152.0, 157.0),  # RBC: a* +15 (BCCD median a* +9, a greyish camera)
     "azure": (141.0, 106.0, 209.0),  # WBC nucleus median
     "blue": (110.0, 130.0, 205.0),  # basophilic blast cytoplasm (deep blue)
+    # Eosinophil granules: eosin bound to their basic proteins renders orange-red, more
+    # orange than RBCs (an absorbance no mix of the other three gives: blue > green).
+    "granule": (226.0, 132.0, 96.0),
 }
 WHITE_LEVEL_RANGE = (236.0, 250.0)  # scanner white (glass); stays near-white for background skip
 WHITE_BALANCE_SD = 0.012
@@ -333,7 +547,16 @@ GROUND_TRUTH_SCHEMA: pa.Schema = pa.schema(
         _field("object_id", pa.int64(), "object id, unique within the slide"),
         _field("class", pa.string(), "RBC | WBC | platelet"),
         _field(
-            "subtype", pa.string(), "WBC only: benign | early_pre_b | pre_b | pro_b", nullable=True
+            "wbc_type",
+            pa.string(),
+            "WBC only: neutrophil | lymphocyte | monocyte | eosinophil | basophil | blast",
+            nullable=True,
+        ),
+        _field(
+            "subtype",
+            pa.string(),
+            "blasts: early_pre_b | pre_b | pro_b; marrow hematogones: benign; else null",
+            nullable=True,
         ),
         _field("x0", pa.int64(), "box left, inclusive", _PX),
         _field("y0", pa.int64(), "box top, inclusive", _PX),
@@ -350,7 +573,7 @@ GROUND_TRUTH_SCHEMA: pa.Schema = pa.schema(
         _field("mpp", pa.float64(), "pixel size at level 0", "um/px"),
         _field("zone", pa.string(), "smear zone at the centre: thick | monolayer | feathered"),
     ],
-    metadata={"table": "hemaray.synth.ground_truth", "version": "1"},
+    metadata={"table": "hemaray.synth.ground_truth", "version": "2"},
 )
 
 # One row per object. Boxes are the unclipped level-0 drawn extents (half-open).
@@ -358,7 +581,8 @@ _OBJECT_DTYPE = np.dtype(
     [
         ("cls", "u1"),
         ("zone", "u1"),
-        ("subtype", "i1"),  # index into SUBTYPES, -1 for non-WBCs
+        ("subtype", "i1"),  # index into SUBTYPES, -1 for non-WBCs and normal leukocytes
+        ("wtype", "i1"),  # index into WBC_TYPES, -1 for non-WBCs
         ("ref", "i4"),  # bank entry (RBC, platelet) or row of the WBC tables
         ("mx", "i4"),  # model centre, level-0 px (bank objects)
         ("my", "i4"),
@@ -543,7 +767,7 @@ def _make_geometry(
 class _Stain:
     """Per-slide stain and illumination."""
 
-    vectors: F32  # (3 stains, 3 RGB) optical density per unit density
+    vectors: F32  # (4 planes, 3 RGB) optical density per unit density
     white: F32  # (3,) RGB of clear glass at full illumination
     vignette: float
     field_px: float
@@ -578,7 +802,7 @@ def _make_stain(width: int, height: int, mpp: float, rng: np.random.Generator) -
     shape = (_NOISE_PERIOD, _NOISE_PERIOD, 3)
     base_noise = np.rint(rng.standard_normal(shape, dtype=np.float32) * NOISE_SD).astype(np.int8)
     noise = np.pad(base_noise, ((0, _NOISE_EXTRA), (0, _NOISE_EXTRA), (0, 0)), mode="wrap")
-    return _Stain(
+    stain = _Stain(
         vectors=vectors,
         white=np.minimum(white, 254.0).astype(np.float32),
         vignette=float(rng.uniform(*VIGNETTE_RANGE)),
@@ -592,6 +816,10 @@ def _make_stain(width: int, height: int, mpp: float, rng: np.random.Generator) -
         gradient_phase=float(rng.uniform(0, 2 * np.pi)),
         noise=noise,
     )
+    # Drawn last so the first three planes (and marrow slides) keep their colours.
+    granule = _unit_density_od(STAIN_RGB_AT_UNIT_DENSITY["granule"]) * conc[_EOSIN]
+    granule = granule * np.exp(rng.normal(0.0, STAIN_HUE_SD, 3))
+    return dataclasses.replace(stain, vectors=np.vstack([vectors, granule]).astype(np.float32))
 
 
 # ---------------------------------------------------------------------------
@@ -784,6 +1012,16 @@ class _Wbc:
     vacuoles: F64  # (k, 3): x, y, radius
     basophilia: float
     reach: float  # conservative half-extent from (cx, cy)
+    # Normal leukocytes only (empty / zero for hematogones and blasts):
+    lobes: F64 = field(default_factory=lambda: np.zeros((0, 7)))  # x, y, r, a2, ph2, a3, ph3
+    bridges: F64 = field(default_factory=lambda: np.zeros((0, 5)))  # x0, y0, x1, y1, r
+    cyto_eosin: float = 0.0
+    cyto_grain: float = 0.0
+    grain: F32 | None = None  # cytoplasm grain grid, CYTO_GRAIN_UM per cell, centred on (cx, cy)
+    grain_px: float = 1.0
+    granules: F64 = field(default_factory=lambda: np.zeros((0, 4)))  # x, y, radius, density
+    granule_kind: str = "none"
+    nucleus_gain: float = 1.0
 
 
 def _draw_normal(rng: np.random.Generator, ms: tuple[float, float], lo: float, hi: float) -> float:
@@ -861,6 +1099,292 @@ def _make_wbc(seed: int, subtype: int, px_per_um: float, cx: float, cy: float) -
     )
 
 
+def _lens_area(s: float) -> float:
+    """Overlap area of two unit discs whose centres are ``s`` apart."""
+    if s >= 2.0:
+        return 0.0
+    return 2.0 * math.acos(s / 2.0) - 0.5 * s * math.sqrt(4.0 - s * s)
+
+
+def _disc_chain(
+    rng: np.random.Generator,
+    radii: F64,
+    spacing: tuple[float, float],
+    turn: tuple[float, float],
+    flip: float,
+    limit: float,
+) -> F64:
+    """Centres ``(n, 2)`` of discs along a bending path, centred on 0, within radius ``limit``.
+
+    Consecutive centres are ``spacing`` x their mean radius apart; the path turns
+    by ``turn`` per disc (reversing its sense with probability ``flip``). Chains that
+    stick out of the cell or fold onto themselves are redrawn; after
+    ``_CHAIN_TRIES`` the last one is compressed towards the centre until it fits.
+    """
+    n = radii.size
+    r = radii.tolist()
+    pts: list[tuple[float, float]] = []
+    for _ in range(_CHAIN_TRIES):
+        heading = rng.uniform(0.0, 2.0 * np.pi)
+        sense = 1.0 if rng.uniform() < 0.5 else -1.0
+        pts = [(0.0, 0.0)]
+        for i in range(1, n):
+            if i > 1:
+                if rng.uniform() < flip:
+                    sense = -sense
+                heading += sense * rng.uniform(*turn)
+            step = rng.uniform(*spacing) * 0.5 * (r[i - 1] + r[i])
+            pts.append(
+                (pts[-1][0] + step * math.cos(heading), pts[-1][1] + step * math.sin(heading))
+            )
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        mx, my = 0.5 * (max(xs) + min(xs)), 0.5 * (max(ys) + min(ys))
+        pts = [(x - mx, y - my) for x, y in pts]
+        fits = max(math.hypot(x, y) + ri for (x, y), ri in zip(pts, r, strict=True)) <= limit
+        apart = all(
+            math.dist(pts[a], pts[b]) >= 0.9 * (r[a] + r[b])
+            for a in range(n)
+            for b in range(a + 2, n)
+        )
+        if fits and apart:
+            return np.asarray(pts, dtype=np.float64)
+    out = np.asarray(pts, dtype=np.float64)
+    reach = np.hypot(out[:, 0], out[:, 1])
+    if float((reach + radii).max()) > limit:
+        k = max(limit - float(radii.max()), 0.0) / max(float(reach.max()), 1e-9)
+        out = out * min(k, 1.0)
+    return out
+
+
+def _nucleus_parts(
+    rng: np.random.Generator, tr: WbcTypeTraits, rc: float, nc: float, limit: float, ppu: float
+) -> tuple[dict[str, Any], F64, F64]:
+    """A normal leukocyte's nucleus, centred on 0: the main disc, further lobes, strands.
+
+    Returns the main disc's ``_Wbc`` fields (``nx``, ``ny`` relative), the lobes
+    ``(k, 7)`` and the bridges ``(k, 5)``.
+    """
+    area = nc * rc * rc  # target nuclear area / pi
+    irr = tr.outline_irregularity
+    main: dict[str, Any] = dict(
+        nx=0.0,
+        ny=0.0,
+        nuc_amps=rng.normal(0.0, irr, 3),
+        nuc_phases=rng.uniform(0, 2 * np.pi, 3),
+        cleft_depth=0.0,
+        cleft_angle=float(rng.uniform(0, 2 * np.pi)),
+        cleft_width=float(rng.uniform(0.35, 0.6)),
+    )
+    no_lobes, no_bridges = np.zeros((0, 7)), np.zeros((0, 5))
+    shape: str = tr.nucleus
+    n_lobes = 1
+    if shape == "lobed":
+        counts, weights = zip(*tr.lobes, strict=True)
+        w = np.asarray(weights)
+        n_lobes = int(counts[int(rng.choice(len(counts), p=w / w.sum()))])
+    elif shape == "monocytoid":
+        w = np.asarray([wt for _, wt in MONOCYTE_SHAPES])
+        shape = MONOCYTE_SHAPES[int(rng.choice(len(w), p=w / w.sum()))][0]
+
+    def fit_round(r: float) -> float:
+        return min(r, limit / (1.0 + float(np.abs(main["nuc_amps"]).sum())))
+
+    if shape == "round" or (shape == "lobed" and n_lobes == 1):
+        prob, lo, hi = tr.indent
+        if rng.uniform() < prob:
+            main["cleft_depth"] = float(rng.uniform(lo, hi))
+        main["rn"] = fit_round(math.sqrt(area))
+        return main, no_lobes, no_bridges
+    if shape == "kidney":  # elongated bean: a broad indentation across the long axis
+        main["nuc_amps"][0] = rng.uniform(0.10, 0.20)
+        main["cleft_depth"] = float(rng.uniform(0.30, 0.55))
+        main["cleft_width"] = float(rng.uniform(0.5, 0.8))
+        main["cleft_angle"] = float(
+            -main["nuc_phases"][0] / 2.0 + np.pi / 2.0 + rng.choice((0.0, np.pi))
+        )
+        main["rn"] = fit_round(1.12 * math.sqrt(area))
+        return main, no_lobes, no_bridges
+    if shape == "horseshoe":  # a thick tube bent along an arc, rounded ends
+        ratio = rng.uniform(1.7, 2.3)  # arc radius / tube radius
+        span = rng.uniform(np.radians(170.0), np.radians(230.0))
+        tube = math.sqrt(area * np.pi / (2.0 * ratio * span + np.pi))
+        tube = min(tube, 0.95 * limit / (ratio + 1.0))
+        a0 = rng.uniform(0, 2 * np.pi)
+        angles = a0 + np.linspace(0.0, span, 7)
+        pts = ratio * tube * np.stack([np.cos(angles), np.sin(angles)], axis=1)
+        pts -= 0.5 * (pts.max(axis=0) + pts.min(axis=0))
+        radii = tube * np.clip(rng.normal(1.0, 0.05, angles.size), 0.9, 1.1)
+        radii[[0, -1]] *= 0.92
+        bridge_r = 0.9 * np.minimum(radii[:-1], radii[1:])
+    else:  # lobed (neutrophil, eosinophil, basophil) or folded (monocyte)
+        if shape == "folded":
+            n_lobes = int(rng.integers(2, 4))
+            spacing, turn, flip = (0.9, 1.3), (0.6, 1.4), 0.4
+        else:
+            spacing, turn, flip = tr.lobe_spacing, tr.lobe_turn, 0.3
+        s_mean = 0.5 * (spacing[0] + spacing[1])
+        r = math.sqrt(area / (1.0 + (n_lobes - 1) * (1.0 - _lens_area(s_mean) / np.pi)))
+        radii = r * np.clip(rng.normal(1.0, 0.1, n_lobes), 0.8, 1.2)
+        pts = _disc_chain(rng, radii, spacing, turn, flip, limit * (1.0 - 1.5 * irr))
+        if shape == "folded":
+            bridge_r = 0.8 * np.minimum(radii[:-1], radii[1:])
+            if rng.uniform() < 0.5:
+                main["cleft_depth"] = float(rng.uniform(0.15, 0.35))
+        else:
+            bridge_r = rng.uniform(*tr.bridge_um, n_lobes - 1) * ppu
+    k = radii.size
+    main["nx"], main["ny"], main["rn"] = float(pts[0, 0]), float(pts[0, 1]), float(radii[0])
+    main["nuc_amps"][0] += rng.uniform(0.0, tr.lobe_elongation)
+    lobes = np.column_stack(
+        [
+            pts[1:, 0],
+            pts[1:, 1],
+            radii[1:],
+            rng.normal(0.0, irr, k - 1) + rng.uniform(0.0, tr.lobe_elongation, k - 1),
+            rng.uniform(0, 2 * np.pi, k - 1),
+            rng.normal(0.0, irr, k - 1),
+            rng.uniform(0, 2 * np.pi, k - 1),
+        ]
+    )
+    bridges = np.column_stack([pts[:-1, 0], pts[:-1, 1], pts[1:, 0], pts[1:, 1], bridge_r])
+    return main, lobes, bridges
+
+
+def _make_typed_wbc(seed: int, wtype: int, px_per_um: float, cx: float, cy: float) -> _Wbc:
+    """Draw one normal leukocyte of ``WBC_TYPES[wtype]`` from ``seed`` (deterministic)."""
+    tr = WBC_TYPE_TRAITS[WBC_TYPES[wtype]]
+    rng = np.random.default_rng(seed)
+    weights = np.array([m[0] for m in tr.modes])
+    mode = tr.modes[int(rng.choice(len(weights), p=weights / weights.sum()))]
+    d = _draw_normal(rng, (mode[1], mode[2]), *tr.diameter_range_um)
+    rc = 0.5 * d * px_per_um
+    cell_amps = rng.normal(0.0, 0.02, 3)
+    cell_min = rc * (1.0 - float(np.abs(cell_amps).sum()))
+    nc = _draw_normal(rng, (mode[3], mode[4]), *TYPED_NC_RANGE)
+    limit = cell_min - NUCLEAR_RIM_UM * px_per_um
+    main, lobes, bridges = _nucleus_parts(rng, tr, rc, nc, limit, px_per_um)
+    # Reach of the nucleus from its local origin, then an eccentric offset that keeps it inside.
+    amp = float(np.abs(main["nuc_amps"]).sum())
+    reach = math.hypot(main["nx"], main["ny"]) + main["rn"] * (1.0 + amp)
+    for x, y, r, a2, _, a3, _ in lobes.tolist():
+        reach = max(reach, math.hypot(x, y) + r * (1.0 + abs(a2) + abs(a3)))
+    room = max(limit - reach, 0.0)
+    off_r = room * float(rng.uniform(0.0, 0.9))
+    off_a = float(rng.uniform(0, 2 * np.pi))
+    ox, oy = cx + off_r * math.cos(off_a), cy + off_r * math.sin(off_a)
+    lobes[:, 0] += ox
+    lobes[:, 1] += oy
+    bridges[:, [0, 2]] += ox
+    bridges[:, [1, 3]] += oy
+    fine_px = CHROMATIN_FINE_UM * px_per_um
+    coarse_px = CHROMATIN_COARSE_UM * px_per_um
+    grain_px = CYTO_GRAIN_UM * px_per_um
+    nf = int(math.ceil(4 * reach / fine_px)) + 3  # nx, ny may sit at one end of the chain
+    ncg = int(math.ceil(2 * rc * 1.2 / coarse_px)) + 3
+    ng = int(math.ceil(2 * rc * 1.2 / grain_px)) + 3
+    n_vac = min(int(rng.poisson(tr.vacuoles_mean)), 6)
+    vacuoles = np.zeros((n_vac, 3))
+    for i in range(n_vac):
+        a = rng.uniform(0, 2 * np.pi)
+        rv = rng.uniform(0.25, 0.55) * px_per_um
+        r = rng.uniform(0.6, 0.9) * rc - 0.5 * rv
+        vacuoles[i] = (cx + r * math.cos(a), cy + r * math.sin(a), rv)
+    w = _Wbc(
+        cx=cx,
+        cy=cy,
+        rc=rc,
+        cell_amps=cell_amps,
+        cell_phases=rng.uniform(0, 2 * np.pi, 3),
+        nx=ox + main["nx"],
+        ny=oy + main["ny"],
+        rn=main["rn"],
+        nuc_amps=main["nuc_amps"],
+        nuc_phases=main["nuc_phases"],
+        cleft_depth=main["cleft_depth"],
+        cleft_angle=main["cleft_angle"],
+        cleft_width=main["cleft_width"],
+        condensation=_draw_normal(rng, tr.condensation, 0.0, 1.0),
+        fine=rng.standard_normal((nf, nf)).astype(np.float32),
+        coarse=rng.standard_normal((ncg, ncg)).astype(np.float32),
+        fine_px=fine_px,
+        coarse_px=coarse_px,
+        nucleoli=np.zeros((0, 4)),
+        vacuoles=vacuoles,
+        basophilia=_draw_normal(rng, tr.cyto_blue, 0.0, 1.3),
+        reach=rc * (1.0 + float(np.abs(cell_amps).sum())) + 1.0,
+        lobes=lobes,
+        bridges=bridges,
+        cyto_eosin=_draw_normal(rng, tr.cyto_eosin, 0.0, 1.0),
+        cyto_grain=tr.cyto_grain,
+        grain=rng.standard_normal((ng, ng)).astype(np.float32),
+        grain_px=grain_px,
+        granule_kind=tr.granules,
+        nucleus_gain=tr.nucleus_gain,
+    )
+    if tr.granules == "none":
+        return w
+    return dataclasses.replace(w, granules=_place_granules(rng, w, tr, cell_min, px_per_um))
+
+
+def _place_granules(
+    rng: np.random.Generator, w: _Wbc, tr: WbcTypeTraits, cell_min: float, ppu: float
+) -> F64:
+    """Granules ``(k, 4)`` (x, y, radius, density) on a jittered hexagonal lattice in the cell."""
+    lo, hi = tr.granule_radius_um
+    step = tr.granule_spacing * 0.5 * (lo + hi) * ppu
+    row = step * math.sqrt(3.0) / 2.0
+    ni, nj = int(math.ceil(w.rc / step)) + 1, int(math.ceil(w.rc / row)) + 1
+    jj, ii = np.meshgrid(np.arange(-nj, nj + 1), np.arange(-ni, ni + 1), indexing="ij")
+    x = (ii + 0.5 * (jj % 2)) * step + rng.normal(0.0, 0.2 * step, ii.shape)
+    y = jj * row + rng.normal(0.0, 0.2 * step, ii.shape)
+    radius = rng.uniform(lo, hi, ii.shape) * ppu
+    density = np.clip(rng.normal(*tr.granule_density, ii.shape), 0.3, None)
+    fill = rng.uniform(size=ii.shape) < tr.granule_fill
+    over = rng.uniform(size=ii.shape) < tr.granule_over_nucleus
+    px, py = w.cx + x, w.cy + y
+    inside = np.hypot(x, y) + 0.6 * radius <= cell_min
+    on_nucleus = _nuclear_rho(w, px, py) < 1.05
+    keep = inside & fill & (~on_nucleus | over)
+    return np.column_stack([px[keep], py[keep], radius[keep], density[keep]])
+
+
+def _make_cell(seed: int, wtype: int, subtype: int, px_per_um: float, cx: float, cy: float) -> _Wbc:
+    """The model of one WBC: lymphoid subtypes (hematogones, blasts) or a normal leukocyte."""
+    if subtype >= 0:
+        return _make_wbc(seed, subtype, px_per_um, cx, cy)
+    return _make_typed_wbc(seed, wtype, px_per_um, cx, cy)
+
+
+def _segment_distance(xs: F64, ys: F64, x0: float, y0: float, x1: float, y1: float) -> F64:
+    vx, vy = x1 - x0, y1 - y0
+    t = np.clip(((xs - x0) * vx + (ys - y0) * vy) / max(vx * vx + vy * vy, 1e-9), 0.0, 1.0)
+    return np.asarray(np.hypot(xs - (x0 + t * vx), ys - (y0 + t * vy)))
+
+
+def _nuclear_rho(w: _Wbc, xs: F64, ys: F64) -> F64:
+    """Normalised nuclear radius at level-0 points (broadcast): < 1 inside, 1 on the outline.
+
+    The nucleus is the main disc (harmonic outline, optional cleft), plus, for
+    lobed / monocytoid nuclei, further discs and the strands (capsules) joining them.
+    """
+    dx, dy = xs - w.nx, ys - w.ny
+    theta = np.arctan2(dy, dx)
+    outline = _harmonic_radius(theta, w.nuc_amps, w.nuc_phases)
+    if w.cleft_depth > 0.0:
+        outline = outline - w.cleft_depth * np.exp(
+            -((_wrap_angle(theta - w.cleft_angle) / w.cleft_width) ** 2)
+        )
+    rn = np.hypot(dx, dy) / (w.rn * outline)
+    for x, y, r, a2, ph2, a3, ph3 in w.lobes.tolist():
+        dx, dy = xs - x, ys - y
+        theta = np.arctan2(dy, dx)
+        rr = r * (1.0 + a2 * np.cos(2.0 * theta + ph2) + a3 * np.cos(3.0 * theta + ph3))
+        rn = np.minimum(rn, np.hypot(dx, dy) / rr)
+    for x0, y0, x1, y1, r in w.bridges.tolist():
+        rn = np.minimum(rn, _segment_distance(xs, ys, x0, y0, x1, y1) / r)
+    return np.asarray(rn)
+
+
 def _wbc_masks(w: _Wbc, xs: F64, ys: F64) -> tuple[NDArray[np.bool_], NDArray[np.bool_], F64]:
     """Cell and nucleus masks at sample points ``xs`` (1, n) x ``ys`` (m, 1), level-0 px.
 
@@ -870,14 +1394,7 @@ def _wbc_masks(w: _Wbc, xs: F64, ys: F64) -> tuple[NDArray[np.bool_], NDArray[np
     cell = np.hypot(dx, dy) < w.rc * _harmonic_radius(
         np.arctan2(dy, dx), w.cell_amps, w.cell_phases
     )
-    dx, dy = xs - w.nx, ys - w.ny
-    theta = np.arctan2(dy, dx)
-    outline = _harmonic_radius(theta, w.nuc_amps, w.nuc_phases)
-    if w.cleft_depth > 0.0:
-        outline = outline - w.cleft_depth * np.exp(
-            -((_wrap_angle(theta - w.cleft_angle) / w.cleft_width) ** 2)
-        )
-    rn = np.hypot(dx, dy) / (w.rn * outline)
+    rn = _nuclear_rho(w, xs, ys)
     nucleus = (rn < 1.0) & cell
     return cell, nucleus, rn
 
@@ -936,6 +1453,8 @@ def _render_wbc(w: _Wbc, level: int) -> tuple[F32, int, int]:
     clumps = (0.08 + 0.10 * c) * coarse
     rim = (0.05 + 0.20 * c) * _smoothstep((rn - 0.72) / 0.28)
     chromatin = np.clip(base * (1.0 + grain + clumps + rim), 0.2, 2.2)
+    if w.nucleus_gain != 1.0:
+        chromatin = chromatin * w.nucleus_gain
     blue = np.zeros_like(chromatin)
     soft = max(0.7, 0.7 * scale / q)
     for x, y, r, vis in w.nucleoli.tolist():
@@ -943,17 +1462,50 @@ def _render_wbc(w: _Wbc, level: int) -> tuple[F32, int, int]:
         chromatin = chromatin * (1.0 - 0.7 * vis * g)
         blue = blue + 0.4 * vis * g
     cyto = w.basophilia * (1.0 + 0.08 * coarse)
+    eosin: F64 | float = 0.0
+    if w.grain is not None:  # normal leukocytes: granular cytoplasm, maybe eosin-tinted
+        grain = _sample_grid(
+            w.grain,
+            (x1d - w.cx) / w.grain_px + w.grain.shape[1] / 2,
+            (y1d - w.cy) / w.grain_px + w.grain.shape[0] / 2,
+        )
+        cyto = cyto + w.basophilia * 0.5 * w.cyto_grain * grain
+        eosin = w.cyto_eosin * np.clip(1.0 + w.cyto_grain * grain, 0.0, None)
     for x, y, r in w.vacuoles.tolist():  # clear holes, mostly over the cytoplasm
         g = _disc(xs, ys, x, y, r, soft)
         cyto = cyto * (1.0 - 0.85 * g)
+        eosin = eosin * (1.0 - 0.85 * g)
         chromatin = chromatin * (1.0 - 0.5 * g)
     azure = np.where(nucleus, chromatin, 0.0)
     blue = np.where(nucleus, blue, np.where(cell, cyto, 0.0))
-    dens = np.stack([np.zeros_like(azure), azure, blue]).astype(np.float32)
+    if w.grain is None:
+        planes = [np.zeros_like(azure), azure, blue]
+    else:
+        planes = [np.where(nucleus | ~cell, 0.0, eosin), azure, blue]
+        if w.granules.size:
+            field_ = _granule_field(w, x1d, y1d, soft) * cell
+            gplanes = GRANULE_PLANES[w.granule_kind]
+            if any(plane == _ORANGE for plane, _ in gplanes):
+                planes.append(np.zeros_like(azure))
+            for plane, weight in gplanes:
+                planes[plane] = planes[plane] + weight * field_
+    dens = np.stack(planes).astype(np.float32)
     if q > 1:
         h, wd = dens.shape[1] // q, dens.shape[2] // q
-        dens = dens.reshape(3, h, q, wd, q).mean(axis=(2, 4))
+        dens = dens.reshape(len(planes), h, q, wd, q).mean(axis=(2, 4))
     return np.ascontiguousarray(dens), i0, j0
+
+
+def _granule_field(w: _Wbc, x1d: F64, y1d: F64, soft: float) -> F64:
+    """Granule density on the sample grid ``y1d x x1d`` (level-0 px), saturating where they pile."""
+    out = np.zeros((y1d.size, x1d.size))
+    for x, y, r, dval in w.granules.tolist():
+        reach = r + 2.0 * soft
+        i0, i1 = np.searchsorted(x1d, (x - reach, x + reach))
+        j0, j1 = np.searchsorted(y1d, (y - reach, y + reach))
+        if i1 > i0 and j1 > j0:
+            out[j0:j1, i0:i1] += dval * _disc(x1d[None, i0:i1], y1d[j0:j1, None], x, y, r, soft)
+    return np.minimum(out, GRANULE_SATURATION)
 
 
 # ---------------------------------------------------------------------------
@@ -1011,11 +1563,17 @@ class SyntheticSlide:
     bank: _Bank
     objects: NDArray[Any]  # _OBJECT_DTYPE
     wbc_seeds: NDArray[np.uint64]
-    wbc_subtypes: NDArray[np.int8]
+    wbc_subtypes: NDArray[np.int8]  # index into SUBTYPES, -1 for normal leukocytes
+    wbc_types: NDArray[np.int8]  # index into WBC_TYPES
     wbc_centres: F64  # (n, 2) level-0 px
     nucleus_png: list[bytes]  # per WBC row (ref)
     index: _BucketIndex
     max_reach: int  # largest object half-extent, level-0 px
+    #: Expected share of each WBC type on this slide (what its WBCs were drawn from).
+    type_mix: dict[str, float] = field(default_factory=dict)
+    #: Expected share of each blast subtype among the slide's blasts (empty without blasts).
+    blast_mix: dict[str, float] = field(default_factory=dict)
+    blast_fraction: float | None = None  # kind="leukemia": the requested blast share
     _wbc_cache: OrderedDict[tuple[int, int], tuple[F32, int, int]] = field(
         default_factory=OrderedDict, repr=False
     )
@@ -1029,8 +1587,9 @@ class SyntheticSlide:
     def wbc(self, ref: int) -> _Wbc:
         """The continuous model of WBC ``ref`` (rebuilt from its seed)."""
         cx, cy = self.wbc_centres[ref]
-        return _make_wbc(
+        return _make_cell(
             int(self.wbc_seeds[ref]),
+            int(self.wbc_types[ref]),
             int(self.wbc_subtypes[ref]),
             1.0 / self.mpp,
             float(cx),
@@ -1155,10 +1714,17 @@ def _fits_on_smear(geom: _Geometry, x0: F64, y0: F64, x1: F64, y1: F64) -> NDArr
     return ok
 
 
+_Assign = Callable[[np.random.Generator, int], tuple[I64, I64]]
+
+
 def _place_wbcs(
-    geom: _Geometry, rng: np.random.Generator, kind: str, mix: F64
-) -> tuple[list[_Wbc], list[int], list[int]]:
-    """Non-overlapping WBCs with density proportional to the RBCs' (edge-enriched)."""
+    geom: _Geometry, rng: np.random.Generator, kind: str, assign: _Assign
+) -> tuple[list[_Wbc], list[int], list[int], list[int]]:
+    """Non-overlapping WBCs with density proportional to the RBCs' (edge-enriched).
+
+    ``assign(rng, n)`` gives the candidates' ``(wbc types, subtypes)``. Returns
+    the kept cells' models, types, subtypes and seeds.
+    """
     s = RBC_SPACING_PROFILE[0][1] * geom.px_per_um
     lattice_density = 1.0 / (s * s * math.sqrt(3.0) / 2.0)  # per px^2
     peak = lattice_density * WBC_PER_RBC[kind] * (1.0 + WBC_EDGE_BOOST + WBC_LATERAL_BOOST)
@@ -1170,18 +1736,19 @@ def _place_wbcs(
     )
     keep = rng.uniform(0, 1, n) * peak * 1.2 < want
     x, y = np.floor(x[keep]) + 0.5, np.floor(y[keep]) + 0.5
-    subtypes = rng.choice(len(SUBTYPES), size=x.size, p=mix)
+    wtypes, subtypes = assign(rng, x.size)
     seeds = rng.integers(0, 2**63, size=x.size, dtype=np.int64)
     cell = 24.0 * geom.px_per_um  # grid cell >= largest WBC diameter
     grid: dict[tuple[int, int], list[int]] = {}
     wbcs: list[_Wbc] = []
+    out_type: list[int] = []
     out_sub: list[int] = []
     out_seed: list[int] = []
     gap = 0.8 * geom.px_per_um
-    for xi, yi, st, sd in zip(
-        x.tolist(), y.tolist(), subtypes.tolist(), seeds.tolist(), strict=True
+    for xi, yi, wt, st, sd in zip(
+        x.tolist(), y.tolist(), wtypes.tolist(), subtypes.tolist(), seeds.tolist(), strict=True
     ):
-        w = _make_wbc(sd, st, geom.px_per_um, xi, yi)
+        w = _make_cell(sd, wt, st, geom.px_per_um, xi, yi)
         if not _fits_on_smear(
             geom,
             np.asarray(xi - w.reach),
@@ -1203,9 +1770,10 @@ def _place_wbcs(
             continue
         grid.setdefault((gx, gy), []).append(len(wbcs))
         wbcs.append(w)
+        out_type.append(wt)
         out_sub.append(st)
         out_seed.append(sd)
-    return wbcs, out_sub, out_seed
+    return wbcs, out_type, out_sub, out_seed
 
 
 def _subtype_mix(kind: str, rng: np.random.Generator) -> F64:
@@ -1216,8 +1784,91 @@ def _subtype_mix(kind: str, rng: np.random.Generator) -> F64:
     return np.asarray(mix / mix.sum())
 
 
+_GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
+
+
+def _stratified_choice(rng: np.random.Generator, n: int, p: F64) -> I64:
+    """``n`` draws of categories with probabilities ``p``, stratified.
+
+    The golden-ratio sequence from a random start fills [0, 1) evenly, so the
+    count of each category among any first ``k`` draws stays within about one
+    of ``k * p``: a slide's WBCs follow its drawn mix without counting noise.
+    """
+    cdf = np.cumsum(p) / np.sum(p)
+    cdf[-1] = 1.0
+    u = (rng.uniform() + np.arange(n) * _GOLDEN) % 1.0
+    return np.minimum(np.searchsorted(cdf, u, side="right"), len(p) - 1).astype(np.int64)
+
+
+def _normal_mix(rng: np.random.Generator) -> F64:
+    """A slide's normal WBC differential over ``NORMAL_WBC_TYPES`` (gamma draws, normalised)."""
+    shape = np.array([WBC_TYPE_SHAPES[t] for t in NORMAL_WBC_TYPES])
+    mean = np.array([WBC_TYPE_MEANS[t] for t in NORMAL_WBC_TYPES])
+    g = rng.gamma(shape, mean / shape)
+    return np.asarray(g / g.sum())
+
+
+def _blast_mix(rng: np.random.Generator) -> F64:
+    """Shares of ``BLAST_SUBTYPES`` among a leukemic slide's blasts: one dominant subtype."""
+    dominant = int(rng.integers(len(BLAST_SUBTYPES)))
+    share = rng.uniform(*DOMINANT_FRACTION_RANGE)
+    rest = rng.dirichlet(np.ones(len(BLAST_SUBTYPES) - 1)) * (1.0 - share)
+    mix = np.insert(rest, dominant, share)
+    return np.asarray(mix / mix.sum())
+
+
+def _wbc_classes(
+    kind: str,
+    rng: np.random.Generator,
+    blast_fraction: float,
+    wbc_mix: Mapping[str, float] | None = None,
+) -> tuple[_Assign, dict[str, float], dict[str, float]]:
+    """How a slide of ``kind`` assigns its WBCs' types and subtypes, and its expected mixes."""
+    if kind == "marrow":  # hematogones and blasts, independent draws (as before wbc_type)
+        mix = _subtype_mix(kind, rng)
+
+        def marrow(r: np.random.Generator, n: int) -> tuple[I64, I64]:
+            sub = r.choice(len(SUBTYPES), size=n, p=mix)
+            return np.where(sub == 0, _LYMPHOCYTE, _BLAST).astype(np.int64), sub
+
+        blasts = mix[1:] / max(float(mix[1:].sum()), 1e-12)
+        return (
+            marrow,
+            {"lymphocyte": float(mix[0]), "blast": float(1.0 - mix[0])},
+            dict(zip(BLAST_SUBTYPES, blasts.tolist(), strict=True)),
+        )
+    f = blast_fraction if kind == "leukemia" else 0.0
+    blast = _blast_mix(rng)
+    normal = _normal_mix(rng)
+    if wbc_mix is not None:
+        given = np.array([float(wbc_mix.get(t, 0.0)) for t in WBC_TYPES])
+        given = given / given.sum()
+        f = float(given[_BLAST])
+        normal = given[:_BLAST] / max(float(given[:_BLAST].sum()), 1e-12)
+    p = np.concatenate([f * blast, (1.0 - f) * normal])
+    nb = len(BLAST_SUBTYPES)
+
+    def stratified(r: np.random.Generator, n: int) -> tuple[I64, I64]:
+        cat = _stratified_choice(r, n, p)
+        is_blast = cat < nb
+        wtype = np.where(is_blast, _BLAST, cat - nb).astype(np.int64)
+        return wtype, np.where(is_blast, cat + 1, -1).astype(np.int64)
+
+    type_mix = dict(zip(NORMAL_WBC_TYPES, ((1.0 - f) * normal).tolist(), strict=True))
+    type_mix["blast"] = f
+    blast_mix = dict(zip(BLAST_SUBTYPES, blast.tolist(), strict=True)) if f > 0 else {}
+    return stratified, type_mix, blast_mix
+
+
 def _validate(
-    width: int, height: int, mpp: float, blank_fraction: float, kind: str, seed: int
+    width: int,
+    height: int,
+    mpp: float,
+    blank_fraction: float,
+    kind: str,
+    seed: int,
+    blast_fraction: float | None = None,
+    wbc_mix: Mapping[str, float] | None = None,
 ) -> None:
     if width < 16 or height < 16:
         raise ConfigError(f"slide size must be at least 16 x 16 px, got {width} x {height}")
@@ -1225,8 +1876,27 @@ def _validate(
         raise ConfigError(f"mpp must be > 0 um/px, got {mpp}")
     if not 0.0 <= blank_fraction < 1.0:
         raise ConfigError(f"blank_fraction must be in [0, 1), got {blank_fraction}")
-    if kind not in WBC_PER_RBC:
-        raise ConfigError(f"kind must be one of {sorted(WBC_PER_RBC)}, got {kind!r}")
+    if kind not in KINDS:
+        raise ConfigError(f"kind must be one of {list(KINDS)}, got {kind!r}")
+    if blast_fraction is not None:
+        if kind != "leukemia":
+            raise ConfigError(
+                f"blast_fraction applies to kind='leukemia' only, got it with kind={kind!r}"
+            )
+        if not 0.0 <= blast_fraction <= 1.0:
+            raise ConfigError(f"blast_fraction must be in [0, 1], got {blast_fraction}")
+    if wbc_mix is not None:
+        if kind == "marrow" or blast_fraction is not None:
+            raise ConfigError(
+                "wbc_mix replaces the drawn WBC mix of kind 'blood' or 'leukemia' (blast share"
+                f" included): got it with kind={kind!r}, blast_fraction={blast_fraction}"
+            )
+        unknown = sorted(set(wbc_mix) - set(WBC_TYPES))
+        if unknown or any(v < 0 for v in wbc_mix.values()) or sum(wbc_mix.values()) <= 0:
+            raise ConfigError(
+                f"wbc_mix must map some of {list(WBC_TYPES)} to non-negative weights with a"
+                f" positive sum, got {dict(wbc_mix)}"
+            )
     if seed < 0:
         raise ConfigError(f"seed must be a non-negative integer, got {seed}")
 
@@ -1240,7 +1910,9 @@ def make_slide(
     index: int = 0,
     mpp: float = 0.25,
     blank_fraction: float = 0.0,
-    kind: Literal["blood", "marrow"] = "blood",
+    kind: Literal["blood", "leukemia", "marrow"] = "blood",
+    blast_fraction: float | None = None,
+    wbc_mix: Mapping[str, float] | None = None,
 ) -> SyntheticSlide:
     """Place every object of one slide (deterministic from ``(seed, index)``).
 
@@ -1257,15 +1929,24 @@ def make_slide(
     blank_fraction
         Approximate share of the area that is bare glass (beyond the feathered edge).
     kind
-        ``"blood"`` or ``"marrow"`` (sets the nucleated-cell density and subtype mix).
+        ``"blood"``, ``"leukemia"`` or ``"marrow"``: the WBC density and mix (module docstring).
+    blast_fraction
+        ``kind="leukemia"`` only: share of blasts among the WBCs (default
+        ``DEFAULT_BLAST_FRACTION``).
+    wbc_mix
+        ``kind="blood"`` or ``"leukemia"``: weights ``{wbc_type: w}`` that replace
+        the slide's drawn WBC mix (blasts included), e.g. equal weights for
+        crops balanced by type. Blasts keep the slide's drawn subtype mix.
     """
-    _validate(width, height, mpp, blank_fraction, kind, seed)
+    _validate(width, height, mpp, blank_fraction, kind, seed, blast_fraction, wbc_mix)
+    if kind == "leukemia" and blast_fraction is None:
+        blast_fraction = DEFAULT_BLAST_FRACTION
     rngs = _slide_rngs(seed, index)
     ppu = 1.0 / mpp
     geom = _make_geometry(width, height, mpp, blank_fraction, rngs["geometry"])
     stain = _make_stain(width, height, mpp, rngs["stain"])
     bank = _make_bank(ppu, rngs["bank"])
-    mix = _subtype_mix(kind, rngs["mix"])
+    assign, type_mix, blast_mix = _wbc_classes(kind, rngs["mix"], blast_fraction or 0.0, wbc_mix)
     radius = bank.radius
     bank0 = bank.level(0)
     box_ox, box_oy = bank0.ox, bank0.oy
@@ -1305,7 +1986,7 @@ def make_slide(
     pref = _PLATELET_BANK_START + prng.integers(0, SPRITE_BANK_SIZE, px.size)
 
     # WBCs, then clear RBCs and platelets from under them (WBCs push RBCs aside).
-    wbcs, wsub, wseed = _place_wbcs(geom, rngs["wbc"], kind, mix)
+    wbcs, wtype, wsub, wseed = _place_wbcs(geom, rngs["wbc"], kind, assign)
     bx, by = np.concatenate([rx, px]), np.concatenate([ry, py])
     bref = np.concatenate([rref, pref])
     bucket = max(16, int(round(BUCKET_UM * ppu)))
@@ -1339,6 +2020,7 @@ def make_slide(
     obj = np.zeros(n_b + n_w, dtype=_OBJECT_DTYPE)
     obj["cls"][:n_b] = np.where(bref < _PLATELET_BANK_START, _RBC, _PLATELET)
     obj["subtype"][:n_b] = -1
+    obj["wtype"][:n_b] = -1
     obj["ref"][:n_b] = bref
     obj["mx"][:n_b], obj["my"][:n_b] = bx, by
     obj["x0"][:n_b], obj["y0"][:n_b], obj["x1"][:n_b], obj["y1"][:n_b] = bx0, by0, bx1, by1
@@ -1348,7 +2030,7 @@ def make_slide(
         cx0, cy0 = max(x0, 0), max(y0, 0)
         crop = nuc[cy0 - y0 : min(y1, height) - y0, cx0 - x0 : min(x1, width) - x0]
         masks.append(_png(crop))
-        obj[n_b + k] = (_WBC, 0, wsub[k], k, int(w.cx), int(w.cy), x0, y0, x1, y1)
+        obj[n_b + k] = (_WBC, 0, wsub[k], wtype[k], k, int(w.cx), int(w.cy), x0, y0, x1, y1)
     centre_x = 0.5 * (np.clip(obj["x0"], 0, width) + np.clip(obj["x1"], 0, width))
     centre_y = 0.5 * (np.clip(obj["y0"], 0, height) + np.clip(obj["y1"], 0, height))
     obj["zone"] = geom.zone(geom.axis_position(centre_x, centre_y))
@@ -1369,10 +2051,14 @@ def make_slide(
         objects=obj,
         wbc_seeds=np.array(wseed, dtype=np.uint64),
         wbc_subtypes=np.array(wsub, dtype=np.int8),
+        wbc_types=np.array(wtype, dtype=np.int8),
         wbc_centres=np.array([(w.cx, w.cy) for w in wbcs], dtype=np.float64).reshape(-1, 2),
         nucleus_png=masks,
         index=index_all,
         max_reach=int(half.max()) + 2 if half.size else 2,
+        type_mix=type_mix,
+        blast_mix=blast_mix,
+        blast_fraction=blast_fraction,
     )
 
 
@@ -1453,7 +2139,7 @@ def _splat_sprites(dens: F32, stack: F32, ref: I64, tx: I64, ty: I64, chans: I64
 def _stain_density(
     slide: SyntheticSlide, ax: int, ay: int, aw: int, ah: int, level: int, xs: F64, ys: F64
 ) -> F32 | None:
-    """Stain density planes ``(3, ah, aw)`` of a level region, or None if it is bare glass."""
+    """Stain density planes ``(3 or 4, ah, aw)`` of a level region, or None if it is bare glass."""
     scale = 2**level
     X0, Y0, X1, Y1 = ax * scale, ay * scale, (ax + aw) * scale, (ay + ah) * scale
     r = slide.max_reach
@@ -1462,7 +2148,10 @@ def _stain_density(
     plasma = _plasma(slide, xs, ys)
     if plasma is None and o.size == 0:
         return None
-    dens = np.zeros((3, ah, aw), dtype=np.float32)
+    # WBCs first: an eosinophil in the region needs the 4th (granule) plane.
+    wbcs = [slide.rendered_wbc(int(ref), level) for ref in o["ref"][o["cls"] == _WBC].tolist()]
+    n_planes = max([3] + [sp3.shape[0] for sp3, _, _ in wbcs])
+    dens = np.zeros((n_planes, ah, aw), dtype=np.float32)
     if plasma is not None:
         dens[_EOSIN] += plasma
     banked = o[o["cls"] != _WBC]
@@ -1477,14 +2166,13 @@ def _stain_density(
             _paste_sprites(dens, bank.sprites, ref, tx, ty, chans)
         else:
             _splat_sprites(dens, bank.stack, ref, tx, ty, chans)
-    for ref in o["ref"][o["cls"] == _WBC].tolist():
-        sp3, px, py = slide.rendered_wbc(int(ref), level)
+    for sp3, px, py in wbcs:
         px, py = px - ax, py - ay
-        _, sh, sw = sp3.shape
+        k, sh, sw = sp3.shape
         dx0, dy0 = max(px, 0), max(py, 0)
         dx1, dy1 = min(px + sw, aw), min(py + sh, ah)
         if dx1 > dx0 and dy1 > dy0:
-            dens[:, dy0:dy1, dx0:dx1] += sp3[:, dy0 - py : dy1 - py, dx0 - px : dx1 - px]
+            dens[:k, dy0:dy1, dx0:dx1] += sp3[:, dy0 - py : dy1 - py, dx0 - px : dx1 - px]
     return dens
 
 
@@ -1509,14 +2197,14 @@ def render_region(
         rgb = light[:, :, None] * slide.stain.white
     else:
         planes = []
-        for c in range(3):
+        for c in range(dens.shape[0]):
             plane = dens[c]
             if margin:
                 plane = cv2.GaussianBlur(plane, (0, 0), OPTICAL_BLUR_PX)
                 plane = plane[margin:-margin, margin:-margin]
             planes.append(np.ascontiguousarray(plane))
         # Absorbance per RGB channel = stain densities @ stain vectors (Beer-Lambert).
-        od = cv2.transform(cv2.merge(planes), -slide.stain.vectors.T)
+        od = cv2.transform(cv2.merge(planes), -slide.stain.vectors[: len(planes)].T)
         rgb = np.asarray(cv2.exp(od), dtype=np.float32)
         rgb *= light[:, :, None]
         rgb *= slide.stain.white
@@ -1561,7 +2249,8 @@ def ground_truth_table(slide: SyntheticSlide) -> pa.Table:
         "slide_id": _decoded(np.zeros(n), [slide.name]),
         "object_id": pa.array(np.arange(n, dtype=np.int64)),
         "class": _decoded(o["cls"], CLASSES),
-        "subtype": _decoded(np.maximum(o["subtype"], 0), SUBTYPES, mask=~is_wbc),
+        "wbc_type": _decoded(np.maximum(o["wtype"], 0), WBC_TYPES, mask=~is_wbc),
+        "subtype": _decoded(np.maximum(o["subtype"], 0), SUBTYPES, mask=o["subtype"] < 0),
         "x0": pa.array(x0),
         "y0": pa.array(y0),
         "x1": pa.array(x1),
@@ -1616,7 +2305,12 @@ def write_tiff(
             extra: dict[str, Any] = (
                 {
                     "subifds": len(shapes) - 1,
-                    "description": f"hemaray synthetic smear {slide.kind}; mpp={slide.mpp}",
+                    "description": f"hemaray synthetic smear {slide.kind}; mpp={slide.mpp}"
+                    + (
+                        f"; blast_fraction={slide.blast_fraction}"
+                        if slide.blast_fraction is not None
+                        else ""
+                    ),
                 }
                 if level == 0
                 else {"subfiletype": 1}
@@ -1652,7 +2346,9 @@ def synth_slides(
     seed: int,
     mpp: float = 0.25,
     blank_fraction: float = 0.0,
-    kind: Literal["blood", "marrow"] = "blood",
+    kind: Literal["blood", "leukemia", "marrow"] = "blood",
+    blast_fraction: float | None = None,
+    wbc_mix: Mapping[str, float] | None = None,
     format: Literal["tiff", "jpeg", "png"] = "tiff",
     tile_size: int = DEFAULT_TILE_SIZE,
     jpeg_quality: int = 90,
@@ -1676,8 +2372,16 @@ def synth_slides(
     blank_fraction
         Approximate share of each slide that is bare glass beyond the feathered edge.
     kind
-        ``"blood"`` (about one WBC per oil field) or ``"marrow"`` (~50 nucleated
-        cells per oil field, mostly blasts).
+        ``"blood"``: normal WBC differential, about one WBC per oil field;
+        ``"leukemia"``: blood with a share ``blast_fraction`` of lymphoblasts and
+        four times the WBC density; ``"marrow"``: ~40 nucleated cells per oil
+        field, hematogones and blasts (module docstring).
+    blast_fraction
+        ``kind="leukemia"`` only: share of blasts among the WBCs, in [0, 1]
+        (default ``DEFAULT_BLAST_FRACTION``, 0.6).
+    wbc_mix
+        Optional ``{wbc_type: weight}`` replacing every slide's drawn WBC mix
+        (``blood`` / ``leukemia``; see :func:`make_slide`).
     format
         ``"tiff"``: pyramidal tiled JPEG BigTIFF written tile by tile;
         ``"jpeg"`` / ``"png"``: one plain image of the same level-0 content
@@ -1703,7 +2407,7 @@ def synth_slides(
         raise ConfigError(f"tile_size must be a positive multiple of 16, got {tile_size}")
     if not 1 <= jpeg_quality <= 100:
         raise ConfigError(f"jpeg_quality must be in 1..100, got {jpeg_quality}")
-    _validate(width, height, mpp, blank_fraction, kind, seed)
+    _validate(width, height, mpp, blank_fraction, kind, seed, blast_fraction, wbc_mix)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
@@ -1719,10 +2423,16 @@ def synth_slides(
                 mpp=mpp,
                 blank_fraction=blank_fraction,
                 kind=kind,
+                blast_fraction=blast_fraction,
+                wbc_mix=wbc_mix,
             )
             if progress is not None:
                 counts = np.bincount(slide.objects["cls"], minlength=3)
-                progress(f"{name}: {counts[0]} RBC, {counts[1]} WBC, {counts[2]} platelets")
+                types = np.bincount(slide.wbc_types, minlength=len(WBC_TYPES))
+                mix = ", ".join(
+                    f"{n} {t}" for t, n in zip(WBC_TYPES, types.tolist(), strict=True) if n
+                )
+                progress(f"{name}: {counts[0]} RBC, {counts[1]} WBC ({mix}), {counts[2]} platelets")
             path = out / f"{name}{_SUFFIX[format]}"
             if format == "tiff":
                 write_tiff(

@@ -1,4 +1,4 @@
-"""Synthetic smears: file layout, determinism, ground truth, realism, bounded memory."""
+"""Synthetic smears: file layout, determinism, ground truth, WBC types, realism, bounded memory."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -14,10 +15,15 @@ import tifffile
 
 from batch.errors import ConfigError
 from batch.synth import (
+    BLAST_SUBTYPES,
     CLASSES,
+    DOMINANT_FRACTION_RANGE,
     GROUND_TRUTH_FILE,
     GROUND_TRUTH_SCHEMA,
+    NORMAL_WBC_TYPES,
     SUBTYPES,
+    WBC_TYPE_MEANS,
+    WBC_TYPES,
     ZONES,
     ground_truth_table,
     make_slide,
@@ -132,7 +138,9 @@ def test_ground_truth_sanity(blood: tuple[list[Path], pa.Table]) -> None:
     wbc = df[df["class"] == "WBC"]
     rest = df[df["class"] != "WBC"]
     assert rest["subtype"].isna().all() and rest["nucleus_mask"].isna().all()
-    assert set(wbc["subtype"]) <= set(SUBTYPES)
+    assert rest["wbc_type"].isna().all() and wbc["wbc_type"].notna().all()
+    assert set(wbc["wbc_type"]) <= set(NORMAL_WBC_TYPES)  # blood: no blasts
+    assert wbc["subtype"].isna().all()  # subtypes are for blasts and hematogones
     assert 3 <= len(wbc) / 2 <= 60  # "several" WBCs on a 2048 x 1536 blood field
     for row in wbc.itertuples():
         m = _mask(row.nucleus_mask)
@@ -163,13 +171,18 @@ def test_boxes_are_drawn_extents() -> None:
     assert darkest[~covered].min() > 210  # nothing is drawn outside the boxes
 
 
-def test_nucleus_mask_is_the_drawn_nucleus() -> None:
+@pytest.mark.parametrize("kind", ["marrow", "leukemia"])
+def test_nucleus_mask_is_the_drawn_nucleus(kind: str) -> None:
     from batch.synth import _render_wbc
 
-    slide = make_slide("s", 1024, 1024, seed=6, kind="marrow")
+    # Leukemia: every type equally often, so lobed, kidney and granular cells are all checked.
+    mix = {t: 1.0 for t in WBC_TYPES} if kind == "leukemia" else None
+    slide = make_slide("s", 1024, 1024, seed=6, kind=kind, wbc_mix=mix)  # type: ignore[arg-type]
     df = ground_truth_table(slide).to_pandas()
     wbc = df[df["class"] == "WBC"]
     assert len(wbc) > 10
+    if kind == "leukemia":
+        assert set(wbc["wbc_type"]) == set(WBC_TYPES)
     refs = slide.objects["ref"][wbc["object_id"].to_numpy()]
     for r, ref in zip(wbc.itertuples(), refs.tolist(), strict=True):
         dens, i0, j0 = _render_wbc(slide.wbc(ref), level=0)
@@ -295,6 +308,14 @@ def test_bad_arguments(tmp_path: Path) -> None:
         synth_slides(tmp_path, slides=1, width=256, height=256, seed=0, tile_size=100)
     with pytest.raises(ConfigError, match="kind"):
         synth_slides(tmp_path, slides=1, width=256, height=256, seed=0, kind="csf")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="blast_fraction applies to kind='leukemia'"):
+        synth_slides(tmp_path, slides=1, width=256, height=256, seed=0, blast_fraction=0.3)
+    with pytest.raises(ConfigError, match=r"blast_fraction must be in \[0, 1\]"):
+        make_slide("s", 256, 256, seed=0, kind="leukemia", blast_fraction=1.5)
+    with pytest.raises(ConfigError, match="wbc_mix"):
+        make_slide("s", 256, 256, seed=0, kind="marrow", wbc_mix={"blast": 1.0})
+    with pytest.raises(ConfigError, match="wbc_mix"):
+        make_slide("s", 256, 256, seed=0, wbc_mix={"myelocyte": 1.0})
 
 
 def test_written_tile_by_tile(tmp_path: Path) -> None:
@@ -315,3 +336,183 @@ def test_written_tile_by_tile(tmp_path: Path) -> None:
     assert peaks[1] < 1.5 * peaks[0]  # 4x the pixels, about the same memory
     with tifffile.TiffFile(paths[0]) as tif:
         assert tif.series[0].levels[0].shape == (8192, 8192, 3)
+
+
+# ---------------------------------------------------------------------------
+# WBC types: the differential per kind, blasts, subtypes, and how each type looks
+# ---------------------------------------------------------------------------
+#: A blood / leukemia slide's type counts follow its drawn mix within this many cells
+#: (stratified assignment; placement rejections add a little noise).
+COUNT_TOLERANCE = 2.5
+
+
+def _wbcs(slide: object) -> pd.DataFrame:
+    df = ground_truth_table(slide).to_pandas()  # type: ignore[arg-type]
+    return df[df["class"] == "WBC"]
+
+
+def test_normal_differential_is_drawn_around_the_reference_means() -> None:
+    from batch.synth import _normal_mix
+
+    rng = np.random.default_rng(0)
+    mixes = pd.DataFrame([_normal_mix(rng) for _ in range(2000)], columns=list(NORMAL_WBC_TYPES))
+    # Reference ranges (% of leukocytes); the central 95 % of slides stay inside them,
+    # give or take a point for the two large classes.
+    ranges = {
+        "neutrophil": (0.40, 0.72),
+        "lymphocyte": (0.20, 0.44),
+        "monocyte": (0.02, 0.10),
+        "eosinophil": (0.01, 0.06),
+        "basophil": (0.005, 0.017),
+    }
+    for t, (lo, hi) in ranges.items():
+        assert mixes[t].mean() == pytest.approx(WBC_TYPE_MEANS[t], abs=0.005), t
+        q = mixes[t].quantile([0.025, 0.975])
+        assert lo <= q.iloc[0] and q.iloc[1] <= hi, (t, q.tolist())
+    assert mixes["neutrophil"].std() > 0.04  # slides differ
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_blood_type_counts_follow_the_slide_mix(seed: int) -> None:
+    slide = make_slide("s", 4096, 4096, seed=seed, kind="blood")
+    wbc = _wbcs(slide)
+    n = len(wbc)
+    assert 25 <= n <= 120
+    counts = wbc["wbc_type"].value_counts()
+    assert set(counts.index) <= set(NORMAL_WBC_TYPES)
+    assert slide.type_mix["blast"] == 0.0 and slide.blast_mix == {}
+    for t in NORMAL_WBC_TYPES:
+        assert abs(counts.get(t, 0) - n * slide.type_mix[t]) <= COUNT_TOLERANCE, t
+    assert 0.40 <= slide.type_mix["neutrophil"] <= 0.70
+    assert 0.20 <= slide.type_mix["lymphocyte"] <= 0.40
+    assert counts["neutrophil"] > counts.get("lymphocyte", 0) > counts.get("basophil", 0)
+
+
+@pytest.mark.parametrize("seed, fraction", [(1, None), (2, 0.6), (3, 0.3), (4, 0.9)])
+def test_leukemia_blast_share_and_dominant_subtype(seed: int, fraction: float | None) -> None:
+    slide = make_slide("s", 2048, 2048, seed=seed, kind="leukemia", blast_fraction=fraction)
+    f = 0.6 if fraction is None else fraction  # the default
+    assert slide.blast_fraction == f and slide.type_mix["blast"] == f
+    wbc = _wbcs(slide)
+    n = len(wbc)
+    assert n >= 25  # 4x the blood density: ~40 WBCs on a 2048 x 2048 field
+    blasts = wbc[wbc["wbc_type"] == "blast"]
+    assert abs(len(blasts) - f * n) <= COUNT_TOLERANCE
+    assert abs(len(blasts) / n - f) <= 0.08
+    # Blasts carry a blast subtype; the normal types none.
+    assert set(blasts["subtype"]) <= set(BLAST_SUBTYPES) and blasts["subtype"].notna().all()
+    assert wbc.loc[wbc["wbc_type"] != "blast", "subtype"].isna().all()
+    # One dominant subtype, 60-85 % of the blasts; the other two share the rest.
+    lo, hi = DOMINANT_FRACTION_RANGE
+    dominant = max(slide.blast_mix, key=slide.blast_mix.__getitem__)
+    assert lo <= slide.blast_mix[dominant] <= hi
+    held = (blasts["subtype"] == dominant).sum()
+    slack = COUNT_TOLERANCE / len(blasts)
+    assert lo - slack <= held / len(blasts) <= hi + slack
+    assert blasts["subtype"].value_counts().idxmax() == dominant
+    # The rest are the normal types in a normal differential.
+    normal = wbc[wbc["wbc_type"] != "blast"]
+    assert normal["wbc_type"].value_counts().idxmax() == "neutrophil" or len(normal) < 10
+
+
+def test_marrow_types_are_hematogones_and_blasts() -> None:
+    wbc = _wbcs(make_slide("s", 1024, 1024, seed=6, kind="marrow"))
+    assert len(wbc) > 50
+    assert set(wbc["wbc_type"]) == {"lymphocyte", "blast"}
+    assert (wbc["subtype"] == "benign").equals(wbc["wbc_type"] == "lymphocyte")
+    assert set(wbc.loc[wbc["wbc_type"] == "blast", "subtype"]) <= set(BLAST_SUBTYPES)
+
+
+def test_wbc_type_is_null_exactly_for_non_wbcs() -> None:
+    for kind in ("blood", "leukemia", "marrow"):
+        df = ground_truth_table(make_slide("s", 1024, 1024, seed=8, kind=kind)).to_pandas()  # type: ignore[arg-type]
+        assert df["wbc_type"].isna().equals(df["class"] != "WBC"), kind
+        assert set(df["wbc_type"].dropna()) <= set(WBC_TYPES)
+        assert df.loc[df["class"] != "WBC", "subtype"].isna().all()
+
+
+@pytest.fixture(scope="module")
+def typed_cells() -> dict[str, pd.DataFrame]:
+    """Per type: colour and geometry figures of uncut WBCs, measured on rendered pixels.
+
+    A 1536 x 1536 leukemia field with every type equally often (``wbc_mix``).
+    The cell region is the disc inscribed in the truth box (shrunk to 85 %);
+    the cytoplasm is that disc minus the truth nucleus mask dilated by 2 px.
+    """
+    side = 1536
+    figures: list[dict[str, object]] = []
+    for seed in (0, 1):
+        slide = make_slide(
+            "s", side, side, seed=seed, kind="leukemia", wbc_mix={t: 1.0 for t in WBC_TYPES}
+        )
+        img = render_region(slide, 0, 0, side, side)
+        lab = _lab(img)
+        rgb = img.astype(np.float32)
+        wbc = _wbcs(slide)
+        inner = (wbc.x0 > 0) & (wbc.y0 > 0) & (wbc.x1 < side) & (wbc.y1 < side)
+        for r in wbc[inner].itertuples():
+            h, w = r.y1 - r.y0, r.x1 - r.x0
+            yy, xx = np.mgrid[0:h, 0:w]
+            radius = 0.25 * (h + w)
+            disc = np.hypot(xx + 0.5 - w / 2, yy + 0.5 - h / 2) < 0.85 * radius
+            nucleus = _mask(r.nucleus_mask).astype(bool)
+            grown = cv2.dilate(nucleus.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
+            cyto = disc & ~grown
+            crop_rgb, crop_lab = rgb[r.y0 : r.y1, r.x0 : r.x1], lab[r.y0 : r.y1, r.x0 : r.x1]
+            hull = np.zeros((h, w), np.uint8)  # pixels of the nucleus's convex hull
+            cv2.fillConvexPoly(hull, cv2.convexHull(cv2.findNonZero(nucleus.astype(np.uint8))), 1)
+            figures.append(
+                {
+                    "type": r.wbc_type,
+                    "cyto_red_minus_blue": float((crop_rgb[..., 0] - crop_rgb[..., 2])[cyto].mean())
+                    if cyto.sum() > 20
+                    else np.nan,
+                    "cyto_a": float(crop_lab[..., 1][cyto].mean()) if cyto.sum() > 20 else np.nan,
+                    "cyto_b": float(crop_lab[..., 2][cyto].mean()) if cyto.sum() > 20 else np.nan,
+                    "cell_L": float(crop_lab[..., 0][disc].mean()),
+                    "nucleus_L": float(crop_lab[..., 0][nucleus].mean()),
+                    "nc": float(nucleus.sum() / (np.pi * radius**2)),
+                    "solidity": float(nucleus.sum() / max(int(hull.sum()), 1)),
+                    "diameter_um": 0.25 * 2 * radius,
+                }
+            )
+    df = pd.DataFrame(figures)
+    return {t: g for t, g in df.groupby("type")}
+
+
+def test_each_type_renders_the_way_it_should(typed_cells: dict[str, pd.DataFrame]) -> None:
+    assert set(typed_cells) == set(WBC_TYPES)
+    assert all(len(g) >= 6 for g in typed_cells.values()), {
+        t: len(g) for t, g in typed_cells.items()
+    }
+    med = {t: g.median(numeric_only=True) for t, g in typed_cells.items()}
+    neu, lym, mono, eos, baso = (med[t] for t in NORMAL_WBC_TYPES)
+    # Eosinophil cytoplasm (its granules) is orange-red; the neutrophil's pale pink-lilac.
+    assert eos.cyto_red_minus_blue > neu.cyto_red_minus_blue + 50
+    assert eos.cyto_a > neu.cyto_a + 10 and eos.cyto_b > neu.cyto_b + 15
+    # Basophils (dark granules) are darker overall than neutrophils, monocytes, eosinophils.
+    assert baso.cell_L < min(neu.cell_L, mono.cell_L, eos.cell_L) - 10
+    # Lymphocytes: high N:C with a dense nucleus; monocytes: abundant cytoplasm, paler nucleus.
+    assert lym.nc > mono.nc + 0.15 and lym.nc > neu.nc + 0.2
+    assert mono.nucleus_L > lym.nucleus_L + 6
+    # Monocyte cytoplasm is grey-blue: bluer (lower b*) than the neutrophil's.
+    assert mono.cyto_b < neu.cyto_b - 6
+    # Segmented and bilobed nuclei are far from convex (nucleus / convex hull pixels; medians
+    # 0.72, 0.86); kidney / horseshoe monocyte nuclei less round than lymphocytes' (0.93, 0.98).
+    assert neu.solidity < 0.8 and eos.solidity < 0.92 and lym.solidity > 0.95
+    assert mono.solidity < lym.solidity - 0.02
+    # Sizes (um): small lymphocytes < neutrophils < monocytes.
+    assert lym.diameter_um < neu.diameter_um < mono.diameter_um
+    assert 10.0 <= neu.diameter_um <= 14.0 and 12.0 <= mono.diameter_um <= 18.0
+
+
+def test_synth_cli_kinds(tmp_path: Path) -> None:
+    from batch.cli import main
+
+    argv = ["synth", "--out", str(tmp_path), "--width", "640", "--height", "480", "--format", "png"]
+    assert main([*argv, "--kind", "leukemia", "--blast-fraction", "0.5", "--seed", "3"]) == 0
+    df = pq.read_table(tmp_path / GROUND_TRUTH_FILE).to_pandas()
+    wbc = df[df["class"] == "WBC"]
+    assert len(wbc) > 0 and set(wbc["wbc_type"]) <= set(WBC_TYPES)
+    with pytest.raises(SystemExit):
+        main([*argv, "--kind", "csf"])

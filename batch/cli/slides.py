@@ -25,6 +25,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
         mpp=args.mpp,
         blank_fraction=args.blank_fraction,
         kind=args.kind,
+        blast_fraction=args.blast_fraction,
         format=args.format,
         tile_size=args.tile_size,
         progress=lambda msg: print(msg, file=sys.stderr),
@@ -102,7 +103,19 @@ def add_commands(sub: Any) -> None:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--mpp", type=float, default=0.25, help="microns per pixel at level 0")
     s.add_argument("--blank-fraction", type=float, default=0.0, help="fraction of empty background")
-    s.add_argument("--kind", choices=["blood", "marrow"], default="blood")
+    s.add_argument(
+        "--kind",
+        choices=["blood", "leukemia", "marrow"],
+        default="blood",
+        help="blood: normal WBC differential; leukemia: blood with lymphoblasts"
+        " (--blast-fraction) and leukocytosis; marrow: hematogones and blasts",
+    )
+    s.add_argument(
+        "--blast-fraction",
+        type=float,
+        default=None,
+        help="leukemia only: share of blasts among the WBCs (default 0.6)",
+    )
     s.add_argument("--format", choices=["tiff", "jpeg", "png"], default="tiff")
     s.add_argument("--tile-size", type=int, default=512, help="TIFF tile size in px")
     s.set_defaults(func=_cmd_synth)
