@@ -45,8 +45,8 @@ leukemia (~500 WBCs) ~1.3x and marrow (~4,000 nucleated cells) ~3.5x the
 blood time, peak RSS ~225 and ~270 MB. (Normal leukocytes cost about as much
 as blasts to render; blood timing is unchanged within measurement noise since
 they were added.) 32768 x 32768 px blood (7 levels, ~1,020,000 objects): ~56 s
-of CPU, peak RSS ~470 MB (interpreter and libraries included); the file is
-~400 MB.
+of CPU, peak RSS ~470 MB (interpreter and libraries included; measured before
+the normal leukocytes, not re-measured); the file is ~400 MB.
 
 Densities and WBC mixes (``kind``)
 ----------------------------------

@@ -90,3 +90,45 @@ def test_eval_synthetic_cli_scores_detection_and_segmentation(
     # The shipped detector finds the generator's WBCs, each once; the seeds' segmentation fits.
     assert result["wbc_f1"] >= 0.8 and result["wbc_duplicates"] == 0
     assert 0.8 <= result["seg_dice"] <= 1.0 and 0.0 < result["seg_iou"] <= result["seg_dice"]
+    # WBC types and slide figures are reported next to them (their values depend on the models).
+    assert {"wbc_type_accuracy", "differential_max_error_pp", "call_accuracy"} <= set(result)
+
+
+def test_eval_synthetic_scores_types_and_slide_figures(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The wiring without models: a stand-in chain that reports the truth gives perfect scores."""
+    import pyarrow as pa
+
+    import batch.eval.synthetic as synthetic
+
+    def truthful_chain(paths: list[Path], config: object, progress: object = None):  # type: ignore[no-untyped-def]
+        truth = pd.read_parquet(Path(paths[0]).parent / "ground_truth.parquet")
+        for p in paths:
+            t = truth[truth.slide_id == Path(p).stem]
+            wbc = t["class"] == "WBC"
+            yield str(p), pa.Table.from_pandas(
+                pd.DataFrame(
+                    {
+                        "det_class": t["class"], "x0": t.x0, "y0": t.y0, "x1": t.x1, "y1": t.y1,
+                        "det_confidence": 0.9, "nucleus_area_um2": 40.0, "nucleus_mean_a": 40.0,
+                        "wbc_type_label": t["wbc_type"].where(wbc),
+                        "all_subtype_label": t["subtype"].where(t["wbc_type"] == "blast"),
+                    }
+                ),
+                preserve_index=False,
+            )  # fmt: skip
+
+    monkeypatch.setattr(synthetic, "chain_cells", truthful_chain)
+    result = synthetic.eval_synthetic(
+        load_config(None, []), seed=3, slides=2, width=1024, height=1024, kind="leukemia",
+        blast_fraction=0.5, workdir=tmp_path,
+    )  # fmt: skip
+    assert result["kind"] == "leukemia" and result["blast_fraction_generated"] == 0.5
+    assert result["wbc_f1"] == 1.0 and result["wbc_type_accuracy"] == 1.0
+    assert result["wbc_type_macro_recall"] == 1.0
+    assert result["differential_max_error_pp"] == 0.0
+    assert result["blast_fraction_max_abs_error"] == 0.0
+    assert result["call_accuracy"] == 1.0
+    assert set(result["differential"]) == set(result["calls"]) == {"slide_0000", "slide_0001"}
+    assert all(c["truth"] in {"early_pre_b", "pre_b", "pro_b"} for c in result["calls"].values())

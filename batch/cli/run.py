@@ -45,7 +45,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     opts = {"client_kwargs": {"endpoint_url": args.endpoint_url}} if args.endpoint_url else None
     cells = read_table(args.out, "cells", storage_options=opts).to_pandas()
     truth = pd.read_parquet(args.truth, storage_options=opts)
-    result = evaluate_run(cells, truth, iou=args.iou)
+    slides = read_table(args.out, "slides", storage_options=opts).to_pandas()
+    result = evaluate_run(cells, truth, iou=args.iou, slides=slides)
     if args.json:
         print_json(result)
     else:
@@ -67,7 +68,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
         result = eval_synthetic(
             load_config(args.config, list(args.set)), seed=args.seed, slides=args.slides,
-            width=args.size, height=args.size, kind=args.kind, progress=progress,
+            width=args.size, height=args.size, kind=args.kind, blast_fraction=args.blast_fraction,
+            progress=progress,
         )  # fmt: skip
         print(file=sys.stderr)
     elif args.what == "detector":
@@ -138,7 +140,13 @@ def add_commands(sub: Any) -> None:
     e.add_argument("--slides", type=int, default=2, help="synthetic: number of slides")
     e.add_argument("--size", type=int, default=4096, help="synthetic: slide width and height (px)")
     e.add_argument(
-        "--kind", choices=["blood", "marrow"], default="blood", help="synthetic: smear kind"
+        "--kind",
+        choices=["blood", "leukemia", "marrow"],
+        default="blood",
+        help="synthetic: smear kind",
+    )
+    e.add_argument(
+        "--blast-fraction", type=float, help="synthetic, leukemia: share of blasts (default 0.6)"
     )
     e.add_argument(
         "--model", help="model file; classifier: wbc_type, all_subtype or a path (default: shipped)"

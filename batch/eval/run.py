@@ -6,6 +6,11 @@ every ground-truth WBC counts the output rows overlapping it at IoU >= 0.5:
 more than one is a duplicate (a seam cell counted twice). Candidate pairs
 come from a grid on box centres, so memory grows with the number of cells,
 not with their square.
+
+The matched WBCs also score the pipeline's ``wbc_type_label`` against the
+truth ``wbc_type``, and the run's ``slides`` table (when given) is scored
+per slide: differential, blast fraction and ALL call
+(`batch.eval.differential`).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
+from batch.eval.differential import slide_scores, wbc_type_scores
 from batch.eval.metrics import precision_recall_f1
 from batch.stages.detect import DETECTOR_CLASSES
 
@@ -90,12 +96,22 @@ def _prf(tp: int, n_pred: int, n_true: int) -> dict[str, float]:
 
 
 def evaluate_run(
-    cells: pd.DataFrame, truth: pd.DataFrame, iou: float = IOU_MATCH
+    cells: pd.DataFrame,
+    truth: pd.DataFrame,
+    iou: float = IOU_MATCH,
+    slides: pd.DataFrame | None = None,
 ) -> dict[str, Any]:
-    """Per-class precision/recall/F1, WBC duplicates and subtype accuracy over all slides in ``truth``.
+    """Detection, WBC-type and per-slide scores over all slides in ``truth``.
 
     ``cells`` is the run's cells table (with ``slide_id``); ``truth`` the
-    synthetic ground truth (``slide_id``, ``class``, ``subtype``, box).
+    synthetic ground truth (``slide_id``, ``class``, ``wbc_type``,
+    ``subtype``, box); ``slides`` the run's slides table, if any.
+
+    Returns per-class precision/recall/F1, WBC duplicates, ``subtype_accuracy``
+    (``all_subtype_label`` on matched WBCs), ``wbc_type`` (accuracy, macro
+    recall, per class, confusion of ``wbc_type_label`` on matched WBCs; null
+    without those columns) and the keys of
+    :func:`batch.eval.differential.slide_scores`.
     """
     cells = cells.copy()
     cells["slide_id"] = cells["slide_id"].astype(str)
@@ -104,8 +120,10 @@ def evaluate_run(
     seam_dup = 0
     n_wbc_true = 0
     sub_right = sub_total = 0
-    slides = sorted(set(truth.slide_id.astype(str)))
-    for sid in slides:
+    type_truth: list[Any] = []
+    type_pred: list[Any] = []
+    slide_ids = sorted(set(truth.slide_id.astype(str)))
+    for sid in slide_ids:
         t_s = truth[truth.slide_id.astype(str) == sid]
         p_s = cells[cells.slide_id == sid]
         for cls in DETECTOR_CLASSES:
@@ -136,9 +154,12 @@ def evaluate_run(
                     ok = pd.notna(pred_lab) & pd.notna(true_lab)
                     sub_right += int((pred_lab[ok] == true_lab[ok]).sum())
                     sub_total += int(ok.sum())
+                if "wbc_type_label" in p.columns and "wbc_type" in t.columns and len(mp):
+                    type_truth += t.wbc_type.to_numpy()[mt].tolist()
+                    type_pred += p.wbc_type_label.to_numpy()[mp].tolist()
     per_class = {c: _prf(*v) for c, v in counts.items()}
     return {
-        "slides": len(slides),
+        "slides": len(slide_ids),
         "iou_threshold": iou,
         "per_class": per_class,
         "wbc_duplicates": dup,
@@ -146,4 +167,6 @@ def evaluate_run(
         "wbc_true": n_wbc_true,
         "subtype_accuracy": round(sub_right / sub_total, 4) if sub_total else None,
         "subtype_matched": sub_total,
+        "wbc_type": wbc_type_scores(type_truth, type_pred),
+        **slide_scores(truth, slides),
     }
