@@ -93,7 +93,7 @@ def eval_segmentation(
     Returns
     -------
     pandas.DataFrame
-        One row per WBC: ``slide_id, object_id, subtype, zone, dice, iou,
+        One row per WBC: ``slide_id, object_id, wbc_type, subtype, zone, dice, iou,
         nucleus_area_um2, true_nucleus_area_um2, found``.
     """
     folder = Path(folder)
@@ -142,6 +142,7 @@ def score_cells(
             {
                 "slide_id": str(cell["slide_id"]),
                 "object_id": int(cell["object_id"]),
+                "wbc_type": cell.get("wbc_type"),
                 "subtype": cell.get("subtype"),
                 "zone": cell.get("zone"),
                 "dice": dice(seg.nucleus_mask, truth),
@@ -155,7 +156,7 @@ def score_cells(
 
 
 def summarize(per_cell: pd.DataFrame) -> dict[str, Any]:
-    """Mean / median Dice and IoU overall, by subtype and by smear zone."""
+    """Mean / median Dice and IoU overall, by WBC type, by subtype and by smear zone."""
 
     def stats(df: pd.DataFrame) -> dict[str, float]:
         return {
@@ -168,7 +169,7 @@ def summarize(per_cell: pd.DataFrame) -> dict[str, Any]:
         }
 
     out: dict[str, Any] = {"all": stats(per_cell)}
-    for key in ("subtype", "zone"):
+    for key in ("wbc_type", "subtype", "zone"):
         if key in per_cell and per_cell[key].notna().any():
             out[f"by_{key}"] = {str(k): stats(g) for k, g in per_cell.groupby(key, sort=True)}
     return out
