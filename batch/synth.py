@@ -44,9 +44,10 @@ Cost (measured on 1 shared core, mpp 0.25)
 leukemia (~500 WBCs) ~1.3x and marrow (~4,000 nucleated cells) ~3.5x the
 blood time, peak RSS ~225 and ~270 MB. (Normal leukocytes cost a little more
 than blasts: side by side on a loaded machine, blood took ~10 % more CPU than
-with the earlier lymphoid-only WBCs.) 32768 x 32768 px blood (7 levels, ~1,020,000 objects): ~56 s
-of CPU, peak RSS ~470 MB (interpreter and libraries included; measured before
-the normal leukocytes, not re-measured); the file is ~400 MB.
+with the earlier lymphoid-only WBCs.) 32768 x 32768 px blood (7 levels,
+~1,020,000 objects): ~56 s of CPU, peak RSS ~470 MB (interpreter and
+libraries included; measured before the normal leukocytes, not re-measured);
+the file is ~400 MB.
 
 Densities and WBC mixes (``kind``)
 ----------------------------------
