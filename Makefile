@@ -45,12 +45,13 @@ test-fast: install
 # two generated synthetic smears.
 demo: install
 	mkdir -p $(DEMO_DIR)
-	$(BIN)/hemaray synth --out $(DEMO_DIR)/slides --slides 2 --width 4096 --height 3072 --seed 7 --blank-fraction 0.2
-	$(BIN)/hemaray info $(DEMO_DIR)/slides/slide_0000.tif
-	$(BIN)/hemaray thumbnail $(DEMO_DIR)/slides/slide_0000.tif $(DEMO_DIR)/slide_0000.png --size 1024
-	@echo "thumbnail: $(DEMO_DIR)/slide_0000.png"
-	$(BIN)/hemaray run $(DEMO_DIR)/slides --out $(DEMO_DIR)/out --overwrite
-	$(BIN)/hemaray evaluate $(DEMO_DIR)/out --truth $(DEMO_DIR)/slides/ground_truth.parquet
+	$(BIN)/hemaray synth --out $(DEMO_DIR)/blood --kind blood --prefix blood --slides 1 --width 4096 --height 3072 --seed 7 --blank-fraction 0.2
+	$(BIN)/hemaray synth --out $(DEMO_DIR)/leukemia --kind leukemia --blast-fraction 0.6 --prefix leukemia --slides 1 --width 4096 --height 3072 --seed 7 --blank-fraction 0.2
+	$(BIN)/hemaray info $(DEMO_DIR)/blood/blood_0000.tif
+	$(BIN)/hemaray thumbnail $(DEMO_DIR)/leukemia/leukemia_0000.tif $(DEMO_DIR)/leukemia_0000.png --size 1024
+	@echo "thumbnail: $(DEMO_DIR)/leukemia_0000.png"
+	$(BIN)/hemaray run $(DEMO_DIR)/blood $(DEMO_DIR)/leukemia --out $(DEMO_DIR)/out --overwrite
+	$(BIN)/hemaray evaluate $(DEMO_DIR)/out --truth $(DEMO_DIR)/blood/ground_truth.parquet --truth $(DEMO_DIR)/leukemia/ground_truth.parquet
 	@echo "cells (Parquet, hive-partitioned by slide_id): $(DEMO_DIR)/out/cells/"
 
 clean:

@@ -656,9 +656,9 @@ def pyramid_shapes(width: int, height: int) -> list[tuple[int, int]]:
     return shapes
 
 
-def slide_name(index: int) -> str:
-    """File stem of the ``index``-th slide: ``slide_0000``, ``slide_0001``, ..."""
-    return f"slide_{index:04d}"
+def slide_name(index: int, prefix: str = "slide") -> str:
+    """File stem of the ``index``-th slide: ``slide_0000``, ``slide_0001``, ... (``prefix``)."""
+    return f"{prefix}_{index:04d}"
 
 
 # ---------------------------------------------------------------------------
@@ -2354,6 +2354,7 @@ def synth_slides(
     tile_size: int = DEFAULT_TILE_SIZE,
     jpeg_quality: int = 90,
     progress: Callable[[str], None] | None = None,
+    prefix: str = "slide",
 ) -> list[Path]:
     """Write ``slides`` synthetic smears and their ground truth into ``out_dir``.
 
@@ -2393,6 +2394,9 @@ def synth_slides(
         JPEG quality 1-100 (TIFF tiles and ``.jpg`` files).
     progress
         Called with one short message per slide and pyramid level.
+    prefix
+        Slide file stems are ``{prefix}_0000``, ...: sets made with different
+        prefixes can run into one output without their slide ids colliding.
 
     Returns
     -------
@@ -2414,7 +2418,7 @@ def synth_slides(
     paths: list[Path] = []
     with pq.ParquetWriter(out / GROUND_TRUTH_FILE, GROUND_TRUTH_SCHEMA) as writer:
         for i in range(slides):
-            name = slide_name(i)
+            name = slide_name(i, prefix)
             slide = make_slide(
                 name,
                 width,

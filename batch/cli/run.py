@@ -44,13 +44,17 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     opts = {"client_kwargs": {"endpoint_url": args.endpoint_url}} if args.endpoint_url else None
     cells = read_table(args.out, "cells", storage_options=opts).to_pandas()
-    truth = pd.read_parquet(args.truth, storage_options=opts)
+    truth = pd.concat([pd.read_parquet(t, storage_options=opts) for t in args.truth])
     slides = read_table(args.out, "slides", storage_options=opts).to_pandas()
     result = evaluate_run(cells, truth, iou=args.iou, slides=slides)
     if args.json:
         print_json(result)
     else:
-        print(json.dumps(result, indent=2))
+        from batch.eval.differential import slide_score_lines
+
+        for line in slide_score_lines(result):
+            print(line)
+        print("(--json prints every figure)")
     return 0
 
 
@@ -178,7 +182,12 @@ def add_commands(sub: Any) -> None:
 
     ev = sub.add_parser("evaluate", help="score a run's cells against a synthetic ground truth")
     ev.add_argument("out", help="the run's output folder or s3:// prefix")
-    ev.add_argument("--truth", required=True, help="ground_truth.parquet written by hemaray synth")
+    ev.add_argument(
+        "--truth",
+        required=True,
+        action="append",
+        help="ground_truth.parquet written by hemaray synth",
+    )
     ev.add_argument("--iou", type=float, default=0.5, help="IoU for a match")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.add_argument("--endpoint-url", help="S3-compatible endpoint")

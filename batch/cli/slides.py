@@ -29,6 +29,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
         format=args.format,
         tile_size=args.tile_size,
         progress=lambda msg: print(msg, file=sys.stderr),
+        prefix=args.prefix,
     )
     for p in paths:
         print(p)
@@ -118,6 +119,9 @@ def add_commands(sub: Any) -> None:
     )
     s.add_argument("--format", choices=["tiff", "jpeg", "png"], default="tiff")
     s.add_argument("--tile-size", type=int, default=512, help="TIFF tile size in px")
+    s.add_argument(
+        "--prefix", default="slide", help="slide file stems PREFIX_0000, ... (ids stay distinct)"
+    )
     s.set_defaults(func=_cmd_synth)
 
     def add_uri(sp: argparse.ArgumentParser) -> None:

@@ -31,6 +31,7 @@ from batch.calls import NO_ALL_CALL
 __all__ = [
     "DIFFERENTIAL_MIN_SHARE",
     "TRUTH_MIN_BLAST_FRACTION",
+    "slide_score_lines",
     "slide_scores",
     "truth_slide_figures",
     "wbc_type_scores",
@@ -217,3 +218,52 @@ def slide_scores(truth: pd.DataFrame, slides: pd.DataFrame | None) -> dict[str, 
         "call_accuracy": round(right / scored, 4) if scored else None,
         "call_slides": scored,
     }
+
+
+def _pct(x: Any) -> str:
+    return "-" if x is None else f"{100 * float(x):.1f}%"
+
+
+def slide_score_lines(result: dict[str, Any]) -> list[str]:
+    """`batch.eval.run.evaluate_run`'s result as a short table people read.
+
+    Detection F1 per class, WBC-type accuracy, and per slide the differential
+    next to the generator's truth, the blast fraction (run, with its
+    interval) and the ALL call against the truth.
+    """
+    lines = []
+    det = result.get("per_class") or {}
+    if det:
+        lines.append("detection F1: " + ", ".join(f"{c} {v.get('f1')}" for c, v in det.items()))
+    types = result.get("wbc_type")
+    if types:
+        lines.append(
+            f"WBC type on matched WBCs: accuracy {types.get('accuracy')}, "
+            f"macro recall {types.get('macro_recall')}"
+        )
+    blasts, calls = result.get("blast_fraction") or {}, result.get("calls") or {}
+    for sid, d in sorted((result.get("differential") or {}).items()):
+        lines.append(
+            f"{sid}: {d.get('n_counted')} leukocytes counted, {d.get('n_truth')} WBCs in truth"
+        )
+        pred = d.get("predicted") or {}
+        for k in sorted(
+            set(d.get("truth") or {}) | set(pred), key=lambda k: -(d["truth"] or {}).get(k, 0)
+        ):
+            t, p = (d.get("truth") or {}).get(k, 0.0), pred.get(k, 0.0)
+            lines.append(
+                f"  {k:<14} truth {_pct(t):>6}  run {_pct(p):>6}  ({abs(p - t) * 100:.1f} pp)"
+            )
+        b = blasts.get(sid) or {}
+        lines.append(
+            f"  blast fraction truth {_pct(b.get('truth'))}, run {_pct(b.get('predicted'))} "
+            f"[{_pct(b.get('low'))}, {_pct(b.get('high'))}]"
+        )
+        c = calls.get(sid) or {}
+        lines.append(f"  ALL call       truth {c.get('truth')}, run {c.get('predicted')}")
+    lines.append(
+        f"largest differential error (classes >= 5 %): {result.get('differential_max_error_pp')} pp; "
+        f"blast fraction error: {result.get('blast_fraction_max_abs_error')}; "
+        f"calls right: {result.get('call_accuracy')}"
+    )
+    return lines
