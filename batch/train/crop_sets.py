@@ -46,6 +46,29 @@ __all__ = ["CropSource", "build_crop_set", "crops_from_run", "OTHER_LABEL"]
 
 #: Label of WBC detections that are not leukocytes (smudges, red cells, stain debris).
 OTHER_LABEL = "other"
+#: A detection with at least this share of its box inside a truth WBC's box is that WBC
+#: (the detector boxed the cell tightly, e.g. only the granules).
+PART_OF_WBC = 0.6
+#: A detection with less than this share of its box inside any truth WBC is an artefact ...
+OFF_WBC = 0.1
+#: ... or, with at least this share of its box on truth platelets, a platelet clump.
+ON_PLATELETS = 0.2
+#: The type label of platelets (and clumps) the detector boxed as WBCs (PBC's class).
+PLATELET_LABEL = "platelet"
+
+
+def _share_inside(boxes: np.ndarray, tboxes: np.ndarray) -> np.ndarray:
+    """``(N, M)``: share of each box's area inside each truth box."""
+    if not len(tboxes) or not len(boxes):
+        return np.zeros((len(boxes), len(tboxes)))
+    iw = np.minimum(boxes[:, None, 2], tboxes[None, :, 2]) - np.maximum(
+        boxes[:, None, 0], tboxes[None, :, 0]
+    )
+    ih = np.minimum(boxes[:, None, 3], tboxes[None, :, 3]) - np.maximum(
+        boxes[:, None, 1], tboxes[None, :, 1]
+    )
+    area = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).clip(1e-9)
+    return np.asarray(iw.clip(0) * ih.clip(0) / area[:, None])
 
 
 @dataclass
@@ -161,9 +184,12 @@ def crops_from_run(
     ``cells`` is a run's cells table with ``crop_png`` (run with
     ``--set export.crops=true``); ``truth`` the generator's
     ``ground_truth.parquet``. A WBC detection takes the ``wbc_type`` of the
-    truth WBC it overlaps best (IoU >= ``iou``) from ``label_column`` (e.g.
-    ``subtype`` for an ALL-subtype set; a null truth label skips the crop); one
-    that matches no truth WBC is labelled ``unmatched`` (None: skipped). Writes ``<out>/<label>/<source>__<cell_id>.png`` and appends
+    truth WBC it overlaps best (IoU >= ``iou``, or with at least
+    ``PART_OF_WBC`` of its box inside that WBC's box) from ``label_column``
+    (e.g. ``subtype`` for an ALL-subtype set; a null truth label skips the
+    crop); one with less than ``OFF_WBC`` of its box on any truth WBC is
+    labelled ``unmatched`` (None: skipped), or ``platelet`` when it lies on
+    truth platelets (a clump); anything in between is skipped. Writes ``<out>/<label>/<source>__<cell_id>.png`` and appends
     to ``<out>/groups.csv`` (group: the slide). Returns crops per label.
     """
     out = Path(out)
@@ -174,11 +200,21 @@ def crops_from_run(
         boxes = dets[["x0", "y0", "x1", "y1"]].to_numpy(np.float64)
         tboxes = t[["x0", "y0", "x1", "y1"]].to_numpy(np.float64)
         ious = box_iou(boxes, tboxes) if len(t) else np.zeros((len(dets), 0))
+        inside = _share_inside(boxes, tboxes)
+        plates = truth[(truth["slide_id"] == sid) & (truth["class"] == "platelet")]
+        on_platelets = _share_inside(boxes, plates[["x0", "y0", "x1", "y1"]].to_numpy(np.float64))
         for k, (cell_id, png) in enumerate(zip(dets["cell_id"], dets["crop_png"], strict=True)):
-            j = int(ious[k].argmax()) if ious.shape[1] else -1
-            label = t[label_column].iloc[j] if j >= 0 and ious[k, j] >= iou else unmatched
+            label: Any = None
+            if ious.shape[1] and ious[k].max() >= iou:
+                label = t[label_column].iloc[int(ious[k].argmax())]
+            elif inside.shape[1] and inside[k].max() >= PART_OF_WBC:
+                label = t[label_column].iloc[int(inside[k].argmax())]  # a tight box on a WBC
+            elif not inside.shape[1] or inside[k].max() < OFF_WBC:
+                # nowhere near a WBC: a platelet clump, else an artefact
+                on_clump = on_platelets.shape[1] and on_platelets[k].sum() >= ON_PLATELETS
+                label = PLATELET_LABEL if on_clump and unmatched is not None else unmatched
             if label is None or (isinstance(label, float) and np.isnan(label)):
-                continue
+                continue  # ambiguous overlap, or a truth WBC without this label
             picked[str(label)].append((str(sid), str(cell_id), bytes(png)))
     counts: dict[str, int] = {}
     rows = []
