@@ -208,6 +208,9 @@ def _evaluate(
             by_group = _group_metrics(agg, y_true, groups, names)
             if by_group is not None:
                 m["by_group"] = by_group
+            by_data = _source_metrics(agg, y_true, groups, names)
+            if by_data:
+                m["by_source"] = by_data
         results[split] = m
         split_probs[split] = (agg, y_true)
     return results, names, split_probs
@@ -257,6 +260,31 @@ def _group_metrics(
     m = classification_metrics([label_of[g] for g in keys], total.argmax(axis=1).tolist(), names)
     m["note"] = "one prediction per group: the mean of its images' probabilities"
     return m
+
+
+def _source_metrics(
+    probs: npt.NDArray[np.float64], y_true: Sequence[int], groups: Sequence[str], names: list[str]
+) -> dict[str, Any]:
+    """Accuracy and per-class recall per data source, when groups are ``source:...``.
+
+    Crop sets (`batch.train.crop_sets`) prefix every group with its source
+    (``pbc:``, ``all4:``, ``synthetic:``), so real and synthetic figures can
+    be reported apart.
+    """
+    prefixes = [g.split(":", 1)[0] if ":" in g else None for g in groups]
+    if None in prefixes or len(set(prefixes)) < 2:
+        return {}
+    out: dict[str, Any] = {}
+    pred = probs.argmax(axis=1)
+    for src in sorted({p for p in prefixes if p is not None}):
+        idx = [i for i, p in enumerate(prefixes) if p == src]
+        m = classification_metrics([y_true[i] for i in idx], [int(pred[i]) for i in idx], names)
+        out[src] = {
+            "n": len(idx),
+            "accuracy": m["accuracy"],
+            "recall": {c: v["recall"] for c, v in m["per_class"].items() if v["support"]},
+        }
+    return out
 
 
 def _split_note(cfg: TrainClassifierConfig) -> str:
