@@ -12,14 +12,12 @@ image for the WBC crops (``wbc_crops``), so megabytes of pixels stop at the
 detector; `segment_tiles` turns those into ``crops`` (crops + masks);
 `ClassifyStage` drops them again.
 
-Fault isolation: an exception in any stage marks the rows it concerns as
-``error`` rows with their typed exception (`batch.run.columns.set_error`) and
-the driver fails those slides; nothing escapes to kill the run. Per-tile work
-fails its tile. A model call over a batch that raises is repeated tile by
-tile (`_by_tile`), so only the tiles that fail alone fail (a tile's result
-does not depend on its batch: cell ids are batching-independent). An error
-outside the per-tile work fails every tile of the batch (`_batch_guard`):
-the slides of that batch fail, other batches go on.
+Fault isolation: an exception in any stage marks the rows it concerns as ``error``
+rows with their typed exception (`batch.run.columns.set_error`) and the driver
+fails those slides; nothing escapes to kill the run. Per-tile work fails its
+tile. A model call over a batch that raises is repeated tile by tile (`_by_tile`),
+so only the tiles that fail alone fail (cell ids are batching-independent). An
+error outside the per-tile work fails every tile of the batch (`_batch_guard`).
 """
 
 from __future__ import annotations
@@ -390,12 +388,18 @@ class DetectStage:
 
     def _cells(self, batch: Batch, i: int, det: Any) -> pa.Table:
         t = task_at(batch, i)
-        boxes = np.asarray(det.boxes, dtype=np.float64).reshape(-1, 4)
-        # Detector pixels -> level pixels -> level-0 pixels.
+        boxes = np.asarray(det.boxes, dtype=np.float64).reshape(-1, 4)  # -> level -> level 0
         x0, y0 = t.to_level0(boxes[:, 0] / t.scale, boxes[:, 1] / t.scale)
         x1, y1 = t.to_level0(boxes[:, 2] / t.scale, boxes[:, 3] / t.scale)
+        keep = t.owns((x0 + x1) / 2, (y0 + y1) / 2)
+        info = json.loads(batch["slide_json"][i] or "{}")  # boxes end at the slide's edge
+        if info.get("width") and info.get("height"):
+            s, d = t.scale, t.downsample
+            boxes[:, 0::2] = boxes[:, 0::2].clip(-t.x * s, (info["width"] / d - t.x) * s)
+            boxes[:, 1::2] = boxes[:, 1::2].clip(-t.y * s, (info["height"] / d - t.y) * s)
+            x0, y0 = t.to_level0(boxes[:, 0] / s, boxes[:, 1] / s)
+            x1, y1 = t.to_level0(boxes[:, 2] / s, boxes[:, 3] / s)
         cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-        keep = t.owns(cx, cy)
         labels = np.asarray(det.labels)[keep]
         l0 = np.stack([x0, y0, x1, y1], axis=1)[keep]
         mpp = None if math.isnan(float(batch["mpp"][i])) else float(batch["mpp"][i])
@@ -455,8 +459,8 @@ def _crop_tile(batch: Batch, i: int, config: Config) -> bytes:
         return b""
     image = batch["image"][i]
     boxes = np.stack([cells.column(c).to_numpy()[wbc] for c in TILE_BOX_COLUMNS], axis=1)
-    bg = estimate_background(image)
-    crops = crop_wbcs(image, boxes, margin=config.segmentation.crop_margin, background=bg)
+    bg = estimate_background(image)  # for segmenting; past the slide's edge is white glass
+    crops = crop_wbcs(image, boxes, margin=config.segmentation.crop_margin, background=(WHITE,) * 3)
     buf = io.BytesIO()
     arrays: dict[str, npt.NDArray[Any]] = {f"crop{j}": c for j, c in enumerate(crops)}
     arrays["rows"] = wbc
