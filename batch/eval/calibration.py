@@ -33,6 +33,7 @@ __all__ = [
     "DEFAULT_BINS",
     "TEMPERATURE_BOUNDS",
     "calibration_report",
+    "diagram_panels",
     "expected_calibration_error",
     "fit_temperature",
     "negative_log_likelihood",
@@ -206,3 +207,11 @@ def calibration_report(
             "after": reliability_bins(scaled, y, bins),
         }
     return report
+
+
+def diagram_panels(report: dict[str, Any], temperature: float) -> dict[str, Any]:
+    """A `calibration_report`'s bins as the two panels of a reliability diagram, legend first."""
+    return {
+        f"before (T = 1): ECE {report['ece_before']:.3f}": report["bins"]["before"],
+        f"after (T = {temperature:g}): ECE {report['ece']:.3f}": report["bins"]["after"],
+    }

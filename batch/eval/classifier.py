@@ -26,7 +26,7 @@ import numpy.typing as npt
 
 from batch.config import SegmentationConfig
 from batch.datasets.folders import class_dirs, folder_label, list_images, read_rgb
-from batch.eval.calibration import DEFAULT_BINS, calibration_report
+from batch.eval.calibration import DEFAULT_BINS, calibration_report, diagram_panels
 from batch.eval.metrics import classification_metrics
 from batch.models import shipped_or_path
 from batch.plot import plot_reliability
@@ -168,12 +168,7 @@ def eval_classifier(
     if png is not None:
         result["reliability_png"] = str(
             plot_reliability(
-                {
-                    f"before (T = 1): ECE {calib['ece_before']:.3f}": calib["bins"]["before"],
-                    f"after (T = {clf.temperature:g}): ECE {calib['ece']:.3f}": calib["bins"][
-                        "after"
-                    ],
-                },
+                diagram_panels(calib, clf.temperature),
                 png,
                 f"{Path(str(clf.model_path)).stem} on {Path(data).name} (n={calib['n']}, "
                 f"accuracy {result['accuracy']:.3f})",

@@ -29,7 +29,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from batch.eval.calibration import DEFAULT_BINS, calibration_report, fit_temperature
+from batch.eval.calibration import (
+    DEFAULT_BINS,
+    calibration_report,
+    diagram_panels,
+    fit_temperature,
+)
 from batch.eval.classifier import load_labelled_crops
 from batch.models import ModelCard, shipped_or_path, write_model_card
 from batch.plot import plot_reliability
@@ -134,12 +139,7 @@ def calibrate_classifier(
     if png is not None:
         result["reliability_png"] = str(
             plot_reliability(
-                {
-                    f"before (T = 1): ECE {report['ece_before']:.3f}": report["bins"]["before"],
-                    f"after (T = {temperature:g}): ECE {report['ece']:.3f}": report["bins"][
-                        "after"
-                    ],
-                },
+                diagram_panels(report, temperature),
                 png,
                 f"{weights.stem}: fitting data {Path(data).name} (n={report['n']})",
             )

@@ -72,7 +72,7 @@ import numpy.typing as npt
 
 from batch.config import SegmentationConfig
 from batch.datasets.folders import SPLITS, discover_images, read_rgb
-from batch.eval.calibration import calibration_report, fit_temperature
+from batch.eval.calibration import calibration_report, diagram_panels, fit_temperature
 from batch.eval.metrics import classification_metrics
 from batch.models import ModelCard, write_model_card
 from batch.plot import plot_reliability
@@ -233,10 +233,7 @@ def _calibrate(
         report = calibration_report(probs, y, temperature)
         metrics[split][CALIBRATION_KEY] = {k: v for k, v in report.items() if k != "bins"}
         plot_reliability(
-            {
-                f"before (T = 1): ECE {report['ece_before']:.3f}": report["bins"]["before"],
-                f"after (T = {temperature:g}): ECE {report['ece']:.3f}": report["bins"]["after"],
-            },
+            diagram_panels(report, temperature),
             out / f"reliability_{split}.png",
             f"{name} {split} (n={report['n']}; T fitted on val)",
         )
