@@ -17,7 +17,6 @@ and otherwise ``none``.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from collections import Counter
@@ -69,6 +68,14 @@ def counted_wbcs(cells: pa.Table, gate: CallsConfig) -> npt.NDArray[np.bool_]:
 
     Rows the type classifier calls a non-leukocyte (``gate.not_leukocytes``) do not vote.
     """
+    gated, excluded = _gate_masks(cells, gate)
+    return np.asarray(gated & ~excluded)
+
+
+def _gate_masks(
+    cells: pa.Table, gate: CallsConfig
+) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.bool_]]:
+    """WBCs passing the confidence and nucleus gates; rows typed a non-leukocyte."""
 
     def at_least(col: str, floor: float) -> npt.NDArray[np.bool_]:
         if floor <= 0:
@@ -79,17 +86,18 @@ def counted_wbcs(cells: pa.Table, gate: CallsConfig) -> npt.NDArray[np.bool_]:
         return np.asarray(np.nan_to_num(v, nan=-np.inf) >= floor)
 
     is_wbc = pc.equal(cells.column("det_class"), "WBC").fill_null(False).to_numpy()
-    keep = (
+    gated = (
         is_wbc
         & at_least("det_confidence", gate.min_wbc_confidence)
         & at_least("nucleus_area_um2", gate.min_nucleus_um2)
         & at_least("nucleus_mean_a", gate.min_nucleus_a)
     )
+    excluded = np.zeros(cells.num_rows, bool)
     type_col = f"{gate.type_classifier}_label"
     if gate.not_leukocytes and type_col in cells.column_names:
-        excluded = pc.is_in(cells.column(type_col), pa.array(gate.not_leukocytes, pa.string()))
-        keep &= ~excluded.fill_null(False).to_numpy(zero_copy_only=False)
-    return np.asarray(keep)
+        hit = pc.is_in(cells.column(type_col), pa.array(gate.not_leukocytes, pa.string()))
+        excluded = np.asarray(hit.fill_null(False).to_numpy(zero_copy_only=False))
+    return np.asarray(gated), excluded
 
 
 def _share(k: int, n: int) -> dict[str, Any]:
@@ -122,14 +130,13 @@ class SlideTally:
             return
         g = self.gate
         self.classes.update(cells.column("det_class").to_pylist())
-        voting = counted_wbcs(cells, g)
+        gated, excluded = _gate_masks(cells, g)
         type_col, sub_col = f"{g.type_classifier}_label", f"{g.subtype_classifier}_label"
-        counted = cells.filter(pa.array(voting))
+        counted = cells.filter(pa.array(gated & ~excluded))
         self.wbc_counted += counted.num_rows
         if type_col in cells.column_names:
             self.typed = True
-            gated = counted_wbcs(cells, dataclasses.replace(g, not_leukocytes=[]))
-            self.wbc_excluded += int(gated.sum()) - counted.num_rows
+            self.wbc_excluded += int((gated & excluded).sum())
             types = [v for v in counted.column(type_col).to_pylist() if v is not None]
             self.wbc_type.update(types)
             self.blasts += sum(t in g.blast_labels for t in types)
