@@ -28,6 +28,7 @@ from batch.calls import counted_wbcs, wilson_interval
 from batch.cli import main
 from batch.config import CallsConfig, load_config
 from batch.inputs import SlideInput
+from batch.run import ledger
 from batch.run.pipeline import run_pipeline
 from batch.synth import synth_slides
 
@@ -36,23 +37,38 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @pytest.fixture(scope="module")
-def run_out(tmp_path_factory: pytest.TempPathFactory, ray_local: None) -> Path:
-    """Two blood smears (group control), one marrow slide (group leukemia), one corrupt file."""
+def run_echo(
+    tmp_path_factory: pytest.TempPathFactory, ray_local: None
+) -> tuple[Path, list[str]]:
+    """Two blood smears (group control), one leukemic smear (group leukemia), one corrupt file.
+
+    Progress lines are asked for at every batch (``PROGRESS_SECONDS`` 0); the echoed lines
+    are kept.
+    """
     root = tmp_path_factory.mktemp("report")
-    synth_slides(root / "blood", slides=2, width=SIDE, height=SIDE, seed=3)
-    synth_slides(root / "marrow", slides=1, width=SIDE, height=SIDE, seed=4, kind="marrow")
+    synth_slides(root / "blood", slides=2, width=SIDE, height=SIDE, seed=3, kind="blood")
+    synth_slides(root / "leuk", slides=1, width=SIDE, height=SIDE, seed=4, kind="leukemia",
+                 blast_fraction=0.6)  # fmt: skip
     (root / "bad.tif").write_bytes(b"II*\x00" + b"\x00" * 60)
     slides = [
         SlideInput(str(root / "blood/slide_0000.tif"), "blood_0", {"group": "control"}),
         SlideInput(str(root / "blood/slide_0001.tif"), "blood_1", {"group": "control"}),
-        SlideInput(str(root / "marrow/slide_0000.tif"), "marrow_0", {"group": "leukemia"}),
+        SlideInput(str(root / "leuk/slide_0000.tif"), "leuk_0", {"group": "leukemia"}),
         SlideInput(str(root / "bad.tif"), "bad_0", {"group": "leukemia"}),
     ]
     out = root / "out"
-    result = run_pipeline(slides, str(out), load_config(None), echo=lambda s: None)
-    assert sorted(result.committed) == ["blood_0", "blood_1", "marrow_0"]
+    lines: list[str] = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ledger, "PROGRESS_SECONDS", 0.0)
+        result = run_pipeline(slides, str(out), load_config(None), echo=lines.append)
+    assert sorted(result.committed) == ["blood_0", "blood_1", "leuk_0"]
     assert list(result.failed) == ["bad_0"]
-    return out
+    return out, lines
+
+
+@pytest.fixture(scope="module")
+def run_out(run_echo: tuple[Path, list[str]]) -> Path:
+    return run_echo[0]
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +127,7 @@ def test_report_json_matches_parquet(
     _, obj, text = report
     truth = _truth(cells)
     rows = {r["slide_id"]: r for r in obj["slides"]}
-    assert set(truth) == {"blood_0", "blood_1", "marrow_0"}
+    assert set(truth) == {"blood_0", "blood_1", "leuk_0"}
     assert set(rows) == set(truth) | {"bad_0"}
     assert rows["bad_0"]["status"] == "failed" and rows["bad_0"]["n_failures"] >= 1
     failures = pads.dataset(run_out / "failures", format="parquet").to_table()
@@ -135,13 +151,32 @@ def test_report_json_matches_parquet(
     assert {"blast_fraction", "n_wbc_counted"} <= set(comp)
     assert comp["n_wbc_counted"]["test"] == "mann_whitney_u"
     assert "== slides ==" in text and "group comparison by group" in text
+    # the run: its tiles are the committed slides' tiles; the timeline ends there
+    slides = pads.dataset(run_out / "slides", format="parquet").to_table().to_pylist()
+    [run] = obj["runs"]
+    assert run["tiles"] == sum(r["tiles_done"] or 0 for r in slides) > 0
+    assert (run["committed"], run["failed"]) == (3, 1)
+    [manifest] = [json.loads(p.read_text()) for p in run_out.glob("runs/*/manifest.json")]
+    timeline = np.asarray(manifest["timeline"])
+    assert timeline[0].tolist() == [0, 0, 0, 0, 0]
+    assert timeline[-1, 1:].tolist() == [run["tiles"], cells.num_rows, 3, 1]
+    assert (np.diff(timeline, axis=0) >= 0).all()  # time, tiles, cells and slides only grow
+
+
+def test_progress_lines_while_running(run_echo: tuple[Path, list[str]]) -> None:
+    """With a progress interval of 0, a line per batch: tiles, tiles/s and slides so far."""
+    _, lines = run_echo
+    progress = [ln for ln in lines if ln.startswith("progress: ")]
+    assert progress, lines
+    last = progress[-1]
+    assert "tiles/s" in last and "of 4" in last
 
 
 def test_two_outputs_one_on_s3_give_the_same_report(
     report: tuple[Path, dict[str, Any], str], run_out: Path, s3: dict[str, Any], tmp_path: Path
 ) -> None:
     """The run split in two outputs, the second on S3: the same figures as the one output."""
-    parts = {"a": ["blood_0", "blood_1"], "b": ["marrow_0", "bad_0"]}
+    parts = {"a": ["blood_0", "blood_1"], "b": ["leuk_0", "bad_0"]}
     for name, ids in parts.items():
         dst = tmp_path / name
         shutil.copytree(run_out / "runs", dst / "runs")
@@ -213,20 +248,26 @@ def test_review_site_in_headless_chromium(
         rbc = {k: v["n_rbc"] for k, v in truth.items()} | {"bad_0": 0}
         assert order == sorted(rbc, key=lambda k: rbc[k])
 
+        tiles_done = {
+            r["slide_id"]: r["tiles_done"]
+            for r in pads.dataset(site.parent / "out/slides", format="parquet").to_table().to_pylist()
+        }
         for sid, t in truth.items():
             load(f"slide-{sid}.html")
             assert int(page.inner_text("#n-counted")) == t["counted"].num_rows
+            # the outlined analysed area is the run's own tile plan
+            assert int(page.inner_text("#n-analysed-tiles")) == tiles_done[sid]
         load("slide-bad_0.html", images=False)
         assert page.inner_text("#n-counted") == "0"
-        # the gallery of the marrow slide's most frequent type: exactly its crops, least confident first
-        counted = truth["marrow_0"]["counted"]
+        # the gallery of the leukemic slide's most frequent type: exactly its crops, least confident first
+        counted = truth["leuk_0"]["counted"]
         labels = counted.column("wbc_type_label").to_pylist()
         top = max(set(labels) - {None}, key=labels.count)
         of_type = counted.filter(pc.equal(counted.column("wbc_type_label"), top))
         conf = of_type.column("wbc_type_confidence").to_numpy()
         ids = np.asarray(of_type.column("cell_id").to_pylist())
         expected = list(ids[np.lexsort((ids, conf))][:CROPS_PER_CLASS])
-        load("slide-marrow_0.html")
+        load("slide-leuk_0.html")
         figs = page.evaluate(
             f"""Array.from(document.querySelectorAll('.gallery[data-wbc-type="{top}"] figure'))
                 .map(f => [f.dataset.cellId, f.dataset.label])"""

@@ -7,6 +7,7 @@ Each function takes frames from `batch.analytics.tables` (or arrays) and writes 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -27,6 +28,7 @@ __all__ = [
     "plot_morphometrics",
     "plot_confidence",
     "plot_thumbnail_marks",
+    "plot_throughput",
 ]
 
 DPI = 100
@@ -139,17 +141,59 @@ def plot_thumbnail_marks(
     colours: dict[str, str],
     path: Path,
     title: str,
+    analysed: list[tuple[float, float, float, float]] | None = None,
 ) -> Path:
-    """The slide's thumbnail with every WBC (``cx``, ``cy`` level-0 px) marked by type."""
+    """The slide's thumbnail with every WBC (``cx``, ``cy`` level-0 px) marked by type.
+
+    ``analysed``: the level-0 tile cores the run analysed (``x0, y0, x1, y1``); their
+    union is outlined (the rest of the slide was skipped as background).
+    """
     h, w = thumb.shape[:2]
     fig, ax = plt.subplots(figsize=(8, 8 * h / max(w, 1) + 0.8))
     ax.imshow(thumb, extent=(0, w / scale, h / scale, 0))
+    if analysed:
+        mask = np.zeros((h + 2, w + 2), np.uint8)  # a border of 0 closes the outline
+        for x0, y0, x1, y1 in analysed:
+            mask[1 + int(round(y0 * scale)) : 1 + int(round(y1 * scale)),
+                 1 + int(round(x0 * scale)) : 1 + int(round(x1 * scale))] = 1  # fmt: skip
+        ys = (np.arange(h + 2) - 0.5) / scale
+        xs = (np.arange(w + 2) - 0.5) / scale
+        ax.contour(xs, ys, mask, levels=[0.5], colors="black", linewidths=1.2, linestyles="--")
+        ax.plot([], [], "k--", label=f"analysed area ({len(analysed)} tiles)")
     for t, sub in wbcs.groupby("wbc_type"):
         ax.scatter(sub.cx, sub.cy, s=40, facecolors="none", edgecolors=colours.get(str(t), "black"),
                    linewidths=1.5, label=f"{t} ({len(sub)})")  # fmt: skip
     ax.set_xlabel("x (level-0 px)")
     ax.set_ylabel("y (level-0 px)")
     ax.set_title(title)
-    if len(wbcs):
+    if len(wbcs) or analysed:
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return _save(fig, path)
+
+
+def plot_throughput(runs: list[dict[str, Any]], path: Path) -> Path | None:
+    """Tiles done and tiles per second over each run (the manifests' ``timeline``).
+
+    None when no manifest has a timeline of two points or more (runs of older versions).
+    """
+    lines = [(str(m.get("run_id")), np.asarray(m.get("timeline") or [], float)) for m in runs]
+    lines = [(rid, t) for rid, t in lines if t.ndim == 2 and len(t) >= 2]
+    if not lines:
+        return None
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    for rid, t in lines:
+        sec, tiles = t[:, 0], t[:, 1]
+        # Tiles arrive in batches: the count is a step function of time (a jump per batch).
+        (line,) = top.step(sec, tiles, where="post", label=rid)
+        # Rate over windows of ~5 % of the run, so bursts and stalls show.
+        window = max(sec[-1] / 20, 1e-9)
+        edges = np.linspace(0.0, sec[-1], 21)
+        done = tiles[np.searchsorted(sec, edges, side="right") - 1]
+        bottom.stairs(np.diff(done) / window, edges, color=line.get_color())
+    bottom.set_ylim(bottom=0)
+    top.set_ylabel("tiles done")
+    top.legend(fontsize=8, title="run")
+    bottom.set_ylabel("tiles / s (per 5 % of the run)")
+    bottom.set_xlabel("time since run start (s)")
+    fig.suptitle("Throughput over the run")
     return _save(fig, path)

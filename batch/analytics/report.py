@@ -15,6 +15,7 @@ from batch.analytics.tables import (
     differential,
     failures_by_stage,
     morphometrics,
+    runs_table,
     slide_counts,
 )
 
@@ -31,6 +32,7 @@ class Report:
     morphometrics: pd.DataFrame
     confidence: pd.DataFrame
     failures: pd.DataFrame
+    runs: pd.DataFrame = field(default_factory=pd.DataFrame)
     by: str | None = None
     metrics: pd.DataFrame = field(default_factory=pd.DataFrame)
     cohort: pd.DataFrame = field(default_factory=pd.DataFrame)
@@ -53,6 +55,7 @@ def build_report(src: RunOutputs, *, by: str | None = None) -> Report:
         morphometrics=morphometrics(src),
         confidence=confidence_histograms(src),
         failures=failures_by_stage(src),
+        runs=runs_table(src),
         by=by,
     )
     if by is not None:
@@ -77,6 +80,7 @@ def report_json(rep: Report) -> str:
         "morphometrics": _records(rep.morphometrics),
         "confidence": _records(rep.confidence),
         "failures": _records(rep.failures),
+        "runs": _records(rep.runs),
     }
     if rep.by is not None:
         obj.update(
@@ -113,6 +117,7 @@ def format_report(rep: Report) -> str:
             rep.morphometrics[["wbc_type", "metric", "unit", "n", "median", "q1", "q3", "iqr"]],
         ),
         _block("failures by stage and error type", rep.failures),
+        _block("runs", rep.runs.drop(columns=["out"], errors="ignore")),
     ]
     if rep.by is not None:
         wide = rep.cohort.pivot_table(index="metric", columns=rep.by, values="median")

@@ -26,6 +26,7 @@ from batch.analytics.plots import (
     plot_confidence,
     plot_differential,
     plot_morphometrics,
+    plot_throughput,
     plot_thumbnail_marks,
     type_colours,
 )
@@ -35,6 +36,7 @@ from batch.analytics.tables import MORPHOMETRICS
 from batch.errors import HemarayError
 from batch.slides import open_slide
 from batch.stages.crop import crop_regions
+from batch.tiling import plan_tiles
 
 __all__ = ["write_site", "CROPS_PER_CLASS", "THUMBNAIL_SIZE", "VIOLIN_SAMPLE_ROWS"]
 
@@ -175,7 +177,10 @@ def _index(rep: Report, colours: dict[str, str], plots: dict[str, str]) -> str:
         "<h2>Confidence</h2>", _img(plots["confidence"], "confidence histograms"),
         "<h2>Failures by stage and error type</h2>",
         _table(rep.failures) if len(rep.failures) else "<p>none</p>",
+        "<h2>Runs</h2>", _table(rep.runs.drop(columns=["out"], errors="ignore")),
     ]  # fmt: skip
+    if "throughput" in plots:
+        body.append(_img(plots["throughput"], "tiles done and tiles per second over each run"))
     return _page("hemaray review", "".join(body), script=SORT_JS)
 
 
@@ -234,9 +239,20 @@ def _slide_page(
         if slide is not None:
             thumb = slide.thumbnail(THUMBNAIL_SIZE)
             scale = thumb.shape[1] / slide.info.width
+            plan = plan_tiles(slide, src.tiling, slide_id=sid, target_mpp=src.detector_mpp)
+            cores = [(t.core_x0, t.core_y0, t.core_x1, t.core_y1) for t in plan.tasks]
             plot_thumbnail_marks(thumb, scale, wbcs, colours, img / "thumbnail.png",
-                                 f"{sid}: {len(wbcs)} WBCs marked by type")  # fmt: skip
-            parts.append("<h2>Slide</h2>" + _img(f"img/{sid}/thumbnail.png", "thumbnail with WBC marks"))
+                                 f"{sid}: {len(wbcs)} WBCs marked by type", analysed=cores)  # fmt: skip
+            note = ""
+            if row.get("tiles_done") is not None and len(cores) != int(row["tiles_done"]):
+                note = (f" (redrawn with the newest run's tiling: {len(cores)} tiles, the run "
+                        f"analysed {_fmt(row['tiles_done'])})")  # fmt: skip
+            parts.append(
+                "<h2>Slide</h2>"
+                f'<p>Dashed outline: the analysed area, <b id="n-analysed-tiles">{len(cores)}</b> '
+                f"tiles; outside it the slide was skipped as background{_e(note)}.</p>"
+                + _img(f"img/{sid}/thumbnail.png", "thumbnail with the analysed area and WBC marks")
+            )
         parts.append(
             f'<h2>WBC differential</h2><p>Rests on <b id="n-counted">{n_counted}</b> counted WBCs.</p>'
             + _bar(dict(zip(diff.wbc_type, diff.fraction, strict=True)), colours)
@@ -297,6 +313,9 @@ def write_site(
                                             "Morphometrics per WBC type (counted WBCs)"),
         "confidence": plot_confidence(rep.confidence, out / "img/confidence.png"),
     }  # fmt: skip
+    throughput = plot_throughput(src.runs, out / "img/throughput.png")
+    if throughput is not None:
+        plots["throughput"] = throughput
     if rep.by is not None:
         b = rep.blasts.merge(rep.slides[["slide_id", rep.by]], on="slide_id")
         plots["blast_by_group"] = plot_blast_by_group(b, rep.by, out / "img/blast_by_group.png")

@@ -24,11 +24,11 @@ import pyarrow.dataset as pads
 
 import schemas
 from batch.calls import counted_wbcs
-from batch.config import CallsConfig, SegmentationConfig
+from batch.config import CallsConfig, SegmentationConfig, TilingConfig
 from batch.errors import ConfigError
 from batch.run.sink import latest_run_config, read_table
 
-__all__ = ["RunOutputs", "open_outputs", "WBC_COLUMNS", "GATE_COLUMNS"]
+__all__ = ["RunOutputs", "open_outputs", "run_manifests", "WBC_COLUMNS", "GATE_COLUMNS"]
 
 #: Columns kept per counted WBC (everything the tables, plots and galleries use).
 WBC_COLUMNS = (
@@ -64,6 +64,12 @@ class RunOutputs:
         fsspec options for S3 (endpoint); used again to open slides for crops.
     metadata_columns
         Slides-table columns carried from the input manifest (``--by`` candidates).
+    runs
+        Every run manifest of every output (oldest first), for throughput figures.
+    tiling
+        The newest run's tiling config (to redraw a slide's analysed area).
+    detector_mpp
+        The newest run's detector trained mpp (the tiling's target scale).
     """
 
     con: duckdb.DuckDBPyConnection
@@ -72,6 +78,9 @@ class RunOutputs:
     crop_margin: float
     storage_options: dict[str, Any] | None = None
     metadata_columns: list[str] = field(default_factory=list)
+    runs: list[dict[str, Any]] = field(default_factory=list)
+    tiling: TilingConfig = field(default_factory=TilingConfig)
+    detector_mpp: float | None = None
 
     def close(self) -> None:
         self.con.close()
@@ -83,6 +92,26 @@ def _gate_and_margin(config: dict[str, Any]) -> tuple[CallsConfig, float]:
     gate = CallsConfig(**{k: v for k, v in calls.items() if k in known})
     margin = (config.get("segmentation") or {}).get("crop_margin", SegmentationConfig.crop_margin)
     return gate, float(margin)
+
+
+def _tiling(config: dict[str, Any]) -> TilingConfig:
+    known = set(TilingConfig.__dataclass_fields__)
+    return TilingConfig(**{k: v for k, v in (config.get("tiling") or {}).items() if k in known})
+
+
+def run_manifests(out: str, *, storage_options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The run manifests (``runs/*/manifest.json``) of output ``out``, oldest first."""
+    fs, root = fsspec.core.url_to_fs(out.rstrip("/"), **(storage_options or {}))
+    found = sorted(fs.glob(f"{root.rstrip('/')}/runs/*/manifest.json"))
+    manifests = []
+    for path in found:
+        try:
+            m = json.loads(fs.cat_file(path))
+        except (OSError, ValueError):
+            continue  # a run still writing, or a damaged manifest: the tables do not need it
+        if isinstance(m, dict):
+            manifests.append({**m, "out": out})
+    return manifests
 
 
 def _cells_dataset(fs: Any, root: str) -> pads.Dataset | None:
@@ -135,11 +164,13 @@ def open_outputs(
     types = _duck_types()
     cols = list(dict.fromkeys(["det_class", *WBC_COLUMNS, *GATE_COLUMNS]))
     selects, slide_tables, failure_tables = [], [], []
+    runs: list[dict[str, Any]] = []
     config: dict[str, Any] = {}
     for i, out in enumerate(outs):
         fs, root = fsspec.core.url_to_fs(out.rstrip("/"), **(storage_options or {}))
         root = root.rstrip("/")
         config = latest_run_config(out, storage_options=storage_options) or config
+        runs += run_manifests(out, storage_options=storage_options)
         data = _cells_dataset(fs, root)
         if data is not None:
             con.register(f"cells_{i}", data)
@@ -173,7 +204,11 @@ def open_outputs(
 
     gate, margin = _gate_and_margin(config)
     _load_counted_wbcs(con, gate, types, progress)
-    return RunOutputs(con, list(outs), gate, margin, storage_options, metadata)
+    mpps = [float(r["detector_trained_mpp"]) for r in runs if r.get("detector_trained_mpp")]
+    return RunOutputs(
+        con, list(outs), gate, margin, storage_options, metadata,
+        runs=runs, tiling=_tiling(config), detector_mpp=mpps[-1] if mpps else None,
+    )  # fmt: skip
 
 
 def _load_counted_wbcs(

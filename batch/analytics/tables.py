@@ -23,6 +23,7 @@ __all__ = [
     "morphometrics",
     "confidence_histograms",
     "failures_by_stage",
+    "runs_table",
 ]
 
 #: Morphometric columns and their units, in report order.
@@ -153,3 +154,20 @@ def failures_by_stage(src: RunOutputs) -> pd.DataFrame:
         FROM failures GROUP BY ALL ORDER BY attempts DESC, stage, error_type
         """
     ).df()
+
+
+def runs_table(src: RunOutputs) -> pd.DataFrame:
+    """One row per run (from the run manifests): when, how long, tiles, tiles/s, slides."""
+    rows = []
+    for m in src.runs:
+        seconds = float(m.get("seconds") or 0.0)
+        tiles = int(m.get("tiles") or 0)
+        rows.append({
+            "run_id": m.get("run_id"), "out": m.get("out"), "started_at": m.get("started_at"),
+            "seconds": seconds, "tiles": tiles, "tiles_per_s": tiles / seconds if seconds else None,
+            "committed": len(m.get("committed") or []), "skipped": len(m.get("skipped") or []),
+            "failed": len(m.get("failed") or {}),
+        })  # fmt: skip
+    cols = ["run_id", "out", "started_at", "seconds", "tiles", "tiles_per_s", "committed",
+            "skipped", "failed"]  # fmt: skip
+    return pd.DataFrame(rows, columns=cols)

@@ -30,12 +30,20 @@ from batch.inputs import SlideInput
 from batch.run.columns import batch_error, unpack
 from batch.run.sink import OutputStore, SlideWriter
 
-__all__ = ["EXIT_OK", "EXIT_PARTIAL", "EXIT_RUN_FAILED", "RunLedger", "RunResult", "summary_lines"]
+__all__ = [
+    "EXIT_OK", "EXIT_PARTIAL", "EXIT_RUN_FAILED", "RunLedger", "RunResult", "progress_line",
+    "summary_lines", "thin",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
 #: Exit codes of ``hemaray run``.
 EXIT_OK, EXIT_RUN_FAILED, EXIT_PARTIAL = 0, 1, 2
+#: Seconds between progress lines (printed whether or not stderr is a terminal).
+PROGRESS_SECONDS = 30.0
+#: Seconds between two timeline samples; the manifest keeps at most `TIMELINE_POINTS`.
+TIMELINE_STEP = 0.5
+TIMELINE_POINTS = 600
 
 
 @dataclass
@@ -59,6 +67,9 @@ class RunResult:
     tiles: int = 0
     seconds: float = 0.0
     manifest_uri: str = ""
+    #: Progress over the run: ``[seconds since start, tiles, cells, slides committed, slides
+    #: failed]`` at most every `TIMELINE_STEP` s (the manifest's ``timeline``; report plots it).
+    timeline: list[list[float]] = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
@@ -108,9 +119,15 @@ class RunLedger:
         self.config = config
         self.echo = echo
         self.states: dict[str, _SlideState] = {}
+        self.progress_seconds = PROGRESS_SECONDS
+        self.t0 = time.time()
+        self._cells = 0
+        self._last_line = self.t0
 
     def start(self, slides: Iterable[SlideInput]) -> None:
         """Open the books of ``slides`` (nothing is written until their rows come back)."""
+        self.t0 = self._last_line = time.time()
+        self.result.timeline = [[0.0, 0, 0, 0, 0]]
         for s in slides:
             self.states[s.slide_id] = _SlideState(
                 s.uri, s.metadata, tally=SlideTally(self.config.calls)
@@ -142,8 +159,21 @@ class RunLedger:
                 st.tally.add(cells)
                 st.done += 1
                 self.result.tiles += 1
+                self._cells += cells.num_rows
             if st.done >= st.n_tiles:
                 self.commit(sid)
+        self.tick()
+
+    def tick(self, *, final: bool = False) -> None:
+        """Sample the timeline; print a progress line every `progress_seconds`."""
+        now = time.time()
+        r = self.result
+        t = round(now - self.t0, 3)
+        if final or not r.timeline or t - r.timeline[-1][0] >= TIMELINE_STEP:
+            r.timeline.append([t, r.tiles, self._cells, len(r.committed), len(r.failed)])
+        if not final and now - self._last_line >= self.progress_seconds:
+            self._last_line = now
+            self.echo(progress_line(r, len(self.states), t))
 
     def commit(self, sid: str) -> None:
         """Publish slide ``sid``'s cells and its slides row (a write error fails the slide)."""
@@ -233,6 +263,25 @@ class RunLedger:
                     f"slide returned {st.done} of {st.n_tiles} tiles; the run ended early{why}"
                 )
                 self.fail(sid, "run", err)
+        self.tick(final=True)
+        self.result.timeline = thin(self.result.timeline, TIMELINE_POINTS)
+
+
+def thin(points: list[list[float]], n: int) -> list[list[float]]:
+    """At most ``n`` of ``points``, evenly spaced, keeping the first and the last."""
+    if len(points) <= n:
+        return points
+    keep = np.unique(np.linspace(0, len(points) - 1, n).round().astype(int))
+    return [points[i] for i in keep]
+
+
+def progress_line(result: RunResult, n_slides: int, seconds: float) -> str:
+    """``progress: T s, N tiles (R tiles/s), slides C committed + F failed of S``."""
+    rate = result.tiles / seconds if seconds > 0 else 0.0
+    return (
+        f"progress: {seconds:.0f} s, {result.tiles} tiles ({rate:.2f} tiles/s), slides "
+        f"{len(result.committed)} committed + {len(result.failed)} failed of {n_slides}"
+    )
 
 
 #: The slides-row figures the end-of-run summary shows per slide.

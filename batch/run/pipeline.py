@@ -151,6 +151,7 @@ def run_pipeline(
         unrecorded=result.unrecorded,
         tiles=result.tiles,
         cells_by_class=result.cells_by_class,
+        timeline=result.timeline,
     )
     result.manifest_uri = store.write_manifest(
         run_id, manifest, yaml.safe_dump(config.to_dict(), sort_keys=False)
