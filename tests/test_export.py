@@ -10,6 +10,10 @@ Studio tasks and CVAT XML follow their documented layouts; ImageFolder crops
 equal the pipeline's stored crops pixel for pixel, in class folders the
 classifier trainer discovers. Imports of each export match every exported
 cell back by id; corrections match by IoU or come in as new objects.
+``--where`` keeps exactly the cells its SQL predicate keeps and a bad one
+exits 2 with DuckDB's message; the QuPath export's GeoParquet files follow the
+GeoParquet metadata spec and hold the GeoJSON's polygons; ``--to s3://``
+uploads an export that loads after download.
 """
 
 from __future__ import annotations
@@ -374,3 +378,114 @@ def test_export_reads_a_run_from_s3(
     wbc = cells[cells.det_class == "WBC"].sort_values(["wbc_type_confidence", "cell_id"])
     chosen = pd.read_parquet(tmp_path / "selection.parquet")
     assert list(chosen.cell_id) == list(wbc.cell_id.head(2))
+
+
+def test_where_selects_with_sql_over_the_cells(
+    run_out: Path, cells: pd.DataFrame, tmp_path: Path
+) -> None:
+    wbc = cells[cells.det_class == "WBC"]
+    label = wbc.wbc_type_label.value_counts().index[0]
+    floor = float(wbc[wbc.wbc_type_label == label].det_confidence.median())
+    slide = sorted(cells.slide_id.unique())[0]
+    where = f"wbc_type_label = '{label}' AND det_confidence > {floor} AND slide_id = '{slide}'"
+    summary = _export(run_out, tmp_path, "qupath", "--where", where)
+    want = cells[
+        (cells.wbc_type_label == label) & (cells.det_confidence > floor) & (cells.slide_id == slide)
+    ]
+    assert len(want) >= 2
+    chosen = pd.read_parquet(tmp_path / "selection.parquet")
+    assert set(chosen.cell_id) == set(want.cell_id) and chosen.cell_id.is_unique
+    assert summary["where"] == where and summary["features"] == len(want)
+    assert {p.name for p in tmp_path.glob("*.geojson")} == {f"{slide}.geojson"}
+
+
+@pytest.mark.parametrize(
+    ("where", "says"),
+    [("nucleus_size > 3", "Binder Error"), ("det_confidence >", "Parser Error"),
+     ("det_confidence > 0.5; SELECT 1", "Parser Error")],
+)
+def test_bad_where_exits_2_with_duckdbs_message(
+    run_out: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], where: str, says: str
+) -> None:
+    argv = ["export", str(run_out), "--format", "qupath", "--to", str(tmp_path), "--where", where]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--where" in err and says in err and "Traceback" not in err
+    assert not (tmp_path / "export.json").exists()
+
+
+def test_qupath_geoparquet_matches_the_geojson(
+    run_out: Path, cells: pd.DataFrame, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pyarrow.parquet as pq
+    import shapely
+    from shapely.geometry import shape
+
+    import batch.export.qupath as qupath
+
+    # Small batches: both files are assembled from several batches (row groups).
+    monkeypatch.setattr(qupath, "QUPATH_BATCH_ROWS", 7)
+    export_run(str(run_out), tmp_path, ExportOptions("qupath", classes=["WBC", "platelet"]))
+    want = cells[cells.det_class.isin(["WBC", "platelet"])]
+    for slide_id, group in want.groupby("slide_id"):
+        path = tmp_path / f"{slide_id}.geo.parquet"
+        meta = json.loads(pq.ParquetFile(path).metadata.metadata[b"geo"])
+        table = pq.read_table(path)
+        # GeoParquet 1.1.0: the required fields, and a covering that names real columns.
+        assert meta["version"] in ("1.0.0", "1.1.0")
+        geo = meta["columns"][meta["primary_column"]]
+        assert geo["encoding"] == "WKB" and geo["geometry_types"] == ["Polygon"]
+        assert "crs" in geo and geo["crs"] is None  # pixels: no CRS (not lon/lat)
+        assert table.schema.field(meta["primary_column"]).type == "binary"
+        for path_ in geo["covering"]["bbox"].values():
+            assert table.schema.field(path_[0]).type.field(path_[1]).type == "double"
+        assert table.num_rows == len(group) and pq.ParquetFile(path).num_row_groups > 1
+        assert json.loads(table.schema.metadata[b"geo"]) == meta  # seen by pyarrow readers too
+        geoms = shapely.from_wkb(table.column("geometry").to_numpy(zero_copy_only=False))
+        bounds = shapely.bounds(geoms)
+        assert np.allclose(geo["bbox"], [*bounds[:, :2].min(0), *bounds[:, 2:].max(0)])
+        bbox = table.column("bbox").to_pandas()
+        assert np.allclose(bounds, [[b["xmin"], b["ymin"], b["xmax"], b["ymax"]] for b in bbox])
+        doc = json.loads((tmp_path / f"{slide_id}.geojson").read_text())
+        features = {f["properties"]["name"]: f for f in doc["features"]}
+        assert list(features) == table.column("cell_id").to_pylist()
+        rows = table.drop_columns(["geometry", "bbox"]).to_pylist()
+        for geom, row in zip(geoms, rows, strict=True):
+            feat = features[row["cell_id"]]
+            assert shapely.equals_exact(geom, shape(feat["geometry"]), tolerance=0)
+            assert row["label"] == feat["properties"]["classification"]["name"]
+            assert row["slide_id"] == slide_id
+            assert row["det_confidence"] == pytest.approx(
+                feat["properties"]["measurements"]["Detection confidence"]
+            )
+
+
+def test_export_writes_to_s3(
+    run_out: Path, tmp_path: Path, s3: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    to = f"s3://{s3['bucket']}/exports/coco"
+    argv = ["export", str(run_out), "--format", "coco", "--to", to, "--select", "random:4",
+            "--classes", "WBC", "--endpoint-url", s3["endpoint"]]  # fmt: skip
+    assert main(argv) == 0
+    fs = s3["fs"]
+    fs.invalidate_cache()
+    local = tmp_path / "got"
+    fs.get(f"{s3['bucket']}/exports/coco", str(local), recursive=True)
+    summary = json.loads((local / "export.json").read_text())
+    assert summary["to"] == to and summary["cells_selected"] == 4
+    from pycocotools.coco import COCO
+
+    coco = COCO(str(local / "annotations.json"))
+    images = coco.loadImgs(coco.getImgIds())
+    assert len(images) == summary["images"] >= 1
+    import cv2
+
+    for image in images:
+        pixels = cv2.imread(str(local / image["file_name"]))
+        assert pixels is not None and pixels.shape[:2] == (image["height"], image["width"])
+    chosen = pd.read_parquet(f"{to}/selection.parquet", storage_options=s3["storage_options"])
+    assert set(chosen.cell_id) <= {a["cell_id"] for a in coco.loadAnns(coco.getAnnIds())}
+    # A bucket that is not there: a clear error before any pixels are cut.
+    argv[5] = "s3://no-such-bucket/x"
+    assert main(argv) == 1
+    assert "no-such-bucket" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from batch.cli.common import print_json, storage_options
@@ -19,22 +20,28 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from batch.export import ExportOptions, export_run
+    from batch.export.where import WhereError
 
-    opts = {"client_kwargs": {"endpoint_url": args.endpoint_url}} if args.endpoint_url else None
-    summary = export_run(
-        args.out,
-        args.to,
-        ExportOptions(
-            format=args.format,
-            select=args.select,
-            classes=args.classes.split(",") if args.classes else None,
-            slides=args.slides.split(",") if args.slides else None,
-            seed=args.seed,
-            field_px=args.field_px,
-            url_prefix=args.url_prefix,
-        ),
-        storage_options=opts,
-    )
+    try:
+        summary = export_run(
+            args.out,
+            args.to,
+            ExportOptions(
+                format=args.format,
+                select=args.select,
+                classes=args.classes.split(",") if args.classes else None,
+                where=args.where,
+                slides=args.slides.split(",") if args.slides else None,
+                seed=args.seed,
+                field_px=args.field_px,
+                url_prefix=args.url_prefix,
+            ),
+            storage_options=storage_options(args),
+        )
+    except WhereError as e:
+        # A usage error, like argparse's own: exit 2 with DuckDB's message, no traceback.
+        print(f"hemaray export: error: {e}", file=sys.stderr)
+        return 2
     print_json(summary)
     return 0
 
@@ -73,13 +80,21 @@ def add_commands(sub: Any) -> None:
         required=True,
         choices=("coco", "cvat", "imagefolder", "labelstudio", "qupath", "yolo"),
     )
-    x.add_argument("--to", required=True, help="export folder (local)")
+    x.add_argument(
+        "--to", required=True, help="export folder, or an s3:// prefix (uploaded slide by slide)"
+    )
     x.add_argument(
         "--select",
         help="least-confident:N | margin:N | random:N | stratified:N (per slide and label); default: all",
     )
     x.add_argument(
         "--classes", help="comma-separated detector classes or labels, e.g. WBC or blast"
+    )
+    x.add_argument(
+        "--where",
+        metavar="SQL",
+        help="SQL predicate over the cells columns (DuckDB), e.g. "
+        "\"wbc_type_label = 'blast' AND det_confidence > 0.5\"",
     )
     x.add_argument("--slides", help="comma-separated slide ids (default: every committed slide)")
     x.add_argument("--seed", type=int, default=0, help="seed of random / stratified selection")

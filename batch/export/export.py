@@ -5,8 +5,13 @@ columns the selection needs and chooses the cells (`batch.export.select`);
 the second reads each slide with chosen cells in full, opens the slide and
 cuts only the fields or crops those cells need. Memory is bounded by one
 slide's cells (plus the chosen cells' ids and scores and the writer's index).
-The chosen cells and their scores are written next to the export as
-``selection.parquet``, and a summary as ``export.json``.
+``--where`` filters the first pass with a SQL predicate that DuckDB runs over
+each slide's cells (`batch.export.where`); ``--to`` may be any fsspec URL
+(``s3://bucket/prefix``): the writers write to a local staging folder that is
+uploaded after each slide (`batch.export.target`). The chosen cells and their
+scores are written next to the export as ``selection.parquet``, and a summary
+(with the ``--select``, ``--classes`` and ``--where`` asked for) as
+``export.json``, last.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from batch.export.formats import WRITERS, ExportContext, FormatWriter
 from batch.export.qupath import QuPathWriter
 from batch.export.select import Selector, parse_select
 from batch.export.source import RunSource, SlideRef
+from batch.export.target import ExportTarget
+from batch.export.where import parse_where
 from batch.models import DEFAULT_DETECTOR, read_model_card, resolve_model
 from batch.slides import open_slide
 from batch.tiling import choose_level
@@ -54,6 +61,8 @@ class ExportOptions:
     format: str
     select: str | None = None
     classes: Sequence[str] | None = None
+    #: SQL predicate over the cells columns (DuckDB), e.g. ``wbc_type_label = 'blast'``.
+    where: str | None = None
     slides: Sequence[str] | None = None
     seed: int = 0
     field_px: int = DEFAULT_FIELD_PX
@@ -68,13 +77,16 @@ def _detector_classes(source: RunSource) -> tuple[list[str], str]:
     return names or list(DEFAULT_DETECTOR_CLASSES), str(getattr(card, "sha256", "") or "")[:12]
 
 
-def _context(source: RunSource, to: Path, opts: ExportOptions) -> ExportContext:
+def _context(
+    source: RunSource, to: Path, opts: ExportOptions, location: str | None
+) -> ExportContext:
     det_classes, version = _detector_classes(source)
     wbc_labels = source.label_sets().get("wbc_type", [])
     labels = [c for c in det_classes if c != "WBC"] + ["WBC"] + list(wbc_labels)
     return ExportContext(
         to=to, detector_classes=det_classes, labels=list(dict.fromkeys(labels)),
         detector_version=version, url_prefix=opts.url_prefix, field_px=opts.field_px,
+        location=location,
     )
 
 
@@ -109,41 +121,59 @@ def _export_slide(
 def export_run(
     out: str, to: str | Path, opts: ExportOptions, *, storage_options: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """Export a run's chosen cells to ``to`` in ``opts.format``; return the summary.
+    """Export a run's chosen cells to ``to`` (a folder or URL) in ``opts.format``; return the summary.
+
+    ``storage_options`` apply to the run's output, its slides and ``to``.
 
     Raises
     ------
     ConfigError
-        An unknown format or selection, or slides the run does not have.
+        An unknown format or selection, slides the run does not have, or a
+        ``to`` that cannot be written.
+    WhereError
+        ``opts.where`` is not a predicate over the cells' columns.
     """
     if opts.format not in ALL_WRITERS:
         raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {opts.format!r}")
     if opts.field_px < 32:
         raise ConfigError(f"--field-px must be >= 32, got {opts.field_px}")
     selector = Selector(parse_select(opts.select), opts.classes, opts.seed)
+    where = parse_where(opts.where)
     source = RunSource(out, storage_options=storage_options)
     refs = source.slides(opts.slides)
-    for _ref, cells in source.iter_cells(refs, SELECT_COLUMNS):
-        selector.add(cells)
+    try:
+        for _ref, cells in source.iter_cells(refs, SELECT_COLUMNS, where):
+            selector.add(cells)
+    finally:
+        if where is not None:
+            where.close()
     chosen = selector.result()
 
-    dest = Path(to)
-    dest.mkdir(parents=True, exist_ok=True)
-    chosen.to_parquet(dest / "selection.parquet", index=False)
-    ctx = _context(source, dest, opts)
-    writer = ALL_WRITERS[opts.format](ctx)
-    detector_mpp = source.detector_mpp()
-    for ref in refs:
-        mine = chosen[chosen["slide_id"] == ref.slide_id]
-        if mine.empty:
-            continue
-        cells = source.cells(ref.slide_id)
-        mine = mine.merge(cells.drop(columns=[c for c in mine if c != "cell_id"], errors="ignore"), on="cell_id")
-        _export_slide(writer, ref, cells, mine, source, detector_mpp)
-    summary = {
-        "format": opts.format, "out": out, "to": str(dest), "select": opts.select or "all",
-        "seed": opts.seed, "cells_selected": len(chosen), "detector_mpp": detector_mpp,
-        **writer.finish(),
-    }
-    (dest / "export.json").write_text(json.dumps(summary, indent=2, default=str))
+    with ExportTarget(to, storage_options=storage_options) as target:
+        dest = target.folder
+        chosen.to_parquet(dest / "selection.parquet", index=False)
+        target.publish()  # a destination that cannot be written fails before any pixels are cut
+        ctx = _context(source, dest, opts, None if target.is_local else target.uri)
+        writer = ALL_WRITERS[opts.format](ctx)
+        detector_mpp = source.detector_mpp()
+        for ref in refs:
+            mine = chosen[chosen["slide_id"] == ref.slide_id]
+            if mine.empty:
+                continue
+            cells = source.cells(ref.slide_id)
+            mine = mine.merge(cells.drop(columns=[c for c in mine if c != "cell_id"], errors="ignore"), on="cell_id")
+            _export_slide(writer, ref, cells, mine, source, detector_mpp)
+            target.publish()
+        summary = {
+            "format": opts.format, "out": out,
+            "to": str(dest) if target.is_local else target.uri,
+            "select": opts.select or "all",
+            "classes": list(opts.classes) if opts.classes else None,
+            "where": opts.where.strip() if opts.where and opts.where.strip() else None,
+            "seed": opts.seed, "cells_selected": len(chosen), "detector_mpp": detector_mpp,
+            **writer.finish(),
+        }
+        target.publish()
+        (dest / "export.json").write_text(json.dumps(summary, indent=2, default=str))
+        target.publish()
     return summary

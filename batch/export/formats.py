@@ -65,6 +65,9 @@ class ExportContext:
     url_prefix: str = ""
     #: Field side in pixels at the detector's scale.
     field_px: int = 640
+    #: Where the export ends up when ``to`` is only a staging folder (``s3://...``); None:
+    #: ``to`` is the export, and index files may name it.
+    location: str | None = None
 
 
 def _write_image(path: Path, rgb: npt.NDArray[np.uint8]) -> None:
@@ -188,8 +191,11 @@ class YoloWriter(FormatWriter):
         for split in ("train", "val"):
             (self.ctx.to / "images" / split).mkdir(parents=True, exist_ok=True)
             (self.ctx.to / "labels" / split).mkdir(parents=True, exist_ok=True)
+        # A staged export moves: without "path", ultralytics takes data.yaml's own folder,
+        # wherever the export is downloaded to.
+        where = {"path": str(self.ctx.to.resolve())} if self.ctx.location is None else {}
         data = {
-            "path": str(self.ctx.to.resolve()),
+            **where,
             "train": "images/train",
             # With fewer than YOLO_VAL_EVERY fields there is no val split: validate on train.
             "val": "images/val" if self.splits["val"] else "images/train",

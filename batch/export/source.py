@@ -2,7 +2,8 @@
 
 A run's output (``OUT``, local or any fsspec URL) is read one slide at a time:
 `RunSource.slides` lists the committed slides (id, URI, mpp) from the slides
-table, `RunSource.cells` reads one slide's hive partition only, so an export's
+table, `RunSource.cells` reads one slide's hive partition only (through DuckDB when
+a ``--where`` predicate filters it, `batch.export.where`), so an export's
 memory is bounded by the largest slide's cells. Pixels come from the source
 slide through `batch.slides.open_slide` and only for the regions asked for
 (`read_scaled`): a field or a crop is read from the pyramid level closest to
@@ -26,6 +27,7 @@ import pyarrow.dataset as pads
 
 from batch.config import Config, config_from_tree, load_config
 from batch.errors import ConfigError
+from batch.export.where import CellFilter
 from batch.run.provenance import label_sets, trained_mpp
 from batch.run.sink import latest_run_config, read_table
 from batch.slides import Slide
@@ -114,23 +116,38 @@ class RunSource:
             for r in table.itertuples()
         ]
 
-    def cells(self, slide_id: str, columns: Sequence[str] | None = None) -> pd.DataFrame:
-        """One slide's cells (its partition only), sorted by ``cell_id``."""
+    def cells(
+        self,
+        slide_id: str,
+        columns: Sequence[str] | None = None,
+        where: CellFilter | None = None,
+    ) -> pd.DataFrame:
+        """One slide's cells (its partition only), sorted by ``cell_id``.
+
+        ``where``: only the rows its predicate keeps (DuckDB reads only the
+        columns asked for and those the predicate names).
+        """
         path = f"{self.root}/cells/slide_id={slide_id}"
         if not self.fs.exists(path):
             return pd.DataFrame(columns=list(columns or []))
         dataset = pads.dataset(path, filesystem=self.fs, format="parquet")
         names = [c for c in columns if c in dataset.schema.names] if columns else None
-        frame = dataset.to_table(columns=names).to_pandas()
+        if where is not None:
+            frame = where.apply(dataset, slide_id, names)
+        else:
+            frame = dataset.to_table(columns=names).to_pandas()
         frame["slide_id"] = slide_id
         return frame.sort_values("cell_id", kind="stable").reset_index(drop=True)
 
     def iter_cells(
-        self, refs: Sequence[SlideRef], columns: Sequence[str] | None = None
+        self,
+        refs: Sequence[SlideRef],
+        columns: Sequence[str] | None = None,
+        where: CellFilter | None = None,
     ) -> Iterator[tuple[SlideRef, pd.DataFrame]]:
-        """``(slide, cells)`` one slide at a time."""
+        """``(slide, cells)`` one slide at a time (``where``: the rows it keeps)."""
         for ref in refs:
-            yield ref, self.cells(ref.slide_id, columns)
+            yield ref, self.cells(ref.slide_id, columns, where)
 
 
 def read_scaled(
