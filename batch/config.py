@@ -8,6 +8,7 @@ its numbers from here or from named constants, never inline.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from typing import Any, TypeVar
 import yaml
 
 from batch.errors import ConfigError
+from batch.storage import redact_url, refuse_credentials
 
 __all__ = [
     "Config",
@@ -101,26 +103,73 @@ class SlideConfig:
             raise ConfigError(f"slides.max_pages must be > 0, got {self.max_pages}")
 
 
+#: Values of ``storage.retry_mode`` (botocore): "standard" retries with exponential backoff and
+#: jitter; "adaptive" adds client-side rate limiting when the store throttles (503 SlowDown).
+RETRY_MODES = ("standard", "adaptive")
+#: Default attempts (the first try included) of every S3 request, reads and writes alike.
+DEFAULT_S3_MAX_ATTEMPTS = 10
+#: A SHA-256 hex digest, as ``sha256sum`` prints it.
+_SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
+
+
+def _validate_sha256(value: str | None, where: str) -> None:
+    if value is not None and not _SHA256_HEX.fullmatch(value):
+        raise ConfigError(
+            f"{where} must be a SHA-256 hex digest (64 hex digits, as sha256sum prints it), "
+            f"got {value!r}"
+        )
+
+
 @dataclass
 class StorageConfig:
     """Object storage. Credentials never live here: they come from the AWS chain."""
 
-    #: S3-compatible endpoint (MinIO, Ceph, moto); None: AWS.
+    #: S3-compatible endpoint (MinIO, Ceph, moto); None: AWS. A URL with user:password@ is
+    #: refused (it would be logged and written to the manifest).
     endpoint_url: str | None = None
+    #: Attempts of every S3 request (the first included) before it fails, with backoff between.
+    max_attempts: int = DEFAULT_S3_MAX_ATTEMPTS
+    #: botocore retry mode, one of RETRY_MODES.
+    retry_mode: str = "adaptive"
 
     def validate(self) -> None:
         if self.endpoint_url is not None and not self.endpoint_url.startswith(
             ("http://", "https://")
         ):
             raise ConfigError(
-                f"storage.endpoint_url must be an http(s) URL, got {self.endpoint_url!r}"
+                f"storage.endpoint_url must be an http(s) URL, got {redact_url(self.endpoint_url)!r}"
+            )
+        refuse_credentials(self.endpoint_url, "storage.endpoint_url")
+        if self.max_attempts < 1:
+            raise ConfigError(f"storage.max_attempts must be >= 1, got {self.max_attempts}")
+        if self.retry_mode not in RETRY_MODES:
+            raise ConfigError(
+                f"storage.retry_mode must be one of {RETRY_MODES}, got {self.retry_mode!r}"
             )
 
     def storage_options(self) -> dict[str, Any]:
-        """fsspec/s3fs options for this storage (no credentials)."""
-        if self.endpoint_url is None:
-            return {}
-        return {"client_kwargs": {"endpoint_url": self.endpoint_url}}
+        """fsspec/s3fs options for this storage: endpoint and botocore retries (no credentials).
+
+        Every S3 filesystem hemaray builds gets them, so reads and writes alike
+        retry throttling and transient errors with backoff. Other fsspec
+        filesystems (local, memory) ignore them.
+
+        Raises
+        ------
+        ConfigError
+            If the endpoint carries credentials (checked here too: a config built
+            in code may skip `validate`).
+        """
+        refuse_credentials(self.endpoint_url, "storage.endpoint_url")
+        options: dict[str, Any] = {
+            "config_kwargs": {
+                # botocore's "max_attempts" counts retries only; "total_max_attempts" all tries
+                "retries": {"total_max_attempts": self.max_attempts, "mode": self.retry_mode}
+            }
+        }
+        if self.endpoint_url is not None:
+            options["client_kwargs"] = {"endpoint_url": self.endpoint_url}
+        return options
 
 
 #: Values of ``detect.runtime`` (batch.stages.runtime.RUNTIMES).
@@ -133,6 +182,8 @@ class DetectConfig:
 
     #: Local path or s3:// URL of an ultralytics detection .pt; None: the shipped detector.
     model: str | None = None
+    #: Expected SHA-256 of the model file; a different file is refused before it is loaded.
+    sha256: str | None = None
     #: Confidence threshold for kept detections.
     conf: float = 0.25
     #: IoU threshold of non-maximum suppression.
@@ -167,6 +218,8 @@ class DetectConfig:
             raise ConfigError(
                 "detect.max_det and detect.batch_size must be >= 1, detect.actors >= 0"
             )
+        refuse_credentials(self.model, "detect.model")
+        _validate_sha256(self.sha256, "detect.sha256")
 
 
 @dataclass
@@ -189,6 +242,8 @@ class ClassifierSpec:
     parent: str | None = None
     #: The parent's labels this classifier runs on.
     parent_labels: list[str] = field(default_factory=list)
+    #: Expected SHA-256 of the model file; a different file is refused before it is loaded.
+    sha256: str | None = None
 
     def validate(self) -> None:
         if not self.name.isidentifier():
@@ -202,6 +257,8 @@ class ClassifierSpec:
                 f"classifiers.{self.name}: parent and parent_labels go together "
                 f"(got parent={self.parent!r}, parent_labels={self.parent_labels!r})"
             )
+        refuse_credentials(self.model, f"classifiers.{self.name}.model")
+        _validate_sha256(self.sha256, f"classifiers.{self.name}.sha256")
 
 
 def _default_classifiers() -> list[ClassifierSpec]:

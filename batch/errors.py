@@ -27,6 +27,8 @@ __all__ = [
     "CorruptSlideError",
     "SlideTooLargeError",
     "ModelLoadError",
+    "UntrustedModelError",
+    "OutputNotWritableError",
     "SubmitError",
     "StageError",
     "encode_error",
@@ -102,6 +104,18 @@ class SlideTooLargeError(SlideReadError):
 
 class ModelLoadError(HemarayError):
     """A model file could not be found, fetched, verified or read."""
+
+
+class UntrustedModelError(ModelLoadError):
+    """A model file failed a safety check and was not loaded.
+
+    Its SHA-256 differs from the one pinned in the config, or its pickle names
+    code outside the allow-list of model classes (loading it would run that code).
+    """
+
+
+class OutputNotWritableError(HemarayError):
+    """The run's output location (OUT) is missing or refuses writes; checked before any compute."""
 
 
 class SubmitError(HemarayError):

@@ -64,12 +64,12 @@ def _expand(item: str, storage_options: dict[str, Any]) -> list[str]:
 def _read_manifest(item: str, storage_options: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     import pandas as pd
 
+    # pandas refuses storage options with a local path (the run's carry retry settings)
+    opts = (storage_options or None) if "://" in item else None
     if item.lower().endswith(".csv"):
-        df = pd.read_csv(
-            item, storage_options=storage_options or None, dtype=str, keep_default_na=False
-        )
+        df = pd.read_csv(item, storage_options=opts, dtype=str, keep_default_na=False)
     else:
-        df = pd.read_parquet(item, storage_options=storage_options or None)
+        df = pd.read_parquet(item, storage_options=opts)
     if MANIFEST_URI_COLUMN not in df.columns:
         raise ConfigError(
             f"manifest {item}: needs a {MANIFEST_URI_COLUMN!r} column; found {list(df.columns)}"

@@ -13,10 +13,22 @@ it finds:
    dict; ultralytics ignores keys it does not know), so a ``.pt`` copied on
    its own still knows its scale.
 
-Remote weights (``s3://...`` or any fsspec URL) are copied once into a local
-cache directory (``HEMARAY_CACHE_DIR``, default ``~/.cache/hemaray/models``)
-keyed by the URL, with their sidecar card when there is one. Nothing is ever
-downloaded from the internet implicitly: a model is a file the user names.
+Remote weights (``s3://...`` or any fsspec URL) are copied into a local cache
+directory (``HEMARAY_CACHE_DIR``, default ``~/.cache/hemaray/models``) keyed
+by the URL, with their sidecar card when there is one. The object's ETag is
+recorded next to the copy, and every `resolve_model` asks the store for it
+again: a replaced object is fetched anew, a deleted one is an error (a run
+never uses a stale copy of a URL that now names other bytes, or nothing).
+Nothing is ever downloaded from the internet implicitly: a model is a file
+the user names.
+
+Model files are untrusted input: a ``.pt`` is a pickle, and a pickle can run
+any code when loaded. Every checkpoint is first loaded with
+``torch.load(weights_only=True)`` against ultralytics' allow-list of model
+classes (`load_checkpoint`); one that names anything else is refused with an
+`UntrustedModelError` before ultralytics unpickles it (`load_yolo`). An
+optional SHA-256 pin per model (``detect.sha256``, ``classifiers[].sha256``)
+refuses any other file.
 """
 
 from __future__ import annotations
@@ -24,14 +36,18 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import hashlib
+import inspect
 import json
+import logging
 import os
+import pickle
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from batch.errors import ModelLoadError
+from batch.errors import ModelLoadError, UntrustedModelError
+from batch.storage import redact_url, refuse_credentials
 
 __all__ = [
     "CARD_KEY",
@@ -41,6 +57,8 @@ __all__ = [
     "ModelCard",
     "card_path_for",
     "file_sha256",
+    "load_checkpoint",
+    "load_yolo",
     "model_cache_dir",
     "read_model_card",
     "render_card_markdown",
@@ -63,6 +81,10 @@ INTENDED_USE = "Research use only; not for clinical diagnosis."
 CHUNK_BYTES = 1 << 20
 #: Characters of the URL hash used to name a cache entry.
 CACHE_KEY_CHARS = 16
+#: Suffix of the file next to a cached copy that records the remote object's version (ETag).
+VERSION_SUFFIX = ".etag"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -175,24 +197,77 @@ def _is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith("file://")
 
 
-def _fetch(uri: str, dest: Path, storage_options: dict[str, Any] | None) -> bool:
-    """Copy a remote object to ``dest`` atomically; False if it does not exist."""
-    import fsspec
+def _object_version(info: dict[str, Any]) -> str:
+    """What identifies one version of a remote object: its ETag, else its size and time."""
+    for key in ("ETag", "etag"):
+        if info.get(key):
+            return str(info[key])
+    stamp = next((info[k] for k in ("LastModified", "mtime", "created") if info.get(k)), None)
+    return f"size={info.get('size')};time={stamp}"
 
-    fs, fs_path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
-    if not fs.exists(fs_path):
-        return False
+
+def _version_path(local: Path) -> Path:
+    return local.with_name(local.name + VERSION_SUFFIX)
+
+
+def _write_atomic(dest: Path, write: Any) -> None:
+    """Make ``dest`` appear in one step with what ``write(fh)`` writes."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name, suffix=".part")
     try:
-        with os.fdopen(fd, "wb") as out, fs.open(fs_path, "rb") as src:
-            while chunk := src.read(CHUNK_BYTES):
-                out.write(chunk)
+        with os.fdopen(fd, "wb") as out:
+            write(out)
         os.replace(tmp, dest)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return True
+
+
+def _download(fs: Any, fs_path: str, dest: Path) -> None:
+    def copy(out: Any) -> None:
+        with fs.open(fs_path, "rb") as src:
+            while chunk := src.read(CHUNK_BYTES):
+                out.write(chunk)
+
+    _write_atomic(dest, copy)
+
+
+def _fetch_remote(
+    uri: str, local: Path, storage_options: dict[str, Any] | None, refresh: bool
+) -> None:
+    """Bring the cached copy ``local`` of ``uri`` up to date with the store (by ETag).
+
+    The version is read before the bytes, so a copy is never recorded as newer
+    than it is: an object replaced mid-download is fetched again next time.
+    """
+    import fsspec
+
+    fs, fs_path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    fs.invalidate_cache(fs_path)  # a listing cached in this process must not hide a new version
+    try:
+        info = fs.info(fs_path)
+    except FileNotFoundError as e:
+        raise ModelLoadError(f"model {redact_url(uri)!r} does not exist; check the URL") from e
+    version = _object_version(info)
+    recorded = _version_path(local)
+    if (
+        not refresh
+        and local.is_file()
+        and recorded.is_file()
+        and recorded.read_text().strip() == version
+    ):
+        return
+    if local.exists():
+        log.info("model %s changed (or was never recorded); fetching it again", redact_url(uri))
+    _download(fs, fs_path, local)
+    folder, _, name = fs_path.rpartition("/")
+    card_fs_path = f"{folder}/{Path(name).stem}.json"
+    card = card_path_for(local)
+    if card_fs_path != fs_path and fs.exists(card_fs_path):
+        _download(fs, card_fs_path, card)
+    elif card.exists():  # the store's card is gone: so must the stale copy be
+        card.unlink()
+    _write_atomic(recorded, lambda out: out.write(version.encode()))
 
 
 def resolve_model(
@@ -216,41 +291,43 @@ def resolve_model(
     cache_dir
         Where remote files are cached; default ``model_cache_dir()``.
     sha256
-        Expected SHA-256 hex digest; a mismatch raises.
+        Expected SHA-256 hex digest; a mismatch raises `UntrustedModelError`.
     refresh
-        Fetch a remote file again even if it is cached.
+        Fetch a remote file again even if the cached copy is current.
 
     Returns
     -------
     Path
-        A local file. For remote URLs the sidecar card (same stem, ``.json``)
-        is fetched next to it when it exists.
+        A local file. A remote URL's cached copy is revalidated against the
+        object's ETag on every call and fetched again when it changed; the
+        sidecar card (same stem, ``.json``) comes along when it exists.
 
     Raises
     ------
+    ConfigError
+        If the URL carries credentials (``user:password@``).
     ModelLoadError
-        If the file does not exist, cannot be fetched, or fails the hash check.
+        If the file does not exist or cannot be fetched.
+    UntrustedModelError
+        If the file fails the hash check.
     """
     if uri is None:
         uri = DEFAULT_DETECTOR
     text = str(uri)
+    refuse_credentials(text, "a model URL")
     if _is_remote(text):
         key = hashlib.sha256(text.encode()).hexdigest()[:CACHE_KEY_CHARS]
         name = text.rstrip("/").rsplit("/", 1)[-1]
         local = Path(cache_dir or model_cache_dir()) / key / name
-        if refresh or not local.exists():
-            try:
-                found = _fetch(text, local, storage_options)
-                if found:
-                    card_uri = text.rsplit(".", 1)[0] + ".json"
-                    _fetch(card_uri, card_path_for(local), storage_options)
-            except Exception as e:  # fsspec raises many types; name the model and chain
-                raise ModelLoadError(
-                    f"could not fetch model {text!r}: {e}; check the URL, the endpoint "
-                    "(storage.endpoint_url) and the credentials in the environment"
-                ) from e
-            if not found:
-                raise ModelLoadError(f"model {text!r} does not exist; check the URL")
+        try:
+            _fetch_remote(text, local, storage_options, refresh)
+        except ModelLoadError:
+            raise
+        except Exception as e:  # fsspec raises many types; name the model and chain
+            raise ModelLoadError(
+                f"could not fetch model {text!r}: {e}; check the URL, the endpoint "
+                "(storage.endpoint_url) and the credentials in the environment"
+            ) from e
     else:
         local = Path(text[len("file://") :] if text.startswith("file://") else text).expanduser()
         if not local.is_file():
@@ -263,11 +340,99 @@ def resolve_model(
     if sha256 is not None:
         actual = file_sha256(local)
         if actual.lower() != sha256.lower():
-            raise ModelLoadError(
-                f"model {text!r}: SHA-256 is {actual}, expected {sha256}; the file changed "
-                "or the expected hash is wrong"
+            where = (
+                f"{text!r} (fetched to {str(local)!r})" if _is_remote(text) else repr(str(local))
+            )
+            raise UntrustedModelError(
+                f"model file {where} has SHA-256 {actual}, expected {sha256.lower()}; it was not "
+                "loaded. The file changed, or the pinned hash (detect.sha256 / "
+                "classifiers[].sha256) is wrong: check the file's origin before updating the pin"
             )
     return local
+
+
+#: Checkpoints that passed `load_checkpoint`, by (path, inode, size, mtime): not loaded twice.
+_VERIFIED: set[tuple[str, int, int, int]] = set()
+
+
+def _file_identity(path: Path) -> tuple[str, int, int, int]:
+    st = path.stat()
+    return (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _unpickling_refused(error: BaseException) -> bool:
+    """True when ``error`` (or its causes) is the restricted unpickler refusing something."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, pickle.UnpicklingError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def load_checkpoint(path: str | Path) -> Any:
+    """Load an ultralytics ``.pt`` checkpoint with ``torch.load(weights_only=True)``.
+
+    Only tensors, plain containers and the model classes on ultralytics'
+    allow-list (``torch.nn`` and ultralytics layers, the classifiers'
+    torchvision transforms) are rebuilt; a pickle that names anything else
+    (``os.system``, a class of its own) is refused before any of it runs.
+
+    Raises
+    ------
+    UntrustedModelError
+        If the pickle names code outside the allow-list.
+    ModelLoadError
+        If the file is not a readable checkpoint, or the installed ultralytics
+        cannot load checkpoints with ``weights_only=True``.
+    """
+    import torch
+    from ultralytics.nn.tasks import torch_safe_load
+
+    path = Path(path)
+    if "safe_only" not in inspect.signature(torch_safe_load).parameters or not hasattr(
+        torch.serialization, "get_unsafe_globals_in_checkpoint"
+    ):
+        raise ModelLoadError(
+            f"cannot load {str(path)!r} safely: the installed ultralytics has no weights_only "
+            "loading (torch_safe_load(safe_only=True)); upgrade ultralytics (8.4.190 has it)"
+        )
+    try:
+        ckpt, _ = torch_safe_load(str(path), safe_only=True)
+    except Exception as e:  # torch and ultralytics raise many types for bad files
+        if _unpickling_refused(e):
+            try:
+                named = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+            except Exception:  # not a torch archive at all: a damaged or foreign file
+                named = None
+            if named is not None:
+                detail = f"it names {', '.join(named)}" if named else f"{e}"
+                raise UntrustedModelError(
+                    f"model file {str(path)!r} was not loaded: its pickle names code outside the "
+                    f"allow-list of model classes ({detail}), which a full load would run. Use a "
+                    "checkpoint saved by ultralytics or hemaray's training jobs from a source "
+                    "you trust"
+                ) from e
+        raise ModelLoadError(f"could not read checkpoint {str(path)!r}: {e}") from e
+    _VERIFIED.add(_file_identity(path))
+    return ckpt
+
+
+def load_yolo(path: str | Path, *, task: str) -> Any:
+    """An ultralytics ``YOLO`` model of ``path`` whose checkpoint passed `load_checkpoint` first.
+
+    Ultralytics unpickles a ``.pt`` with ``weights_only=False``; a file the
+    restricted load accepted names only allow-listed classes, so that load
+    runs nothing else. Exported models (``.onnx``, OpenVINO folders) and model
+    ``.yaml`` files are not pickles and load as they are. A checkpoint is
+    checked once per process (by path, inode, size and mtime).
+    """
+    from ultralytics import YOLO
+
+    path = Path(path)
+    if path.suffix == ".pt" and _file_identity(path) not in _VERIFIED:
+        load_checkpoint(path)
+    return YOLO(str(path), task=task)
 
 
 def read_model_card(weights: str | Path) -> ModelCard | None:
@@ -284,12 +449,7 @@ def read_model_card(weights: str | Path) -> ModelCard | None:
         return ModelCard.from_dict(data)
     if Path(weights).suffix != ".pt":
         return None
-    import torch
-
-    try:
-        ckpt = torch.load(str(weights), map_location="cpu", weights_only=False)
-    except Exception as e:  # torch raises many types for bad files
-        raise ModelLoadError(f"could not read checkpoint {str(weights)!r}: {e}") from e
+    ckpt = load_checkpoint(weights)
     if isinstance(ckpt, dict) and isinstance(ckpt.get(CARD_KEY), dict):
         return ModelCard.from_dict(ckpt[CARD_KEY])
     return None
@@ -374,7 +534,7 @@ def write_model_card(
     if embed:
         import torch
 
-        ckpt = torch.load(str(weights), map_location="cpu", weights_only=False)
+        ckpt = load_checkpoint(weights)
         if not isinstance(ckpt, dict):
             raise ModelLoadError(f"{str(weights)!r} is not a checkpoint dict; cannot embed a card")
         ckpt[CARD_KEY] = card.to_dict()

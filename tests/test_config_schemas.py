@@ -18,7 +18,7 @@ def test_defaults_and_overrides(tmp_path: Path) -> None:
     cfg = load_config(cfg_file, ["tiling.tile_size=768", "storage.endpoint_url=http://127.0.0.1:9000"])
     assert cfg.tiling.tile_size == 768
     assert cfg.tiling.overlap_um == 20.0
-    assert cfg.storage.storage_options() == {"client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}
+    assert cfg.storage.storage_options()["client_kwargs"] == {"endpoint_url": "http://127.0.0.1:9000"}
     saved = tmp_path / "saved.yaml"
     cfg.save(saved)
     assert load_config(saved) == cfg

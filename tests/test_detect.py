@@ -214,10 +214,12 @@ def test_resolve_model_from_s3_caches_weights_and_card(
     assert local.read_bytes() == fake_weights.read_bytes()
     card = read_model_card(local)
     assert card is not None and card.trained_mpp == 0.25
-    fs.rm(f"{s3['bucket']}/models/fake.pt")  # cached: no second fetch
+    fetched = local.stat().st_mtime_ns  # cached: the same object (ETag) is not fetched again
     assert resolve_model(uri, storage_options=s3["storage_options"], cache_dir=tmp_path / "c") == local
+    assert local.stat().st_mtime_ns == fetched
+    fs.rm(f"{s3['bucket']}/models/fake.pt")  # revalidated: a deleted object fails, cached or not
     with pytest.raises(ModelLoadError, match="does not exist"):
-        resolve_model(uri, storage_options=s3["storage_options"], cache_dir=tmp_path / "d")
+        resolve_model(uri, storage_options=s3["storage_options"], cache_dir=tmp_path / "c")
 
 
 def test_card_embedded_in_checkpoint_round_trips(tmp_path: Path) -> None:

@@ -23,10 +23,19 @@ def print_result(result: dict[str, Any], as_json: bool) -> None:
             print(f"{k:>28}: {v}")
 
 
-def storage_options(args: argparse.Namespace) -> dict[str, Any] | None:
-    if getattr(args, "endpoint_url", None):
-        return {"client_kwargs": {"endpoint_url": args.endpoint_url}}
-    return None
+def storage_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The fsspec options of a command's ``--endpoint-url``: the run's own (`StorageConfig`).
+
+    Raises
+    ------
+    ConfigError
+        If the endpoint is not an http(s) URL or carries credentials.
+    """
+    from batch.config import StorageConfig
+
+    storage = StorageConfig(endpoint_url=getattr(args, "endpoint_url", None) or None)
+    storage.validate()
+    return storage.storage_options()
 
 
 def init_ray(address: str | None) -> None:

@@ -49,7 +49,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_import_labels(args: argparse.Namespace) -> int:
     from batch.export.importer import import_labels
 
-    opts = {"client_kwargs": {"endpoint_url": args.endpoint_url}} if args.endpoint_url else None
+    opts = storage_options(args)
     table = import_labels(args.files, args.format, args.out, run=args.run, storage_options=opts)
     matches = table.column("match").to_pylist()
     print_json(

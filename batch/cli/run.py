@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from batch.cli.common import init_ray, print_json
+from batch.cli.common import init_ray, print_json, storage_options
 
 __all__ = ["add_commands"]
 
@@ -17,6 +17,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from batch.inputs import resolve_inputs
     from batch.run.ledger import EXIT_RUN_FAILED, summary_lines
     from batch.run.pipeline import run_pipeline
+    from batch.storage import check_out_writable, refuse_credentials
 
     sets = list(args.set)
     if args.mpp is not None:
@@ -24,7 +25,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.endpoint_url:
         sets.append(f"storage.endpoint_url={args.endpoint_url}")
     config = load_config(args.config, sets)
-    slides = resolve_inputs(args.slides, storage_options=config.storage.storage_options())
+    opts = config.storage.storage_options()
+    # Before any compute (and before Ray starts): a missing bucket or a denied OUT fails here,
+    # with nothing created.
+    check_out_writable(args.out, storage_options=opts)
+    slides = resolve_inputs(args.slides, storage_options=opts)
+    for slide in slides:
+        refuse_credentials(slide.uri, "a slide URL")
     if not slides:
         print("hemaray: error: no slides found in " + " ".join(args.slides), file=sys.stderr)
         return EXIT_RUN_FAILED
@@ -42,9 +49,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from batch.eval.run import evaluate_run
     from batch.run.sink import read_table
 
-    opts = {"client_kwargs": {"endpoint_url": args.endpoint_url}} if args.endpoint_url else None
+    opts = storage_options(args)
     cells = read_table(args.out, "cells", storage_options=opts).to_pandas()
-    truth = pd.concat([pd.read_parquet(t, storage_options=opts) for t in args.truth])
+    # pandas refuses storage options with a local path
+    truth = pd.concat(
+        [pd.read_parquet(t, storage_options=opts if "://" in t else None) for t in args.truth]
+    )
     slides = read_table(args.out, "slides", storage_options=opts).to_pandas()
     result = evaluate_run(cells, truth, iou=args.iou, slides=slides)
     if args.json:

@@ -55,6 +55,7 @@ from batch.run.tasks import (
     plan_slide,
     read_tiles,
 )
+from batch.storage import check_out_writable
 
 __all__ = ["run_pipeline", "Resources", "cluster_resources", "placement"]
 
@@ -106,6 +107,8 @@ def run_pipeline(
     t0 = time.time()
     started_at = datetime.now(UTC)
     run_id = started_at.strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+    # Before any compute, and before OutputStore makes folders (which creates a missing bucket).
+    check_out_writable(out, storage_options=config.storage.storage_options())
     store = OutputStore(out, storage_options=config.storage.storage_options())
     result = RunResult(run_id=run_id, out=store.uri)
     repaired = store.repair_slide_rows()

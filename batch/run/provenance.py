@@ -4,6 +4,9 @@ Driver-side only (nothing here runs on workers). The manifest is written
 next to the run's output (``OUT/runs/<run_id>/manifest.json``) with the
 config, the model files' SHA-256s, package and Ray versions, start / end and
 counts, so every output row can be traced to the code and weights that made it.
+The model files are resolved here with their pinned hashes (``detect.sha256``,
+``classifiers[].sha256``), so a wrong file stops the run before any compute.
+No URL in the manifest carries credentials (`batch.storage.redact_credentials`).
 """
 
 from __future__ import annotations
@@ -22,13 +25,18 @@ from batch.models import (
     shipped_or_path,
 )
 from batch.stages.classify import WbcClassifier
+from batch.storage import redact_credentials
 
 __all__ = ["label_sets", "local_hashes", "model_files", "run_manifest", "trained_mpp"]
 
 
 def trained_mpp(config: Config) -> tuple[float | None, str]:
     """The detector's trained mpp (from its model card; None if it has none) and its file."""
-    local = resolve_model(config.detect.model, storage_options=config.storage.storage_options())
+    local = resolve_model(
+        config.detect.model,
+        storage_options=config.storage.storage_options(),
+        sha256=config.detect.sha256,
+    )
     card = read_model_card(local)
     return (card.trained_mpp if card else None), str(
         local if config.detect.model else DEFAULT_DETECTOR
@@ -40,7 +48,9 @@ def label_sets(config: Config) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for spec in config.classifiers:
         local = resolve_model(
-            shipped_or_path(spec.model), storage_options=config.storage.storage_options()
+            shipped_or_path(spec.model),
+            storage_options=config.storage.storage_options(),
+            sha256=spec.sha256,
         )
         card = read_model_card(local)
         if card is not None and card.class_names:
@@ -72,21 +82,27 @@ def run_manifest(
     detector_trained_mpp: float | None,
     labels: dict[str, list[str]],
 ) -> dict[str, Any]:
-    """The manifest's fields known at the start of a run (the end adds times and counts)."""
+    """The manifest's fields known at the start of a run (the end adds times and counts).
+
+    Any URL in it (``out``, model files, the config's endpoint) has its
+    user-info masked, even where validation was skipped.
+    """
     import ray
 
     files = model_files(config)
     hashes = local_hashes(files)
-    return {
-        "run_id": run_id,
-        "package": "hemaray",
-        "version": __version__,
-        "started_at": started_at.isoformat(),
-        "inputs": n_inputs,
-        "out": out,
-        "ray": ray.__version__,
-        "models": {k: {"file": v, "sha256": hashes[k]} for k, v in files.items()},
-        "detector_trained_mpp": detector_trained_mpp,
-        "label_sets": labels,
-        "config": config.to_dict(),
-    }
+    return redact_credentials(
+        {
+            "run_id": run_id,
+            "package": "hemaray",
+            "version": __version__,
+            "started_at": started_at.isoformat(),
+            "inputs": n_inputs,
+            "out": out,
+            "ray": ray.__version__,
+            "models": {k: {"file": v, "sha256": hashes[k]} for k, v in files.items()},
+            "detector_trained_mpp": detector_trained_mpp,
+            "label_sets": labels,
+            "config": config.to_dict(),
+        }
+    )

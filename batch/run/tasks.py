@@ -39,7 +39,7 @@ import pyarrow as pa
 from batch.config import ClassifierSpec, Config
 from batch.ids import cell_ids
 from batch.lru import LruCache
-from batch.models import file_sha256, shipped_or_path
+from batch.models import file_sha256, resolve_model, shipped_or_path
 from batch.run.columns import (
     TILE_BOX_COLUMNS,
     Batch,
@@ -195,7 +195,7 @@ class PlanStage:
             d = self.config.detect
             self._detector = load_detector(
                 d.model, storage_options=self.config.storage.storage_options(), device="cpu",
-                conf=d.conf, iou=d.iou, max_det=d.max_det,
+                sha256=d.sha256, conf=d.conf, iou=d.iou, max_det=d.max_det,
             )  # fmt: skip
         info = slide.info
         side = MPP_PROBE_SIDE
@@ -348,7 +348,7 @@ class DetectStage:
         self.config = config
         self.detector = load_detector(
             d.model, storage_options=config.storage.storage_options(), device=d.device,
-            conf=d.conf, iou=d.iou, max_det=d.max_det, batch_size=d.batch_size,
+            sha256=d.sha256, conf=d.conf, iou=d.iou, max_det=d.max_det, batch_size=d.batch_size,
             agnostic_nms=d.agnostic_nms, runtime=d.runtime,
         )  # fmt: skip
         self.version = self.detector.sha256[:12]
@@ -550,8 +550,12 @@ class ClassifyStage:
         self.config = config
         self.classifiers: list[tuple[ClassifierSpec, Any, str]] = []
         for spec in config.classifiers:
+            local = resolve_model(  # the pinned hash checked before the classifier loads it
+                shipped_or_path(spec.model), storage_options=config.storage.storage_options(),
+                sha256=spec.sha256,
+            )
             clf = WbcClassifier(
-                shipped_or_path(spec.model), name=spec.name, input_mode=spec.input_mode,
+                local, name=spec.name, input_mode=spec.input_mode,
                 device=config.detect.device, batch_size=config.execution.classify_batch_size,
                 storage_options=config.storage.storage_options(),
             )  # fmt: skip

@@ -215,9 +215,7 @@ class WbcClassifier:
         storage_options: dict[str, Any] | None = None,
         temperature: float | None = None,
     ) -> None:
-        from ultralytics import YOLO
-
-        from batch.models import read_model_card, resolve_model
+        from batch.models import load_yolo, read_model_card, resolve_model
 
         text = str(model_path)
         if text.endswith((".yaml", ".yml")):
@@ -228,7 +226,7 @@ class WbcClassifier:
             self.card = read_model_card(local)
         self.model_path = local
         self.name = name
-        self.model = YOLO(str(local), task="classify")
+        self.model = load_yolo(local, task="classify")  # checkpoint checked before unpickling
         if self.model.task != "classify":
             raise ValueError(
                 f"{text}: expected a classification model, got task {self.model.task!r}"

@@ -30,7 +30,7 @@ import numpy as np
 import numpy.typing as npt
 
 from batch.config import DetectConfig
-from batch.models import ModelCard, file_sha256, read_model_card, resolve_model
+from batch.models import ModelCard, file_sha256, load_yolo, read_model_card, resolve_model
 from batch.stages.device import keep_torch_threads, select_device
 from batch.stages.preprocess import resample
 from batch.stages.runtime import exported_model
@@ -367,11 +367,9 @@ class CellDetector:
 
     def _load(self) -> tuple[Any, list[str]]:
         """Load the network; return it and its raw class names by id."""
-        from ultralytics import YOLO
-
         # An exported model is loaded (and a device selected) when its names are first read.
         with keep_torch_threads():
-            model = YOLO(str(exported_model(self.weights_path, self.runtime)), task="detect")
+            model = load_yolo(exported_model(self.weights_path, self.runtime), task="detect")
             raw = model.names
         ids = sorted(raw) if isinstance(raw, dict) else list(range(len(raw)))
         return model, [str(raw[i]) for i in ids]

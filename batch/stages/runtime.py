@@ -32,7 +32,7 @@ from pathlib import Path
 
 from batch.config import DETECT_RUNTIMES
 from batch.errors import ModelLoadError
-from batch.models import file_sha256, model_cache_dir
+from batch.models import file_sha256, load_yolo, model_cache_dir
 
 __all__ = ["RUNTIMES", "EXPORT_FORMATS", "export_key", "exported_model"]
 
@@ -99,8 +99,6 @@ def exported_model(weights: str | Path, runtime: str, *, cache_dir: Path | None 
 
 
 def _export(weights: Path, runtime: str, final: Path) -> None:
-    from ultralytics import YOLO
-
     from batch.stages.device import keep_torch_threads
 
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -109,7 +107,7 @@ def _export(weights: Path, runtime: str, final: Path) -> None:
         local = work / weights.name
         shutil.copyfile(weights, local)
         with keep_torch_threads():
-            out = YOLO(str(local), task="detect").export(
+            out = load_yolo(local, task="detect").export(
                 format=EXPORT_FORMATS[runtime], imgsz=EXPORT_IMGSZ, batch=EXPORT_BATCH,
                 device="cpu", verbose=False, **EXPORT_SETTINGS,
             )  # fmt: skip
