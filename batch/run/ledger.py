@@ -28,6 +28,7 @@ from batch.config import Config
 from batch.errors import HemarayError, error_type_name
 from batch.inputs import SlideInput
 from batch.run.columns import batch_error, unpack
+from batch.run.lease import LeaseBook
 from batch.run.sink import OutputStore, SlideWriter
 
 __all__ = [
@@ -54,6 +55,8 @@ class RunResult:
     out: str
     committed: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    #: Slides left alone because another run holds their lease (slide id -> holder's run id).
+    leased: dict[str, str] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
     #: The typed error of each failed slide.
     errors: dict[str, BaseException] = field(default_factory=dict)
@@ -88,6 +91,9 @@ class _SlideState:
     tally: SlideTally = field(default_factory=SlideTally)
     n_tiles: int | None = None
     done: int = 0
+    #: (row, col) of every tile taken: a tile row that comes again (a retried task whose
+    #: first result also arrived) is dropped, so a slide commits on distinct tiles only.
+    seen: set[tuple[int, int]] = field(default_factory=set)
     started: float = field(default_factory=time.time)
     failed: bool = False
     info: dict[str, Any] = field(default_factory=dict)
@@ -112,8 +118,10 @@ class RunLedger:
         result: RunResult,
         config: Config,
         echo: Callable[[str], None],
+        leases: LeaseBook | None = None,
     ) -> None:
         self.store = store
+        self.leases = leases
         self.schema = schema
         self.result = result
         self.config = config
@@ -148,6 +156,11 @@ class RunLedger:
                 continue
             st.n_tiles = int(batch["n_tiles"][i])
             if batch["kind"][i] == "tile":
+                key = (int(batch["row"][i]), int(batch["col"][i]))
+                if key in st.seen:
+                    log.warning("slide %s: tile %s came twice; the repeat is dropped", sid, key)
+                    continue
+                st.seen.add(key)
                 try:
                     cells = unpack(batch["cells"][i])
                     if st.writer is None:
@@ -171,12 +184,15 @@ class RunLedger:
         t = round(now - self.t0, 3)
         if final or not r.timeline or t - r.timeline[-1][0] >= TIMELINE_STEP:
             r.timeline.append([t, r.tiles, self._cells, len(r.committed), len(r.failed)])
+        if self.leases is not None and self.leases.renew_due():
+            for sid in self.leases.renew():
+                self.echo(f"WARNING {sid}: its lease was lost; another run may process it too")
         if not final and now - self._last_line >= self.progress_seconds:
             self._last_line = now
             self.echo(progress_line(r, len(self.states), t))
 
     def commit(self, sid: str) -> None:
-        """Publish slide ``sid``'s cells and its slides row (a write error fails the slide)."""
+        """Publish slide ``sid``'s cells, then its slides row (only a cells write error fails it)."""
         st = self.states[sid]
         info = st.info
         try:
@@ -189,11 +205,16 @@ class RunLedger:
                 "started_at": datetime.fromtimestamp(st.started, UTC),
                 "seconds": time.time() - st.started,
             }  # fmt: skip
-            writer.commit(row, _metadata_columns(st.metadata))
+            extra = _metadata_columns(st.metadata)
+            writer.publish(row, extra)
         except Exception as e:
             self.fail(sid, "write", e)
             return
+        # The cells file is the commit: from here the slide is committed whatever happens to
+        # its row (a failed row write is kept in `unrecorded`; the next run repairs it).
         st.writer = None
+        self._record(sid, "writing its slides row", lambda: self.store.write_slide_row(row, extra))
+        self._release(sid)
         result = self.result
         result.committed.append(sid)
         for cls, n in st.tally.classes.items():
@@ -238,6 +259,11 @@ class RunLedger:
             sid, "writing its slides row",
             lambda: self.store.write_slide_row(row, _metadata_columns(st.metadata)),
         )  # fmt: skip
+        self._release(sid)
+
+    def _release(self, sid: str) -> None:
+        if self.leases is not None:
+            self.leases.release(sid)
 
     def _record(self, sid: str, what: str, write: Callable[[], Any]) -> None:
         """Run one bookkeeping write; a failure is logged and kept, never raised."""
@@ -315,7 +341,8 @@ def slide_call_line(sid: str, calls: dict[str, Any]) -> str:
 
 def summary_lines(result: RunResult) -> Iterable[str]:
     """The end-of-run table people read."""
-    yield f"run {result.run_id}: {len(result.committed)} committed, {len(result.skipped)} skipped, {len(result.failed)} failed"
+    leased = f", {len(result.leased)} held by another run" if result.leased else ""
+    yield f"run {result.run_id}: {len(result.committed)} committed, {len(result.skipped)} skipped{leased}, {len(result.failed)} failed"
     for sid, msg in result.failed.items():
         yield f"  failed {sid}: {msg}"
     total = sum(result.cells_by_class.values())

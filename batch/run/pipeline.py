@@ -44,6 +44,7 @@ import yaml
 
 from batch.config import Config
 from batch.inputs import SlideInput
+from batch.run.lease import LeaseBook
 from batch.run.ledger import RunLedger, RunResult
 from batch.run.provenance import label_sets, run_manifest, trained_mpp
 from batch.run.sink import OutputStore, cells_schema
@@ -116,9 +117,25 @@ def run_pipeline(
         echo(f"repaired slides rows of {len(repaired)} committed slide(s)")
     committed = set() if overwrite else store.committed()
     todo = [s for s in slides if s.slide_id not in committed]
+    # One run at a time per slide: take each slide's lease, then look again for slides another
+    # run committed in the meantime (their leases are dropped at once).
+    leases = LeaseBook(store.fs, store.root, run_id)
+    for s in todo:
+        holder = leases.acquire(s.slide_id)
+        if holder is not None:
+            result.leased[s.slide_id] = holder
+    committed |= set() if overwrite else store.committed() & set(leases.held)
+    for sid in committed & set(leases.held):
+        leases.release(sid)
+    todo = [s for s in todo if s.slide_id in leases.held]
     result.skipped = sorted(s.slide_id for s in slides if s.slide_id in committed)
     if result.skipped:
         echo(f"skipping {len(result.skipped)} slide(s) already committed in {store.uri}")
+    if result.leased:
+        echo(
+            f"skipping {len(result.leased)} slide(s) another run is processing now "
+            f"(leases in {store.uri}/leases; e.g. {next(iter(result.leased.values()))})"
+        )
 
     detector_mpp, _ = trained_mpp(config)
     labels = label_sets(config)
@@ -126,7 +143,9 @@ def run_pipeline(
         run_id, started_at, n_inputs=len(slides), out=store.uri, config=config,
         detector_trained_mpp=detector_mpp, labels=labels,
     )  # fmt: skip
-    ledger = RunLedger(store, cells_schema(labels, config.export.crops), result, config, echo)
+    ledger = RunLedger(
+        store, cells_schema(labels, config.export.crops), result, config, echo, leases
+    )
     ledger.start(todo)
     cut_short: Exception | None = None
     if todo:
@@ -142,7 +161,10 @@ def run_pipeline(
         finally:  # the run's block size and budget must not leak into the caller's datasets
             ray.data.DataContext._set_current(saved)
     # Slides that never returned a row cannot happen unless the dataset was cut short: record them.
-    ledger.finish(cut_short)
+    try:
+        ledger.finish(cut_short)
+    finally:
+        leases.release_all()
 
     result.seconds = time.time() - t0
     manifest.update(
@@ -150,6 +172,7 @@ def run_pipeline(
         seconds=round(result.seconds, 3),
         committed=result.committed,
         skipped=result.skipped,
+        leased=result.leased,
         failed=result.failed,
         unrecorded=result.unrecorded,
         tiles=result.tiles,

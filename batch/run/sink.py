@@ -52,6 +52,8 @@ __all__ = [
 CELLS_FILE = "part-0.parquet"
 #: Key of the slide summary (one JSON row) in the cells file's Parquet metadata.
 SUMMARY_KEY = b"hemaray.slide_summary"
+#: Failure attempt numbers tried in a row before giving up (concurrent runs take numbers).
+MAX_ATTEMPT_CLASHES = 100
 #: Parquet row group size: bounded memory for readers of big slides.
 ROW_GROUP_ROWS = 65_536
 #: Slides with at most this many cells are written in a stable order (tile, then position), so
@@ -95,6 +97,7 @@ class OutputStore:
 
     def __init__(self, out: str, *, storage_options: dict[str, Any] | None = None) -> None:
         self.uri = out.rstrip("/")
+        self.storage_options = storage_options
         fs, root = fsspec.core.url_to_fs(self.uri, **(storage_options or {}))
         self.fs: fsspec.AbstractFileSystem = fs
         self.root = root.rstrip("/")
@@ -142,6 +145,36 @@ class OutputStore:
         table = pa.Table.from_pylist([{**row, **(extra or {})}])
         self.write_table(schemas.conform(table, "slides"), self.slides_path(row["slide_id"]))
 
+    def _put_exclusive(self, local: str, remote: str) -> bool:
+        """Make ``local``'s content appear at ``remote`` only if nothing is there; False if taken.
+
+        Locally a hard link of a complete temporary file (``link`` fails if the name
+        exists); on S3 a conditional PUT (``If-None-Match: *``).
+        """
+        if self.is_local:
+            Path(remote).parent.mkdir(parents=True, exist_ok=True)
+            hidden = str(Path(remote).parent / f".{Path(remote).name}.{uuid.uuid4().hex}.tmp")
+            shutil.copyfile(local, hidden)
+            try:
+                os.link(hidden, remote)
+                return True
+            except FileExistsError:
+                return False
+            finally:
+                os.unlink(hidden)
+        bucket, _, key = remote.partition("/")
+        try:
+            with open(local, "rb") as f:
+                self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=f.read(), IfNoneMatch="*")  # type: ignore[attr-defined]
+            return True
+        except FileExistsError:
+            return False
+        except NotImplementedError:  # a store without conditional writes: check, then put
+            if self.fs.exists(remote):
+                return False
+            self.fs.put_file(local, remote)
+            return True
+
     def write_failure(
         self,
         slide_id: str,
@@ -150,9 +183,14 @@ class OutputStore:
         stage: str,
         error: BaseException,
         tile: str | None = None,
-    ) -> None:
-        """One failures row: the error's class (the original one of a `StageError`) and message."""
-        attempt = self.failure_attempts(slide_id) + 1
+    ) -> int:
+        """One failures row: the error's class (the original one of a `StageError`) and message.
+
+        Its ``attempt`` is unique per slide even when runs fail the slide at once: the row
+        is created only if that attempt's file does not exist yet, else the next number is
+        tried. Returns the attempt number.
+        """
+        first = self.failure_attempts(slide_id) + 1
         row = {
             "slide_id": slide_id,
             "slide_uri": slide_uri,
@@ -160,26 +198,46 @@ class OutputStore:
             "error_type": error_type_name(error),
             "message": str(error),
             "tile": tile if tile is not None else getattr(error, "tile", None),
-            "attempt": attempt,
             "failed_at": datetime.now(UTC),
         }
-        table = schemas.conform(pa.Table.from_pylist([row]), "failures")
-        self.write_table(table, f"{self.root}/failures/{slide_id}.{attempt}.parquet")
+        with tempfile.TemporaryDirectory(prefix="hemaray-") as tmp:
+            local = f"{tmp}/t.parquet"
+            for attempt in range(first, first + MAX_ATTEMPT_CLASHES):
+                table = schemas.conform(pa.Table.from_pylist([{**row, "attempt": attempt}]), "failures")
+                pq.write_table(table, local)
+                if self._put_exclusive(local, f"{self.root}/failures/{slide_id}.{attempt}.parquet"):
+                    return attempt
+        raise OSError(f"{slide_id}: {MAX_ATTEMPT_CLASHES} failure attempt numbers taken in a row")
 
     def repair_slide_rows(self) -> list[str]:
-        """Rewrite missing ``slides`` rows from committed cells files; returns the ids repaired."""
+        """Make the ``slides`` rows agree with the committed cells files; returns the ids repaired.
+
+        The cells file is the commit: a committed slide whose row is missing or not
+        ``committed`` (its row write failed after the cells file landed, or a failed
+        attempt's row outlived a later commit) gets its row back from the summary in the
+        cells file's metadata. A ``committed`` row without a cells file (the file was
+        deleted) is removed, so the slide is processed again.
+        """
         self.fs.invalidate_cache()
-        have = {
-            p.rsplit("/", 1)[-1][: -len(".parquet")]
-            for p in self.fs.glob(f"{self.root}/slides/*.parquet")
-        }
+        status: dict[str, str | None] = {}
+        rows = read_table(self.uri, "slides", storage_options=self.storage_options)
+        if rows.num_rows:
+            for sid, st in zip(rows.column("slide_id").to_pylist(), rows.column("status").to_pylist(), strict=True):
+                status[str(sid)] = st
+        committed = self.committed()
         repaired = []
-        for sid in sorted(self.committed() - have):
+        for sid in sorted(committed):
+            if status.get(sid) == "committed":
+                continue
             with self.fs.open(self.cells_path(sid), "rb") as f:
-                meta = pq.read_schema(f).metadata or {}
+                meta = pq.read_metadata(f).metadata or {}
             if SUMMARY_KEY in meta:
                 summary = json.loads(meta[SUMMARY_KEY])
                 self.write_slide_row(summary["row"], summary.get("extra"))
+                repaired.append(sid)
+        for sid, st in sorted(status.items()):
+            if st == "committed" and sid not in committed:
+                self.fs.rm_file(self.slides_path(sid))
                 repaired.append(sid)
         return repaired
 
@@ -243,8 +301,8 @@ class SlideWriter:
         rest = table.slice(n)
         self._pending, self._pending_rows = ([rest] if len(rest) else []), len(rest)
 
-    def commit(self, summary_row: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
-        """Publish the cells file (the commit point), then the slide's summary row."""
+    def publish(self, summary_row: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
+        """Publish the cells file, the commit point (the summary row rides in its metadata)."""
         summary = json.dumps({"row": summary_row, "extra": extra or {}}, default=str).encode()
         self._flush()
         assert self._writer is not None
@@ -260,6 +318,14 @@ class SlideWriter:
             self.store._put_atomic(self._path, self.store.cells_path(self.slide_id))
         finally:
             self.discard()
+
+    def commit(self, summary_row: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
+        """Publish the cells file (the commit point), then the slide's summary row.
+
+        If the row write fails the slide is still committed; the next run's
+        `OutputStore.repair_slide_rows` writes the row from the cells file.
+        """
+        self.publish(summary_row, extra)
         self.store.write_slide_row(summary_row, extra)
 
     def discard(self) -> None:
@@ -280,7 +346,13 @@ def read_table(out: str, table: str, *, storage_options: dict[str, Any] | None =
     partitioning = "hive" if table == "cells" else None
     if not fs.exists(path) or not fs.ls(path):
         return schemas.load(table).empty_table()
-    return ds.dataset(path, filesystem=fs, format="parquet", partitioning=partitioning).to_table()
+    data = ds.dataset(path, filesystem=fs, format="parquet", partitioning=partitioning)
+    if table != "cells":  # one small file per row: carry every file's manifest columns
+        schema = pa.unify_schemas(
+            [f.physical_schema for f in data.get_fragments()], promote_options="permissive"
+        )
+        data = ds.dataset(path, filesystem=fs, format="parquet", schema=schema)
+    return data.to_table()
 
 
 def latest_run_config(out: str, *, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
