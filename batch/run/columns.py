@@ -98,6 +98,7 @@ SLIDE_COLUMNS: tuple[Column, ...] = (
     Column("mpp", float, "level-0 microns per pixel as settled at planning (nan: unknown)"),
     Column("slide_json", str, "the slide's header facts and plan counts (JSON)"),
     Column("error", bytes, "the typed error of an error row (batch.errors.encode_error)"),
+    Column("telemetry", str, "stage call records for the driver, JSON lines (batch.run.telemetry)"),
 )
 #: Every column of a planned tile row, in order.
 ROW_COLUMNS: tuple[Column, ...] = (*_task_columns(), *SLIDE_COLUMNS)

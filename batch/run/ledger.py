@@ -30,6 +30,7 @@ from batch.inputs import SlideInput
 from batch.run.columns import batch_error, unpack
 from batch.run.lease import LeaseBook
 from batch.run.sink import OutputStore, SlideWriter
+from batch.run.telemetry import table_lines
 
 __all__ = [
     "EXIT_OK", "EXIT_PARTIAL", "EXIT_RUN_FAILED", "RunLedger", "RunResult", "progress_line",
@@ -73,6 +74,9 @@ class RunResult:
     #: Progress over the run: ``[seconds since start, tiles, cells, slides committed, slides
     #: failed]`` at most every `TIMELINE_STEP` s (the manifest's ``timeline``; report plots it).
     timeline: list[list[float]] = field(default_factory=list)
+    #: Per stage, actor and the driver: seconds, tiles, cells, busy fractions (the manifest's
+    #: ``telemetry``, schemas/manifest_telemetry.v1.json; `batch.run.telemetry`).
+    telemetry: dict[str, Any] = field(default_factory=dict)
 
     @property
     def exit_code(self) -> int:
@@ -361,5 +365,6 @@ def summary_lines(result: RunResult) -> Iterable[str]:
         yield slide_call_line(sid, calls)
     if len(slides) > SUMMARY_SLIDES:
         yield f"  ... and {len(slides) - SUMMARY_SLIDES} more slides (hemaray report OUT)"
+    yield from table_lines(result.telemetry)
     yield f"tiles: {result.tiles} in {result.seconds:.1f} s ({result.tiles_per_s:.2f} tiles/s)"
     yield f"output: {result.out} (cells/, slides/, failures/, manifest {result.manifest_uri})"

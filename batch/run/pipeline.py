@@ -56,6 +56,7 @@ from batch.run.tasks import (
     plan_slide,
     read_tiles,
 )
+from batch.run.telemetry import Telemetry
 from batch.storage import check_out_writable
 
 __all__ = ["run_pipeline", "Resources", "cluster_resources", "placement"]
@@ -147,12 +148,14 @@ def run_pipeline(
         store, cells_schema(labels, config.export.crops), result, config, echo, leases
     )
     ledger.start(todo)
+    telemetry = Telemetry()
     cut_short: Exception | None = None
     if todo:
         saved = ray.data.DataContext.get_current().copy()
         try:
             ds = _build_dataset(todo, config, detector_mpp)
-            for batch in ds.iter_batches(batch_format="numpy", batch_size=None, prefetch_batches=2):
+            batches = ds.iter_batches(batch_format="numpy", batch_size=None, prefetch_batches=2)
+            for batch in telemetry.timed_batches(batches):
                 ledger.consume(batch)
         except Exception as e:  # e.g. a worker that crashed beyond its retries: fail, not crash
             cut_short = e
@@ -167,6 +170,8 @@ def run_pipeline(
         leases.release_all()
 
     result.seconds = time.time() - t0
+    written = sum(result.cells_by_class.values())
+    result.telemetry = telemetry.report(tiles=result.tiles, cells=written)
     manifest.update(
         finished_at=datetime.now(UTC).isoformat(),
         seconds=round(result.seconds, 3),
@@ -178,6 +183,7 @@ def run_pipeline(
         tiles=result.tiles,
         cells_by_class=result.cells_by_class,
         timeline=result.timeline,
+        telemetry=result.telemetry,
     )
     result.manifest_uri = store.write_manifest(
         run_id, manifest, yaml.safe_dump(config.to_dict(), sort_keys=False)

@@ -52,6 +52,7 @@ from batch.run.columns import (
     tile_name,
     unpack,
 )
+from batch.run.telemetry import timed
 from batch.slides import WHITE, open_slide
 from batch.stages.classify import WbcClassifier
 from batch.stages.crop import crop_regions, crop_wbcs, estimate_background, png_bytes
@@ -61,17 +62,9 @@ from batch.stages.segment import MORPHOMETRIC_KEYS, segment_wbc
 from batch.tiling import plan_tiles
 
 __all__ = [
-    "PlanStage",
-    "plan_slide",
-    "read_tiles",
-    "DetectStage",
-    "crop_tiles",
-    "segment_tiles",
-    "SegmentStage",
-    "ClassifyStage",
-    "CellStage",
-    "model_key",
-]
+    "PlanStage", "plan_slide", "read_tiles", "DetectStage", "crop_tiles", "segment_tiles",
+    "SegmentStage", "ClassifyStage", "CellStage", "model_key",
+]  # fmt: skip
 
 #: Exit status of a worker killed by ``execution.inject_fault=crash:...``.
 INJECTED_CRASH_EXIT = 77
@@ -242,10 +235,8 @@ class PlanStage:
         if n == 0:
             return [{**base, "kind": "empty", "slide_json": slide_json, "mpp": mpp}]
         return [
-            {
-                **base, "kind": "tile", "n_tiles": n, "slide_json": slide_json, "mpp": mpp,
-                **{k: v for k, v in asdict(t).items() if k not in ("slide_id", "slide_uri")},
-            }
+            {**base, "kind": "tile", "n_tiles": n, "slide_json": slide_json, "mpp": mpp,
+             **{k: v for k, v in asdict(t).items() if k not in ("slide_id", "slide_uri")}}
             for t in plan.tasks
         ]  # fmt: skip
 
@@ -253,6 +244,7 @@ class PlanStage:
 _PLANNERS: dict[tuple[str, float | None], PlanStage] = {}
 
 
+@timed("plan")
 def plan_slide(
     row: dict[str, Any], config: Config, trained_mpp: float | None
 ) -> list[dict[str, Any]]:
@@ -294,6 +286,7 @@ class _InfoWithMpp:
 # --- read --------------------------------------------------------------------------------
 
 
+@timed("read")
 def read_tiles(batch: Batch, config: Config) -> Batch:
     """Read and decode each tile's region, resized to the detector's input size (``image``)."""
     size = config.tiling.tile_size
@@ -354,6 +347,7 @@ class DetectStage:
         self.version = self.detector.sha256[:12]
         self.model_key = model_key(config, self.detector.sha256)
 
+    @timed("detect")  # the crop inside it is timed on its own
     def __call__(self, batch: Batch) -> Batch:
         return _batch_guard(
             "detect", batch, self._detect_and_crop, drop=("image",), add=("cells", "wbc_crops")
@@ -431,6 +425,7 @@ def _detector_mpp(batch: Batch, i: int) -> float | None:
     return float(mpp) * float(batch["downsample"][i]) / float(batch["scale"][i])
 
 
+@timed("crop")
 def crop_tiles(batch: Batch, config: Config) -> Batch:
     """Cut every WBC's crop from its tile image; the tile image goes no further.
 
@@ -469,6 +464,7 @@ def _crop_tile(batch: Batch, i: int, config: Config) -> bytes:
     return buf.getvalue()
 
 
+@timed("segment")
 def segment_tiles(batch: Batch, config: Config) -> Batch:
     """Segment every WBC crop (from `crop_tiles`); adds morphometrics, packs crops + masks."""
     crops_out: list[bytes] = [b""] * len(batch["kind"])
@@ -530,10 +526,8 @@ class SegmentStage:
         self.config = config
 
     def __call__(self, batch: Batch) -> Batch:
-        return _batch_guard(
-            "segment", batch, lambda b: segment_tiles(b, self.config), drop=("wbc_crops",),
-            add=("crops",),
-        )  # fmt: skip
+        return _batch_guard("segment", batch, lambda b: segment_tiles(b, self.config),
+                            drop=("wbc_crops",), add=("crops",))  # fmt: skip
 
 
 # --- classify ------------------------------------------------------------------------------
@@ -564,6 +558,7 @@ class ClassifyStage:
             ChainLink(s.name, c, s.parent, tuple(s.parent_labels)) for s, c, _ in self.classifiers
         ]
 
+    @timed("classify")
     def __call__(self, batch: Batch) -> Batch:
         return _batch_guard("classify", batch, self._classify_batch, drop=("crops",), add=())
 
