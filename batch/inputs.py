@@ -11,7 +11,7 @@ from typing import Any
 import fsspec
 
 from batch.errors import ConfigError
-from batch.ids import unique_slide_ids
+from batch.ids import normalise_uri, safe_id, unique_slide_ids
 
 __all__ = ["SlideInput", "resolve_inputs", "SLIDE_SUFFIXES", "MANIFEST_SUFFIXES"]
 
@@ -83,14 +83,24 @@ def _read_manifest(item: str, storage_options: dict[str, Any]) -> list[tuple[str
 
 
 def resolve_inputs(
-    items: list[str], *, storage_options: dict[str, Any] | None = None
+    items: list[str],
+    *,
+    storage_options: dict[str, Any] | None = None,
+    id_column: str | None = None,
+    id_secret: bytes | None = None,
 ) -> list[SlideInput]:
     """Expand user inputs into slides with unique path-safe ids, in a stable order.
 
     Folders and prefixes are searched recursively for slide files; globs are
     expanded; a ``.csv``/``.parquet`` item is a manifest with a ``slide_uri``
     column whose other columns are carried along. A named file that does not
-    exist is kept, so it fails visibly as that slide's failure row.
+    exist is kept, so it fails visibly as that slide's failure row. One slide
+    listed twice (two spellings of one path) is one input.
+
+    Ids (`batch.ids`): ``<stem>-<hash of the normalised URI>`` by default; the
+    value of the manifest column ``id_column`` if given (every slide must come
+    from a manifest with it, and the values must be unique); a keyed
+    pseudonym (HMAC with ``id_secret``) that carries no file name.
     """
     opts = storage_options or {}
     pairs: list[tuple[str, dict[str, Any]]] = []
@@ -105,10 +115,31 @@ def resolve_inputs(
     seen: set[str] = set()
     unique = []
     for uri, meta in pairs:
-        if uri not in seen:
-            seen.add(uri)
+        key = normalise_uri(uri)
+        if key not in seen:
+            seen.add(key)
             unique.append((uri, meta))
-    ids = unique_slide_ids(u for u, _ in unique)
+    if id_column is not None:
+        ids = _column_ids(unique, id_column)
+    else:
+        ids = unique_slide_ids((u for u, _ in unique), secret=id_secret)
     return [
         SlideInput(uri=u, slide_id=i, metadata=m) for (u, m), i in zip(unique, ids, strict=True)
     ]
+
+
+def _column_ids(pairs: list[tuple[str, dict[str, Any]]], column: str) -> list[str]:
+    ids = []
+    for uri, meta in pairs:
+        value = meta.get(column)
+        sid = safe_id(str(value)) if value not in (None, "") else ""
+        if not sid:
+            raise ConfigError(
+                f"--id-column {column}: {uri} has no {column!r} value (every slide must come "
+                "from a manifest with that column)"
+            )
+        ids.append(sid)
+    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    if dupes:
+        raise ConfigError(f"--id-column {column}: values {dupes[:5]} name more than one slide")
+    return ids

@@ -51,12 +51,14 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     import pandas as pd
 
+    from batch.eval.run import align_truth_ids
     from batch.run.sink import read_table
 
     for i, (run, truth) in enumerate(zip(args.run, args.truth, strict=True)):
         cells = read_table(run, "cells").to_pandas()
+        slides = read_table(run, "slides").to_pandas()
         report["sources"][f"synthetic_{i}"] = crops_from_run(
-            cells, pd.read_parquet(truth), args.out, source=f"synthetic{i}",
+            cells, align_truth_ids(pd.read_parquet(truth), slides), args.out, source=f"synthetic{i}",
             max_per_class=args.run_max_per_class, seed=args.seed, label_column=args.run_label,
             unmatched=None if args.run_unmatched == "skip" else args.run_unmatched,
         )  # fmt: skip

@@ -31,6 +31,7 @@ import pytest
 
 from batch.cli import main
 from batch.cluster.jobs import job_logs, job_status, list_jobs
+from batch.ids import slide_id_for
 from batch.run.sink import read_table
 from batch.synth import synth_slides
 
@@ -200,10 +201,11 @@ def test_submit_run_to_real_head(
 
     opts = s3["storage_options"]
     cells = read_table("s3://slides/out", "cells", storage_options=opts).to_pandas()
-    assert set(cells.slide_id.astype(str)) == {"slide_0000", "slide_0001"}
+    ids = {slide_id_for(f"s3://slides/cohort/slide_000{i}.tif") for i in (0, 1)}
+    assert set(cells.slide_id.astype(str)) == ids
     assert cells.cell_id.is_unique and len(cells) > 100
     slides_rows = read_table("s3://slides/out", "slides", storage_options=opts).to_pandas()
-    assert sorted(slides_rows.slide_id.astype(str)) == ["slide_0000", "slide_0001"]
+    assert set(slides_rows.slide_id.astype(str)) == ids
     assert (slides_rows.status == "committed").all()
     assert (slides_rows.tiles_done == slides_rows.tiles_planned - slides_rows.tiles_skipped).all()
 

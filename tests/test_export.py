@@ -57,7 +57,7 @@ def cells(run_out: Path) -> pd.DataFrame:
 @pytest.fixture(scope="module")
 def coco_dir(run_out: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     to = tmp_path_factory.mktemp("coco")
-    export_run(str(run_out), to, ExportOptions("coco", select="random:6", seed=3))
+    export_run(str(run_out), to, ExportOptions("coco", select="random:10", seed=3))
     return to
 
 
@@ -136,7 +136,7 @@ def test_coco_loads_with_pycocotools_and_maps_to_cells(
     names = {c["name"] for c in coco.loadCats(coco.getCatIds())}
     assert {"RBC", "WBC", "platelet"} <= names
     chosen = pd.read_parquet(coco_dir / "selection.parquet")
-    assert 1 <= len(coco.getImgIds()) <= len(chosen) == 6
+    assert 1 <= len(coco.getImgIds()) <= len(chosen) == 10
     by_id = cells.set_index("cell_id")
     seen: set[str] = set()
     for image in coco.loadImgs(coco.getImgIds()):
@@ -167,7 +167,7 @@ def test_coco_loads_with_pycocotools_and_maps_to_cells(
 def test_yolo_reads_back_to_the_same_boxes(
     run_out: Path, coco_dir: Path, tmp_path: Path
 ) -> None:
-    _export(run_out, tmp_path, "yolo", "--select", "random:6", "--seed", "3")
+    _export(run_out, tmp_path, "yolo", "--select", "random:10", "--seed", "3")
     from batch.datasets.detection import read_detection_dataset
 
     records = read_detection_dataset(tmp_path)

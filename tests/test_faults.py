@@ -14,13 +14,25 @@ Contracts, each asserted exactly:
   slides get a failures row recording the crash, the manifest is written, exit 2;
 - B1-B8 in one mixed folder: one ``hemaray run`` exits 2, commits every good
   slide with exactly the ``cell_id`` set of a clean run of the good slides
-  alone, and writes exactly one failures row per bad slide with its typed error.
+  alone, and writes exactly one failures row per bad slide with its typed error;
+- F2: the store dies after a slide's cells file and before its slides row: the
+  slide stays committed (the lost row reported), the next run restores the row
+  and processes nothing twice;
+- F5: ``hemaray run`` killed with SIGKILL mid-run, then the same command again:
+  the dead driver's leases are free at once, every slide commits once;
+- F6: two ``hemaray run`` processes on the same inputs and OUT at once: each
+  slide is committed by exactly one of them (leases), with a clean run's ids.
 """
 
 from __future__ import annotations
 
-import shutil
+import json
+import os
+import signal
 import struct
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +46,9 @@ from test_slide_errors import append_pages, write_tiled, zero_tile_table
 from batch.cli import main
 from batch.config import Config, load_config
 from batch.errors import StageError
+from batch.ids import slide_id_for
 from batch.inputs import resolve_inputs
+from batch.run import pipeline
 from batch.run.columns import batch_error, rows_to_batch, tile_name, unpack
 from batch.run.ledger import RunLedger, RunResult
 from batch.run.pipeline import run_pipeline
@@ -46,6 +60,11 @@ from batch.synth import synth_slides
 
 SIDE = 1024
 GOOD = ("slide_0000", "slide_0001")
+
+
+def _stem(slide_id: Any) -> str:
+    """A run's slide id without its URI hash (``slide_0000-1a2b3c4d`` -> ``slide_0000``)."""
+    return str(slide_id).rsplit("-", 1)[0]
 
 
 @pytest.fixture(scope="module")
@@ -209,12 +228,13 @@ def test_failed_bookkeeping_writes_are_kept_not_raised(tmp_path: Path) -> None:
     store = _NoBooks(str(tmp_path / "out"))
     result = RunResult(run_id="r", out=store.uri)
     ledger = RunLedger(store, cells_schema({}, False), result, config, echo=lambda _: None)
-    ledger.start(resolve_inputs([str(write_tiled(tmp_path / "a.tif"))]))
-    ledger.fail("a", "read", RuntimeError("boom"))
+    [slide] = resolve_inputs([str(write_tiled(tmp_path / "a.tif"))])
+    ledger.start([slide])
+    ledger.fail(slide.slide_id, "read", RuntimeError("boom"))
     ledger.finish()
-    assert list(result.failed) == ["a"] and result.exit_code == 2
-    assert "failures row failed" in result.unrecorded["a"]
-    assert "slides row failed" in result.unrecorded["a"]
+    assert list(result.failed) == [slide.slide_id] and result.exit_code == 2
+    assert "failures row failed" in result.unrecorded[slide.slide_id]
+    assert "slides row failed" in result.unrecorded[slide.slide_id]
 
 
 # ------------------------------------------------------------------ real runs
@@ -240,19 +260,20 @@ def test_stage_fault_in_a_run_fails_only_that_slide(
     good_dir: Path, clean_run: Path, tmp_path: Path, stage: str, placement: str
 ) -> None:
     clean = read_table(str(clean_run), "cells").to_pandas()
-    wbc = clean[(clean.slide_id.astype(str) == "slide_0001") & (clean.det_class == "WBC")].iloc[0]
-    fault = f"{stage}:slide_0001:{wbc.tile_row}:{wbc.tile_col}"
+    s0, s1 = (slide_id_for(str(good_dir / f"{sid}.tif")) for sid in GOOD)
+    wbc = clean[(clean.slide_id.astype(str) == s1) & (clean.det_class == "WBC")].iloc[0]
+    fault = f"{stage}:{s1}:{wbc.tile_row}:{wbc.tile_col}"
     config = load_config(
         None, [f"execution.inject_fault={fault}", f"execution.placement={placement}"]
     )
     out = tmp_path / "out"
     result = run_pipeline(resolve_inputs([str(good_dir)]), str(out), config)
-    assert result.exit_code == 2 and result.committed == ["slide_0000"]
-    assert list(result.failed) == ["slide_0001"]
+    assert result.exit_code == 2 and result.committed == [s0]
+    assert list(result.failed) == [s1]
     failures = read_table(str(out), "failures").to_pandas()
     assert failures.stage.tolist() == [stage] and failures.error_type.tolist() == ["RuntimeError"]
     assert failures.tile.tolist() == [fault.split(":", 1)[1]]
-    assert _cell_ids(out, {"slide_0000"}) == _cell_ids(clean_run, {"slide_0000"})
+    assert _cell_ids(out, {s0}) == _cell_ids(clean_run, {s0})
     assert (out / "runs" / result.run_id / "manifest.json").is_file()
 
 
@@ -326,8 +347,6 @@ def _flip_centre_tiles(path: Path) -> None:
 def test_b_cases_mixed_folder(good_dir: Path, clean_run: Path, tmp_path: Path) -> None:
     d = tmp_path / "mixed"
     d.mkdir()
-    for sid in GOOD:
-        shutil.copy(good_dir / f"{sid}.tif", d)
     bad = _make_b_cases(good_dir / "slide_0000.tif", d)
     # B8: no mpp in the file (estimated from the cells), and a slide without WBCs.
     with open_slide(good_dir / "slide_0001.tif") as slide:
@@ -342,14 +361,18 @@ def test_b_cases_mixed_folder(good_dir: Path, clean_run: Path, tmp_path: Path) -
     _write_pyramid(d / "b8_no_wbc.tif", no_wbc, 0.25)
 
     out = tmp_path / "out"
-    assert main(["run", str(d), "--out", str(out)]) == 2
+    # The good slides are the clean run's own files (ids hash the URI), listed with the bad ones.
+    good = [str(good_dir / f"{sid}.tif") for sid in GOOD]
+    assert main(["run", *good, str(d), "--out", str(out)]) == 2
     failures = read_table(str(out), "failures").to_pandas()
     assert failures.slide_id.astype(str).is_unique  # exactly one row per bad slide
-    assert dict(zip(failures.slide_id.astype(str), failures.error_type, strict=True)) == bad
-    slides = read_table(str(out), "slides").to_pandas().set_index("slide_id")
-    committed = set(slides.index[slides.status == "committed"].astype(str))
+    assert {_stem(k): v for k, v in zip(failures.slide_id, failures.error_type, strict=True)} == bad
+    slides = read_table(str(out), "slides").to_pandas()
+    slides.index = [_stem(i) for i in slides.slide_id]
+    committed = set(slides.index[slides.status == "committed"])
     assert committed == {*GOOD, "b8_no_mpp", "b8_no_wbc"}
-    assert _cell_ids(out, set(GOOD)) == _cell_ids(clean_run, set(GOOD))
+    good_ids = {slide_id_for(p) for p in good}
+    assert _cell_ids(out, good_ids) == _cell_ids(clean_run, good_ids)
     assert slides.loc["b8_no_mpp", "mpp_source"] == "estimated"
     assert slides.loc["b8_no_wbc", "n_wbc"] == 0 and slides.loc["b8_no_wbc", "n_rbc"] > 0
 
@@ -359,18 +382,104 @@ def test_worker_crash_is_retried_finitely_then_fails_its_slides(
 ) -> None:
     """A worker killed on every attempt at one tile: bounded restarts, then failures rows, exit 2."""
     clean = read_table(str(clean_run), "cells").to_pandas()
-    tile = clean[clean.slide_id.astype(str) == "slide_0001"].iloc[0]
-    fault = f"crash:slide_0001:{tile.tile_row}:{tile.tile_col}"
+    s1 = slide_id_for(str(good_dir / "slide_0001.tif"))
+    tile = clean[clean.slide_id.astype(str) == s1].iloc[0]
+    fault = f"crash:{s1}:{tile.tile_row}:{tile.tile_col}"
     config = load_config(
         None, [f"execution.inject_fault={fault}", "execution.max_worker_restarts=1"]
     )
     out = tmp_path / "out"
     result = run_pipeline(resolve_inputs([str(good_dir)]), str(out), config)
-    assert result.exit_code == 2 and "slide_0001" in result.failed
+    assert result.exit_code == 2 and s1 in result.failed
     failures = read_table(str(out), "failures").to_pandas()
     # One failures row per failed slide (slide_0000 too when it was in flight).
     assert sorted(failures.slide_id.astype(str)) == sorted(result.failed)
-    message = failures.set_index(failures.slide_id.astype(str)).loc["slide_0001", "message"]
+    message = failures.set_index(failures.slide_id.astype(str)).loc[s1, "message"]
     assert "ended early" in message and "died" in message.lower(), message
     assert _cell_ids(out, set(result.committed)) == _cell_ids(clean_run, set(result.committed))
     assert (out / "runs" / result.run_id / "manifest.json").is_file()
+
+
+# ------------------------------------------------------------------ F2, F5, F6: the commit and the driver
+
+
+class _RowFailsOnce(OutputStore):
+    """Each slide's committed row fails to write once: the store dies right after the cells file."""
+
+    hit: set[str] = set()
+
+    def write_slide_row(self, row: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
+        if row["status"] == "committed" and row["slide_id"] not in self.hit:
+            self.hit.add(row["slide_id"])
+            raise OSError("slides table unreachable (injected after the cells file)")
+        super().write_slide_row(row, extra)
+
+
+def test_f2_commit_dies_between_cells_file_and_slides_row(
+    good_dir: Path, clean_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ids = {slide_id_for(str(good_dir / f"{sid}.tif")) for sid in GOOD}
+    out = tmp_path / "out"
+    monkeypatch.setattr(pipeline, "OutputStore", _RowFailsOnce)
+    result = run_pipeline(resolve_inputs([str(good_dir)]), str(out), load_config())
+    # The cells files landed: committed, not failed; the lost rows are reported, not hidden.
+    assert set(result.committed) == ids and not result.failed and result.exit_code == 0
+    assert set(result.unrecorded) == ids
+    assert read_table(str(out), "slides").num_rows == 0
+    monkeypatch.undo()
+    again = run_pipeline(resolve_inputs([str(good_dir)]), str(out), load_config())
+    assert set(again.skipped) == ids and not again.committed  # nothing processed twice
+    slides = read_table(str(out), "slides").to_pandas()
+    assert set(slides.slide_id) == ids and (slides.status == "committed").all()
+    assert _cell_ids(out, ids) == _cell_ids(clean_run, ids)
+
+
+def _run_cmd(inputs: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "batch", "run", str(inputs), "--out", str(out)]
+
+
+def test_f6_two_runs_at_once_process_each_slide_once(
+    good_dir: Path, clean_run: Path, tmp_path: Path
+) -> None:
+    """Two ``hemaray run`` processes on the same inputs and OUT: every slide committed by one."""
+    ids = {slide_id_for(str(good_dir / f"{sid}.tif")) for sid in GOOD}
+    out = tmp_path / "out"
+    procs = [
+        subprocess.Popen(_run_cmd(good_dir, out), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for _ in range(2)
+    ]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs
+    runs = [json.loads(m.read_text()) for m in out.glob("runs/*/manifest.json")]
+    committed = [set(r["committed"]) for r in runs]
+    assert len(runs) == 2 and not committed[0] & committed[1], logs  # nobody's slide twice
+    assert committed[0] | committed[1] == ids
+    # A slide the other run held or had committed is skipped, never processed twice.
+    for r in runs:
+        assert set(r["committed"]) | set(r["skipped"]) | set(r["leased"]) == ids
+    assert _cell_ids(out, ids) == _cell_ids(clean_run, ids)
+    assert read_table(str(out), "failures").num_rows == 0
+    assert not list((out / "leases").iterdir())  # every lease released
+
+
+def test_f5_driver_killed_then_the_same_command_again(
+    good_dir: Path, clean_run: Path, tmp_path: Path
+) -> None:
+    """SIGKILL of ``hemaray run`` mid-run (with its local Ray); the same command again finishes."""
+    ids = {slide_id_for(str(good_dir / f"{sid}.tif")) for sid in GOOD}
+    out = tmp_path / "out"
+    proc = subprocess.Popen(_run_cmd(good_dir, out), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    deadline = time.time() + 300
+    while time.time() < deadline and not list((out / "leases").glob("*.json")):
+        time.sleep(0.2)
+    assert list((out / "leases").glob("*.json")), "the run never took its leases"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    left = {p.stem for p in (out / "leases").glob("*.json")}
+    assert left  # the killed driver could not release its leases
+    assert main(["run", str(good_dir), "--out", str(out)]) == 0  # its dead leases are free
+    slides = read_table(str(out), "slides").to_pandas()
+    assert set(slides.slide_id) == ids and (slides.status == "committed").all()
+    assert _cell_ids(out, ids) == _cell_ids(clean_run, ids)
+    assert not list((out / "leases").glob("*.json"))

@@ -27,7 +27,8 @@ from batch.errors import (
     StageError,
     UnsupportedSlideError,
 )
-from batch.eval.run import evaluate_run
+from batch.eval.run import align_truth_ids, evaluate_run
+from batch.ids import slide_id_for
 from batch.inputs import resolve_inputs
 from batch.run.pipeline import cluster_resources, placement, run_pipeline
 from batch.run.sink import read_table
@@ -58,6 +59,15 @@ def first_run(slides_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tup
     return out, code
 
 
+def _stems(ids: Any) -> set[str]:
+    """Slide ids without their URI hash (``slide_0000-1a2b3c4d`` -> ``slide_0000``)."""
+    return {str(i).rsplit("-", 1)[0] for i in ids}
+
+
+def _id(path: Path) -> str:
+    return slide_id_for(str(path))
+
+
 def _cells(out: Path | str, **kw: Any) -> pd.DataFrame:
     return read_table(str(out), "cells", **kw).to_pandas()
 
@@ -66,7 +76,7 @@ def test_run_commits_every_slide_with_schema(first_run: tuple[Path, int]) -> Non
     out, code = first_run
     assert code == 0
     cells = _cells(out)
-    assert set(cells.slide_id.astype(str)) == {"slide_0000", "slide_0001"}
+    assert _stems(cells.slide_id) == {"slide_0000", "slide_0001"}
     assert cells.cell_id.is_unique
     schema = schemas.load("cells")
     for name in ("cell_id", "x0", "det_class", "detector_version", "wbc_type_label", "all_subtype_probs"):
@@ -88,7 +98,8 @@ def test_run_commits_every_slide_with_schema(first_run: tuple[Path, int]) -> Non
 
 def test_seam_cells_counted_once(first_run: tuple[Path, int], truth: pd.DataFrame) -> None:
     out, _ = first_run
-    result = evaluate_run(_cells(out), truth)
+    slides = read_table(str(out), "slides").to_pandas()
+    result = evaluate_run(_cells(out), align_truth_ids(truth, slides))
     assert result["wbc_true"] > 20
     assert result["wbc_seam_duplicates"] == 0
     assert result["wbc_duplicates"] == 0
@@ -111,7 +122,7 @@ def test_rerun_skips_and_adds_nothing(first_run: tuple[Path, int], slides_dir: P
     before = _cells(out).sort_values("cell_id").reset_index(drop=True)
     config = load_config()
     result = run_pipeline(resolve_inputs([str(slides_dir)]), str(out), config)
-    assert result.committed == [] and sorted(result.skipped) == ["slide_0000", "slide_0001"]
+    assert result.committed == [] and _stems(result.skipped) == {"slide_0000", "slide_0001"}
     after = _cells(out).sort_values("cell_id").reset_index(drop=True)
     pd.testing.assert_frame_equal(before, after)
 
@@ -128,7 +139,7 @@ def test_two_runs_identical_across_placements_and_overwrite(
     ctx = ray.data.DataContext.get_current()
     block_size, limits = ctx.target_max_block_size, ctx.execution_options.resource_limits
     result = run_pipeline(resolve_inputs([str(slides_dir)]), str(other), staged)
-    assert sorted(result.committed) == ["slide_0000", "slide_0001"]
+    assert _stems(result.committed) == {"slide_0000", "slide_0001"}
     # The run's block size and object store budget do not leak into the caller's Ray Data.
     ctx = ray.data.DataContext.get_current()
     assert ctx.target_max_block_size == block_size
@@ -142,7 +153,7 @@ def test_two_runs_identical_across_placements_and_overwrite(
         assert len(a) > 0 and len(b) > 0
     # --overwrite reprocesses and still leaves exactly one copy of each cell.
     again = run_pipeline(resolve_inputs([str(slides_dir)]), str(other), load_config(), overwrite=True)
-    assert sorted(again.committed) == ["slide_0000", "slide_0001"]
+    assert _stems(again.committed) == {"slide_0000", "slide_0001"}
     assert _cells(other).cell_id.is_unique
     assert len(_cells(other)) == len(_cells(out))
 
@@ -165,13 +176,14 @@ def test_bad_slides_are_failure_rows(slides_dir: Path, tmp_path: Path) -> None:
         resolve_inputs([str(inputs), str(inputs / "missing.tif")]), str(tmp_path / "again"),
         load_config(),
     )  # fmt: skip
-    assert {k: type(v) for k, v in result.errors.items()} == {
+    errors = {k.rsplit("-", 1)[0]: v for k, v in result.errors.items()}
+    assert {k: type(v) for k, v in errors.items()} == {
         "notes": UnsupportedSlideError, "truncated": CorruptSlideError,
         "missing": SlideNotFoundError,
     }  # fmt: skip
-    assert all(e.stage == "open" and isinstance(e, SlideReadError) for e in result.errors.values())
-    assert str(inputs / "truncated.tif") in result.errors["truncated"].slide
-    assert by_id == {
+    assert all(e.stage == "open" and isinstance(e, SlideReadError) for e in errors.values())
+    assert str(inputs / "truncated.tif") in errors["truncated"].slide
+    assert {k.rsplit("-", 1)[0]: v for k, v in by_id.items()} == {
         "notes": "UnsupportedSlideError",
         "truncated": "CorruptSlideError",
         "missing": "SlideNotFoundError",
@@ -180,11 +192,13 @@ def test_bad_slides_are_failure_rows(slides_dir: Path, tmp_path: Path) -> None:
     assert failures.message.str.contains("notes.tif|truncated.tif|missing.tif").all()
     cells = _cells(out)
     # Failed slides leave no rows; the good ones (including the oddly named one) commit.
-    assert set(cells.slide_id.astype(str)) == {"good", "evil_name"}
-    assert not list(out.glob("cells/*..*")) and (out / "cells" / "slide_id=evil_name").is_dir()
+    assert _stems(cells.slide_id) == {"good", "evil_name"}
+    evil = _id(inputs / "..evil name.tif")
+    assert evil.startswith("evil_name-")
+    assert not list(out.glob("cells/*..*")) and (out / "cells" / f"slide_id={evil}").is_dir()
     slides = read_table(str(out), "slides").to_pandas().set_index("slide_id")
-    assert slides.loc["truncated", "status"] == "failed"
-    assert slides.loc["evil_name", "slide_uri"].endswith("..evil name.tif")
+    assert slides.loc[_id(inputs / "truncated.tif"), "status"] == "failed"
+    assert slides.loc[evil, "slide_uri"].endswith("..evil name.tif")
 
 
 def test_tile_failure_fails_only_that_slide(slides_dir: Path, tmp_path: Path) -> None:
@@ -192,22 +206,23 @@ def test_tile_failure_fails_only_that_slide(slides_dir: Path, tmp_path: Path) ->
     inputs = resolve_inputs([str(slides_dir)])
     # Fault injection by flag (travels with the config to the workers): one tile of
     # slide_0001 fails to read after other tiles of that slide may already be staged.
-    faulty = load_config(None, ["execution.inject_fault=read:slide_0001:1:1"])
+    s0, s1 = _id(slides_dir / "slide_0000.tif"), _id(slides_dir / "slide_0001.tif")
+    faulty = load_config(None, [f"execution.inject_fault=read:{s1}:1:1"])
     result = run_pipeline(inputs, str(out), faulty)
-    assert result.committed == ["slide_0000"]
-    assert list(result.failed) == ["slide_0001"]
+    assert result.committed == [s0]
+    assert list(result.failed) == [s1]
     failures = read_table(str(out), "failures").to_pandas()
     assert failures.stage.tolist() == ["read"]
-    assert set(_cells(out).slide_id.astype(str)) == {"slide_0000"}
+    assert set(_cells(out).slide_id.astype(str)) == {s0}
     assert "injected" in failures.message[0]
     # The worker's OSError reaches the driver typed: a StageError naming its class and tile.
-    error = result.errors["slide_0001"]
+    error = result.errors[s1]
     assert isinstance(error, StageError) and error.type_name == "OSError"
-    assert (error.slide, error.tile, error.stage) == ("slide_0001", "slide_0001:1:1", "read")
-    assert failures.error_type.tolist() == ["OSError"] and failures.tile.tolist() == ["slide_0001:1:1"]
+    assert (error.slide, error.tile, error.stage) == (s1, f"{s1}:1:1", "read")
+    assert failures.error_type.tolist() == ["OSError"] and failures.tile.tolist() == [f"{s1}:1:1"]
     # Rerun without the fault: the failed slide is retried and commits; nothing doubles.
     again = run_pipeline(inputs, str(out), load_config())
-    assert again.committed == ["slide_0001"] and again.skipped == ["slide_0000"]
+    assert again.committed == [s1] and again.skipped == [s0]
     assert _cells(out).cell_id.is_unique
 
 
@@ -219,6 +234,7 @@ def test_s3_in_and_out(slides_dir: Path, s3: dict[str, Any]) -> None:
     code = main(["run", f"s3://{bucket}/cohort/", "--out", out, "--endpoint-url", s3["endpoint"]])
     assert code == 0
     cells = _cells(out, storage_options=s3["storage_options"])
-    assert set(cells.slide_id.astype(str)) == {"slide_0000", "slide_0001"}
+    ids = {slide_id_for(f"s3://{bucket}/cohort/{n}.tif") for n in ("slide_0000", "slide_0001")}
+    assert set(cells.slide_id.astype(str)) == ids
     assert cells.cell_id.is_unique
-    assert fs.exists(f"{bucket}/results/slides/slide_0000.parquet")
+    assert all(fs.exists(f"{bucket}/results/slides/{i}.parquet") for i in ids)

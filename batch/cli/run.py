@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
 from batch.cli.common import init_ray, print_json, storage_options
 
-__all__ = ["add_commands"]
+__all__ = ["add_commands", "ID_SECRET_ENV"]
+
+#: Environment variable holding the key of --pseudonymous-ids (never on the command line).
+ID_SECRET_ENV = "HEMARAY_ID_SECRET"
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -29,7 +33,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
     # Before any compute (and before Ray starts): a missing bucket or a denied OUT fails here,
     # with nothing created.
     check_out_writable(args.out, storage_options=opts)
-    slides = resolve_inputs(args.slides, storage_options=opts)
+    secret = None
+    if args.pseudonymous_ids:
+        value = os.environ.get(ID_SECRET_ENV, "")
+        if not value:
+            print(f"hemaray: error: --pseudonymous-ids needs the secret in ${ID_SECRET_ENV}",
+                  file=sys.stderr)  # fmt: skip
+            return EXIT_RUN_FAILED
+        secret = value.encode()
+    slides = resolve_inputs(
+        args.slides, storage_options=opts, id_column=args.id_column, id_secret=secret
+    )
     for slide in slides:
         refuse_credentials(slide.uri, "a slide URL")
     if not slides:
@@ -46,7 +60,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from batch.eval.run import evaluate_run
+    from batch.eval.run import align_truth_ids, evaluate_run
     from batch.run.sink import read_table
 
     opts = storage_options(args)
@@ -56,6 +70,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         [pd.read_parquet(t, storage_options=opts if "://" in t else None) for t in args.truth]
     )
     slides = read_table(args.out, "slides", storage_options=opts).to_pandas()
+    truth = align_truth_ids(truth, slides)
     result = evaluate_run(cells, truth, iou=args.iou, slides=slides)
     if args.json:
         print_json(result)
@@ -143,6 +158,17 @@ def add_commands(sub: Any) -> None:
     )
     r.add_argument(
         "--overwrite", action="store_true", help="reprocess slides already committed in OUT"
+    )
+    ids = r.add_mutually_exclusive_group()
+    ids.add_argument(
+        "--id-column",
+        metavar="COLUMN",
+        help="take slide ids from this manifest column (default: <file stem>-<hash of the URI>)",
+    )
+    ids.add_argument(
+        "--pseudonymous-ids",
+        action="store_true",
+        help=f"slide ids carry no file name: HMAC of the URI keyed by ${ID_SECRET_ENV}",
     )
     r.set_defaults(func=_cmd_run)
     e = sub.add_parser(

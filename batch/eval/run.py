@@ -21,8 +21,10 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
+from batch.errors import ConfigError
 from batch.eval.differential import slide_scores, wbc_type_scores
 from batch.eval.metrics import precision_recall_f1
+from batch.ids import file_stem
 from batch.stages.detect import DETECTOR_CLASSES
 
 __all__ = ["IOU_MATCH", "evaluate_run", "match_boxes"]
@@ -93,6 +95,33 @@ def _prf(tp: int, n_pred: int, n_true: int) -> dict[str, float]:
         "n_pred": n_pred,
         "n_true": n_true,
     }
+
+
+def align_truth_ids(truth: pd.DataFrame, slides: pd.DataFrame) -> pd.DataFrame:
+    """``truth`` with its slide ids (file stems, as `batch.synth` writes them) renamed to the run's.
+
+    A run's slide ids are ``<stem>-<hash>`` (`batch.ids.slide_id_for`) or whatever the
+    run was told; the slides table's ``slide_uri`` gives each run id its file stem.
+    Truth ids that are already run ids stay as they are.
+
+    Raises
+    ------
+    ConfigError
+        If two slides of the run share the file stem a truth slide names.
+    """
+    run_ids = set(slides["slide_id"].astype(str)) if "slide_id" in slides else set()
+    by_stem: dict[str, list[str]] = {}
+    if "slide_uri" in slides:
+        for sid, uri in zip(slides["slide_id"].astype(str), slides["slide_uri"].astype(str), strict=True):
+            by_stem.setdefault(file_stem(uri), []).append(sid)
+    mapping = {}
+    for t in sorted(set(truth["slide_id"].astype(str)) - run_ids):
+        hits = sorted(set(by_stem.get(t, [])))
+        if len(hits) > 1:
+            raise ConfigError(f"truth slide {t!r} matches {len(hits)} slides of the run: {hits}")
+        if hits:
+            mapping[t] = hits[0]
+    return truth.assign(slide_id=truth["slide_id"].astype(str).replace(mapping))
 
 
 def evaluate_run(

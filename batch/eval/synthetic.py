@@ -38,7 +38,7 @@ from batch.calls import SlideTally
 from batch.config import Config, SegmentationConfig
 from batch.eval.run import evaluate_run
 from batch.eval.segmentation import GROUND_TRUTH_FILE, score_cells
-from batch.ids import slide_id_for
+from batch.ids import file_stem
 from batch.run.local import chain_cells
 from batch.slides import open_slide
 from batch.stages.crop import crop_regions
@@ -50,7 +50,7 @@ def segmentation_scores(
     slide_paths: list[Path], truth: pd.DataFrame, *, margin: float = SegmentationConfig.crop_margin
 ) -> pd.DataFrame:
     """Per ground-truth WBC: Dice / IoU of the nucleus segmented from a crop read off the slide."""
-    by_id = {slide_id_for(str(p)): p for p in slide_paths}
+    by_id = {file_stem(str(p)): p for p in slide_paths}  # the truth's ids
     wbc = truth[(truth["class"] == "WBC") & truth["nucleus_mask"].notna()]
     rows: list[dict[str, Any]] = []
     for slide_id, cells in wbc.groupby("slide_id", sort=True):
@@ -105,9 +105,9 @@ def eval_synthetic(
         ]
         truth = pd.read_parquet(folder / GROUND_TRUTH_FILE)
         tables: list[pa.Table] = []
-        tallies = {slide_id_for(str(p)): SlideTally(config.calls) for p in paths}
+        tallies = {file_stem(str(p)): SlideTally(config.calls) for p in paths}  # the truth's ids
         for path, cells in chain_cells(paths, config, progress=progress):
-            sid = slide_id_for(path)
+            sid = file_stem(path)
             tallies[sid].add(cells)
             tables.append(cells.append_column("slide_id", pa.array([sid] * cells.num_rows)))
         cells_df = (

@@ -311,7 +311,9 @@ class SlideWriter:
         self._writer = None
         if 0 < self.rows <= SORT_MAX_ROWS and all(k in self.schema.names for k, _ in SORT_KEYS):
             table = pq.read_table(self._path)
-            meta = table.schema.metadata
+            # The footer's key-value metadata does not come back with the table: carry the
+            # summary over by hand, or the repair would find no row to restore.
+            meta = {**(table.schema.metadata or {}), SUMMARY_KEY: summary}
             table = table.sort_by(SORT_KEYS).replace_schema_metadata(meta)
             pq.write_table(table, self._path, row_group_size=ROW_GROUP_ROWS)
         try:

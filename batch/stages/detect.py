@@ -49,6 +49,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+#: Side of the blank image of the warm-up prediction (a multiple of the network stride).
+WARMUP_PX = 64
 #: Canonical detector class names, in the id order of the project's own models.
 DETECTOR_CLASSES: tuple[str, ...] = ("RBC", "WBC", "platelet")
 #: Diameter of a normal red blood cell (micrometres) used to estimate an image's scale.
@@ -371,6 +373,13 @@ class CellDetector:
         with keep_torch_threads():
             model = load_yolo(exported_model(self.weights_path, self.runtime), task="detect")
             raw = model.names
+            # Ultralytics fuses conv + batch-norm on its first prediction, and fused layers give
+            # boxes a hair different from unfused ones: predict once on a blank image here, so
+            # every real batch (the first of an actor too) runs the same fused network and the
+            # cell ids (rounded boxes) do not depend on which batch an actor saw first.
+            if self.runtime == "torch":  # exported files have a fixed input shape
+                model.predict(np.full((WARMUP_PX, WARMUP_PX, 3), 255, np.uint8), imgsz=WARMUP_PX,
+                              device=self.device, verbose=False)  # fmt: skip
         ids = sorted(raw) if isinstance(raw, dict) else list(range(len(raw)))
         return model, [str(raw[i]) for i in ids]
 
