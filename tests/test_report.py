@@ -247,6 +247,10 @@ def test_review_site_in_headless_chromium(
         )
         rbc = {k: v["n_rbc"] for k, v in truth.items()} | {"bad_0": 0}
         assert order == sorted(rbc, key=lambda k: rbc[k])
+        # --by group: the cohort section compares the groups on the page too
+        text = page.inner_text("body")
+        assert "Cohort by group" in text and "Group comparison" in text
+        assert "mann_whitney_u" in text and "leukemia" in text and "control" in text
 
         tiles_done = {
             r["slide_id"]: r["tiles_done"]
