@@ -67,7 +67,8 @@ def plot_differential(diff: pd.DataFrame, colours: dict[str, str], path: Path) -
     ax.set_ylabel("slide")
     ax.set_title("WBC differential")
     if len(wide):
-        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.35 if n < 4 else -0.12), ncol=5)
+        # Beside the bars (below them it covers the axis label when there are few slides).
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.08, 1.0), title="WBC type")
     ax.invert_yaxis()
     return _save(fig, path)
 

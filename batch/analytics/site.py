@@ -60,6 +60,7 @@ td.t,th.t{text-align:left}
 .gallery{display:flex;flex-wrap:wrap;gap:6px}
 figure.crop{margin:0;width:150px;font-size:11px;border:1px solid #ddd;padding:3px}
 figure.crop img{width:144px;height:144px;object-fit:contain;background:#f4f4f4}
+figure.crop code{word-break:break-all}
 img.plot{max-width:100%}
 code{font-size:11px}
 """
