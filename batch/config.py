@@ -344,7 +344,7 @@ class SegmentationConfig:
 #: Values of ``execution.placement``.
 PLACEMENTS = ("auto", "staged", "fused")
 #: Stages ``execution.inject_fault`` can make fail on one tile.
-FAULT_STAGES = ("read", "detect", "crop", "segment", "classify", "crash")
+FAULT_STAGES = ("read", "detect", "crop", "segment", "classify", "crash", "crash_once")
 
 
 @dataclass
@@ -391,7 +391,8 @@ class ExecutionConfig:
     #: without limit (Ray Data's default for actors).
     max_worker_restarts: int = 2
     #: Testing hook: "STAGE:SLIDE_ID:ROW:COL" makes that stage raise on that tile (fault tests
-    #: use it); STAGE is one of FAULT_STAGES, "crash" kills the worker process at the read.
+    #: use it); STAGE is one of FAULT_STAGES, "crash" kills the worker process at the read,
+    #: "crash_once" only the first time (batch.run.faults.first_crash).
     inject_fault: str | None = None
 
     def validate(self) -> None:

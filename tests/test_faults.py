@@ -9,7 +9,9 @@ Contracts, each asserted exactly:
   batch-level failure (a CUDA OOM, say) costs nothing when tiles pass alone;
 - a failures or slides row that cannot be written is logged and kept in the
   result; the run goes on;
-- a worker that crashes on every attempt at a tile is restarted
+- F3: a model actor killed once mid-batch is restarted and its batch retried:
+  every slide commits with a clean run's ids;
+- F3: a worker that crashes on every attempt at a tile is restarted
   ``execution.max_worker_restarts`` times, then the run ends: its unfinished
   slides get a failures row recording the crash, the manifest is written, exit 2;
 - B1-B8 in one mixed folder: one ``hemaray run`` exits 2, commits every good
@@ -50,6 +52,7 @@ from batch.ids import slide_id_for
 from batch.inputs import resolve_inputs
 from batch.run import pipeline
 from batch.run.columns import batch_error, rows_to_batch, tile_name, unpack
+from batch.run.faults import first_crash
 from batch.run.ledger import RunLedger, RunResult
 from batch.run.pipeline import run_pipeline
 from batch.run.provenance import trained_mpp
@@ -344,7 +347,7 @@ def _flip_centre_tiles(path: Path) -> None:
             fh.write(bytes(b ^ 0xFF for b in data))
 
 
-def test_b_cases_mixed_folder(good_dir: Path, clean_run: Path, tmp_path: Path) -> None:
+def test_b1_to_b8_in_one_mixed_folder(good_dir: Path, clean_run: Path, tmp_path: Path) -> None:
     d = tmp_path / "mixed"
     d.mkdir()
     bad = _make_b_cases(good_dir / "slide_0000.tif", d)
@@ -377,7 +380,7 @@ def test_b_cases_mixed_folder(good_dir: Path, clean_run: Path, tmp_path: Path) -
     assert slides.loc["b8_no_wbc", "n_wbc"] == 0 and slides.loc["b8_no_wbc", "n_rbc"] > 0
 
 
-def test_worker_crash_is_retried_finitely_then_fails_its_slides(
+def test_f3_deterministic_crash_is_retried_finitely_then_fails_its_slides(
     good_dir: Path, clean_run: Path, tmp_path: Path
 ) -> None:
     """A worker killed on every attempt at one tile: bounded restarts, then failures rows, exit 2."""
@@ -483,3 +486,21 @@ def test_f5_driver_killed_then_the_same_command_again(
     assert set(slides.slide_id) == ids and (slides.status == "committed").all()
     assert _cell_ids(out, ids) == _cell_ids(clean_run, ids)
     assert not list((out / "leases").glob("*.json"))
+
+
+def test_f3_model_actor_killed_mid_batch_is_restarted_and_loses_nothing(
+    good_dir: Path, clean_run: Path, tmp_path: Path
+) -> None:
+    """The fused model actor dies (``os._exit``) once, mid-batch: restarted, retried, all commit."""
+    ids = {slide_id_for(str(good_dir / f"{sid}.tif")) for sid in GOOD}
+    s1 = slide_id_for(str(good_dir / "slide_0001.tif"))
+    clean = read_table(str(clean_run), "cells").to_pandas()
+    tile = clean[clean.slide_id.astype(str) == s1].iloc[-1]
+    fault = f"crash_once:{s1}:{tile.tile_row}:{tile.tile_col}"
+    out = tmp_path / "out"
+    config = load_config(None, [f"execution.inject_fault={fault}"])
+    result = run_pipeline(resolve_inputs([str(good_dir)]), str(out), config)
+    assert not first_crash(fault)  # the worker really died once
+    assert result.exit_code == 0 and set(result.committed) == ids and not result.failed
+    assert _cell_ids(out, ids) == _cell_ids(clean_run, ids)
+    assert read_table(str(out), "failures").num_rows == 0

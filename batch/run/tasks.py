@@ -52,6 +52,7 @@ from batch.run.columns import (
     tile_name,
     unpack,
 )
+from batch.run.faults import first_crash
 from batch.run.telemetry import timed
 from batch.slides import WHITE, open_slide
 from batch.stages.classify import WbcClassifier
@@ -80,6 +81,8 @@ MPP_PROBE_SIDE = 1024
 def inject_fault(config: Config, stage: str, batch: Batch, i: int) -> None:
     """Raise if ``execution.inject_fault`` names ``stage`` and row ``i``'s tile (testing hook)."""
     fault = config.execution.inject_fault
+    if stage == "crash" and fault == f"crash_once:{tile_name(batch, i)}" and first_crash(fault):
+        os._exit(INJECTED_CRASH_EXIT)  # once: the restarted worker's retry goes through
     if fault is None or fault != f"{stage}:{tile_name(batch, i)}":
         return
     if stage == "crash":
