@@ -298,3 +298,41 @@ def test_inner_box_recovers_the_detector_box(box: tuple[float, float, float, flo
     recovered = inner_box(y1 - y0, x1 - x0, 0.15)
     expected = (box[0] - x0, box[1] - y0, box[2] - x0, box[3] - y0)
     assert recovered == pytest.approx(expected, abs=1.0)
+
+
+def test_labels_find_their_slides_by_id_then_by_the_runs_uri(tmp_path: Path) -> None:
+    import pandas as pd
+
+    from batch.export.source import RunSource
+    from batch.inputs import resolve_inputs
+    from batch.synth import synth_slides
+    from batch.train.from_labels import LabelSlideError, labelled_slides
+
+    synth_slides(tmp_path / "slides", slides=2, width=256, height=256, seed=3)
+    a, b = resolve_inputs([str(tmp_path / "slides")])
+    # The labels call b by another id (an older run's spelling): the run's slides table maps
+    # that id to b's URI.
+    run = tmp_path / "run"
+    (run / "slides").mkdir(parents=True)
+    pd.DataFrame(
+        {"slide_id": ["old-b"], "slide_uri": [b.uri], "status": ["committed"], "mpp": [0.25]}
+    ).to_parquet(run / "slides" / "old-b.parquet")
+    found = labelled_slides([a.slide_id, "old-b"], [str(tmp_path / "slides")],
+                            run=RunSource(str(run)))  # fmt: skip
+    assert (found[a.slide_id].uri, found["old-b"].uri) == (a.uri, b.uri)
+    assert found["old-b"].mpp == 0.25  # the file's own
+    with pytest.raises(LabelSlideError, match=r"slide\(s\) ghost that --slides does not give"):
+        labelled_slides([a.slide_id, "ghost"], [str(tmp_path / "slides")])
+    with pytest.raises(LabelSlideError, match="old-b.*--run OUT"):  # no run: ids only
+        labelled_slides(["old-b"], [b.uri])
+
+
+def test_labels_flags_go_together(tmp_path: Path) -> None:
+    labels = ["--labels", str(tmp_path / "labels.parquet"), "--out", str(tmp_path / "out")]
+    cfg = config_from_args([*labels, "--slides", "a.tif", "b/", "--group-by", "cell"])
+    assert (cfg.labels, cfg.slides, cfg.group_by) == (tmp_path / "labels.parquet", ["a.tif", "b/"], "cell")
+    assert cfg.data == tmp_path / "out" / "labels_data"
+    with pytest.raises(SystemExit):
+        config_from_args(labels)  # --labels without --slides
+    with pytest.raises(SystemExit):
+        config_from_args(["--data", "d", "--labels", "l", "--slides", "s", "--out", "o"])

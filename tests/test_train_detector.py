@@ -218,3 +218,42 @@ def test_tiny_training_offline(two_sets: tuple[Path, Path], tmp_path: Path,
     m = eval_detector(yolo, det)  # a YOLO set: its val split, scale from labelled RBCs
     assert (m["split"], m["n_images"], m["mpp_mode"]) == ("val", 1, "labels")
     assert m["mpp_median"] == pytest.approx(SYNTH_MPP, rel=0.1)
+
+
+def test_fields_from_labels_carry_yolo_labels_at_the_detector_mpp(tmp_path: Path) -> None:
+    """Fields cut from a 0.1 um/px slide for a 0.2 um/px detector: half-size boxes, every label."""
+    import pandas as pd
+
+    from batch.synth import synth_slides
+    from batch.train.from_labels import LabelledSlide, fields_from_labels
+
+    (path,) = synth_slides(tmp_path / "slides", slides=1, width=1024, height=1024, seed=5, mpp=0.1)
+    truth = pd.read_parquet(tmp_path / "slides" / "ground_truth.parquet")
+    labels = truth.rename(columns={"class": "det_class"}).assign(
+        slide_id="s", cell_id=[f"c{i}" for i in range(len(truth))]
+    )[["slide_id", "x0", "y0", "x1", "y1", "det_class", "cell_id"]].astype(
+        {c: float for c in ("x0", "y0", "x1", "y1")}
+    )
+    images = fields_from_labels(
+        labels, {"s": LabelledSlide("s", str(path), 0.1)}, tmp_path / "fields",
+        detector_mpp=0.2, field_px=256,
+    )  # fmt: skip
+    assert images and all(im.mpp == pytest.approx(0.2) for im in images)
+    assert {im.split for im in images} <= {"train", "val"}
+    assert all((im.width, im.height) == (256, 256) for im in images)
+    # Every label lands in some field; unclipped boxes are the level-0 boxes at half size.
+    assert sum(len(im.boxes) for im in images) >= len(labels)
+    sizes = {(round(x1 - x0, 1), round(y1 - y0, 1)) for x1, x0, y1, y0 in
+             zip(labels.x1, labels.x0, labels.y1, labels.y0, strict=True)}  # fmt: skip
+    for im in images:
+        inner = (im.boxes[:, :2] > 0.5).all(axis=1) & (im.boxes[:, 2:] < 255.5).all(axis=1)
+        for w, h in im.boxes[inner][:, 2:] - im.boxes[inner][:, :2]:
+            assert (round(2 * w, 1), round(2 * h, 1)) in sizes
+    assert {c for im in images for c in im.classes} <= set(DETECTOR_CLASSES)
+
+
+def test_labels_flags_of_the_detector_job(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit):
+        main(["--labels", "l.parquet", "--out", str(tmp_path)])  # no --slides
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path)])  # neither --data nor --labels

@@ -6,7 +6,9 @@ Steps (`train_classifier`; steps 1-4 are `batch.datasets.folders` and
 1. **Find images** (`batch.datasets.folders.discover_images`):
    ``data/<class>/*.jpg|png|...`` (one folder per class), or a dataset
    already split into ``train/``, ``val/`` (and ``test/``).
-   ``rename`` maps folder names to labels (``Early=early_pre_b``).
+   ``rename`` maps folder names to labels (``Early=early_pre_b``). With
+   ``--labels LABELS --slides ...`` the folder is first cut from the slides
+   (`batch.train.from_labels`: the pipeline's crops of the labelled WBCs).
 2. **Group and split**: every image belongs to a *group* (a patient, a
    slide, a source image): from a CSV (``file,group``), from a regular
    expression on the file name, or, with neither, the image itself ("split
@@ -95,6 +97,7 @@ from batch.train.classifier_data import (
     view_names,
 )
 from batch.train.common import freeze_count
+from batch.train.from_labels import GROUP_BY, LABELS_DATA_DIR, classifier_config_from_labels
 
 __all__ = [
     "SPLIT_BY_IMAGE",
@@ -310,6 +313,8 @@ def train_classifier(cfg: TrainClassifierConfig) -> dict[str, Any]:
     ``metrics.json``, ``confusion_<split>.png``, ``work/`` (renderings and
     ``manifest.csv``) and ``runs/`` (ultralytics' own logs).
     """
+    if cfg.labels is not None:
+        cfg = classifier_config_from_labels(cfg)
     cfg.validate()
     out = Path(cfg.out)
     work = out / "work"
@@ -474,12 +479,18 @@ def build_parser() -> argparse.ArgumentParser:
         prog="train_classifier",
         description="Train a WBC classifier (ultralytics -cls) from an ImageFolder.",
     )
-    p.add_argument(
-        "--data",
-        required=True,
-        type=Path,
-        help="ImageFolder: <class>/<img> or train|val|test/<class>/<img>",
+    data = p.add_mutually_exclusive_group(required=True)
+    data.add_argument(
+        "--data", type=Path, help="ImageFolder: <class>/<img> or train|val|test/<class>/<img>"
     )
+    data.add_argument("--labels", type=Path, help="labels table of hemaray import-labels "
+                      "(its WBC types, cut from --slides as the pipeline cuts them)")
+    p.add_argument("--slides", nargs="+", default=[], help="with --labels: the slide files, "
+                   "folders, s3:// prefixes or manifest the labels were drawn on")
+    p.add_argument("--run", dest="labels_run", help="with --labels: the run they were imported "
+                   "against (its crop margin and detector mpp; slides matched by URI)")
+    p.add_argument("--group-by", default="slide", choices=GROUP_BY,
+                   help="with --labels: keep each slide's (or only each cell's) crops in one split")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--name", default="classifier", help="model name (weights <out>/<name>.pt)")
     p.add_argument("--input", dest="input_mode", default="mask", choices=INPUT_MODES)
@@ -547,8 +558,14 @@ def config_from_args(argv: Sequence[str] | None = None) -> TrainClassifierConfig
     if device == "auto":
         device = select_device("auto").replace("cuda:", "")
     argv_list = list(sys.argv[1:] if argv is None else argv)
+    if (args.labels is None) != (not args.slides) or (args.labels_run and args.labels is None):
+        raise SystemExit("--labels needs --slides, and --slides / --run go with --labels")
     return TrainClassifierConfig(
-        data=args.data,
+        data=args.data if args.labels is None else args.out / LABELS_DATA_DIR,
+        labels=args.labels,
+        slides=list(args.slides),
+        labels_run=args.labels_run,
+        group_by=args.group_by,
         out=args.out,
         name=args.name,
         input_mode=args.input_mode,

@@ -102,6 +102,17 @@ class TrainClassifierConfig:
     sources: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     command: str = ""
+    #: A labels table (``hemaray import-labels``) to cut the data from (`batch.train.from_labels`).
+    labels: Path | None = None
+    #: The slides the labels were drawn on (files, folders, s3:// prefixes, a manifest).
+    slides: list[str] = field(default_factory=list)
+    #: The run the labels were imported against: its config and slide URIs.
+    labels_run: str | None = None
+    #: Split crops from labels by ``slide`` or by ``cell``.
+    group_by: str = "slide"
+    #: Classes that get a folder in every split even without images, so a fine-tune keeps
+    #: its model's head (ultralytics takes the classes from the training folders).
+    head_classes: list[str] = field(default_factory=list)
 
     def validate(self) -> TrainClassifierConfig:
         """Raise ``ValueError`` on an invalid field; return ``self``."""
@@ -279,10 +290,11 @@ def render_dataset(
 ) -> list[dict[str, Any]]:
     """Render every record into ``work/<split>/<label>/`` and return the manifest rows.
 
-    Every label gets a folder in every split (ultralytics maps classes by
-    folder name). Unreadable images are skipped and counted in the log.
+    Every label (and every one of ``cfg.head_classes``) gets a folder in every
+    split (ultralytics maps classes by folder name). Unreadable images are
+    skipped and counted in the log.
     """
-    labels = sorted({r.label for r in records})
+    labels = sorted({r.label for r in records} | set(cfg.head_classes))
     for s in SPLITS:
         for c in labels:
             (work / s / c).mkdir(parents=True, exist_ok=True)

@@ -42,7 +42,7 @@ from batch.datasets.folders import class_dirs, list_images, read_rgb
 from batch.eval.metrics import box_iou
 from batch.stages.preprocess import prepare_crop
 
-__all__ = ["CropSource", "build_crop_set", "crops_from_run", "OTHER_LABEL"]
+__all__ = ["CropSource", "build_crop_set", "crops_from_run", "truth_labels", "OTHER_LABEL"]
 
 #: Label of WBC detections that are not leukocytes (smudges, red cells, stain debris).
 OTHER_LABEL = "other"
@@ -167,6 +167,47 @@ def _append_groups(path: Path, rows: list[dict[str, str]]) -> None:
         w.writerows(rows)
 
 
+def truth_labels(
+    boxes: np.ndarray,
+    truth: pd.DataFrame,
+    *,
+    iou: float = 0.5,
+    label_column: str = "wbc_type",
+    unmatched: str | None = OTHER_LABEL,
+) -> list[str | None]:
+    """The label each detected WBC box takes from one slide's synthetic ground truth.
+
+    ``boxes`` are ``(N, 4)`` level-0 boxes, ``truth`` the slide's rows of the
+    generator's ``ground_truth.parquet`` (every class). A box takes the
+    ``label_column`` of the truth WBC it overlaps best (IoU >= ``iou``, or
+    with at least ``PART_OF_WBC`` of its box inside that WBC's box); one with
+    less than ``OFF_WBC`` of its box on any truth WBC is ``unmatched`` (None:
+    no label), or ``platelet`` when it lies on truth platelets (a clump);
+    anything in between, or a truth WBC without this label, is None.
+    """
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    t = truth[truth["class"] == "WBC"]
+    tboxes = t[["x0", "y0", "x1", "y1"]].to_numpy(np.float64)
+    ious = box_iou(boxes, tboxes) if len(t) else np.zeros((len(boxes), 0))
+    inside = _share_inside(boxes, tboxes)
+    plates = truth[truth["class"] == "platelet"]
+    on_platelets = _share_inside(boxes, plates[["x0", "y0", "x1", "y1"]].to_numpy(np.float64))
+    labels: list[str | None] = []
+    for k in range(len(boxes)):
+        label: Any = None
+        if ious.shape[1] and ious[k].max() >= iou:
+            label = t[label_column].iloc[int(ious[k].argmax())]
+        elif inside.shape[1] and inside[k].max() >= PART_OF_WBC:
+            label = t[label_column].iloc[int(inside[k].argmax())]  # a tight box on a WBC
+        elif not inside.shape[1] or inside[k].max() < OFF_WBC:
+            # nowhere near a WBC: a platelet clump, else an artefact
+            on_clump = on_platelets.shape[1] and on_platelets[k].sum() >= ON_PLATELETS
+            label = PLATELET_LABEL if on_clump and unmatched is not None else unmatched
+        missing = label is None or (isinstance(label, float) and np.isnan(label))
+        labels.append(None if missing else str(label))
+    return labels
+
+
 def crops_from_run(
     cells: pd.DataFrame,
     truth: pd.DataFrame,
@@ -183,39 +224,22 @@ def crops_from_run(
 
     ``cells`` is a run's cells table with ``crop_png`` (run with
     ``--set export.crops=true``); ``truth`` the generator's
-    ``ground_truth.parquet``. A WBC detection takes the ``wbc_type`` of the
-    truth WBC it overlaps best (IoU >= ``iou``, or with at least
-    ``PART_OF_WBC`` of its box inside that WBC's box) from ``label_column``
-    (e.g. ``subtype`` for an ALL-subtype set; a null truth label skips the
-    crop); one with less than ``OFF_WBC`` of its box on any truth WBC is
-    labelled ``unmatched`` (None: skipped), or ``platelet`` when it lies on
-    truth platelets (a clump); anything in between is skipped. Writes ``<out>/<label>/<source>__<cell_id>.png`` and appends
+    ``ground_truth.parquet``. Each WBC detection takes its label by
+    `truth_labels` (ambiguous overlaps and truth WBCs without a
+    ``label_column`` value are skipped). Writes ``<out>/<label>/<source>__<cell_id>.png`` and appends
     to ``<out>/groups.csv`` (group: the slide). Returns crops per label.
     """
     out = Path(out)
     wbc = cells[(cells["det_class"] == "WBC") & cells["crop_png"].notna()]
     picked: dict[str, list[tuple[str, str, bytes]]] = defaultdict(list)
     for sid, dets in wbc.groupby("slide_id"):
-        t = truth[(truth["slide_id"] == sid) & (truth["class"] == "WBC")]
-        boxes = dets[["x0", "y0", "x1", "y1"]].to_numpy(np.float64)
-        tboxes = t[["x0", "y0", "x1", "y1"]].to_numpy(np.float64)
-        ious = box_iou(boxes, tboxes) if len(t) else np.zeros((len(dets), 0))
-        inside = _share_inside(boxes, tboxes)
-        plates = truth[(truth["slide_id"] == sid) & (truth["class"] == "platelet")]
-        on_platelets = _share_inside(boxes, plates[["x0", "y0", "x1", "y1"]].to_numpy(np.float64))
-        for k, (cell_id, png) in enumerate(zip(dets["cell_id"], dets["crop_png"], strict=True)):
-            label: Any = None
-            if ious.shape[1] and ious[k].max() >= iou:
-                label = t[label_column].iloc[int(ious[k].argmax())]
-            elif inside.shape[1] and inside[k].max() >= PART_OF_WBC:
-                label = t[label_column].iloc[int(inside[k].argmax())]  # a tight box on a WBC
-            elif not inside.shape[1] or inside[k].max() < OFF_WBC:
-                # nowhere near a WBC: a platelet clump, else an artefact
-                on_clump = on_platelets.shape[1] and on_platelets[k].sum() >= ON_PLATELETS
-                label = PLATELET_LABEL if on_clump and unmatched is not None else unmatched
-            if label is None or (isinstance(label, float) and np.isnan(label)):
-                continue  # ambiguous overlap, or a truth WBC without this label
-            picked[str(label)].append((str(sid), str(cell_id), bytes(png)))
+        labels = truth_labels(
+            dets[["x0", "y0", "x1", "y1"]].to_numpy(np.float64), truth[truth["slide_id"] == sid],
+            iou=iou, label_column=label_column, unmatched=unmatched,
+        )  # fmt: skip
+        for label, cell_id, png in zip(labels, dets["cell_id"], dets["crop_png"], strict=True):
+            if label is not None:  # None: an ambiguous overlap, or a truth WBC without this label
+                picked[label].append((str(sid), str(cell_id), bytes(png)))
     counts: dict[str, int] = {}
     rows = []
     for label, items in sorted(picked.items()):

@@ -6,7 +6,9 @@ Steps, each a function that can be used on its own:
    (``images/``, ``labels/``, optional ``train``/``val`` subfolders,
    ``data.yaml``) or Pascal VOC (``JPEGImages/``, ``Annotations/``,
    ``ImageSets/{train,val}.txt``) sets into ``LabeledImage`` records with
-   canonical class names.
+   canonical class names. With ``--labels LABELS --slides ...``, fields
+   around the labelled objects, cut from the slides at the trained mpp
+   (`batch.train.from_labels.fields_from_labels`), are one more set.
 2. `batch.train.detector_data.merge_datasets`: merge several sets without
    counting an image twice, and never train on an image that is validation
    data in any set.
@@ -41,7 +43,10 @@ from pathlib import Path
 from typing import Any
 
 from batch.datasets.detection import LabeledImage, read_detection_dataset
+from batch.errors import ConfigError
 from batch.eval.detector import evaluate_images
+from batch.export.fields import DEFAULT_FIELD_PX
+from batch.export.source import RunSource
 from batch.models import ModelCard, read_model_card, write_model_card
 from batch.stages.detect import DETECTOR_CLASSES, CellDetector
 from batch.stages.device import select_device
@@ -52,6 +57,12 @@ from batch.train.detector_data import (
     merge_datasets,
     prepare_yolo_dataset,
     synthetic_images,
+)
+from batch.train.from_labels import (
+    LABELS_DATA_DIR,
+    fields_from_labels,
+    labelled_slides,
+    read_labels_table,
 )
 
 __all__ = [
@@ -83,6 +94,12 @@ KNOWN_SOURCES: dict[str, dict[str, str]] = {
         "url": "https://github.com/Shenggan/BCCD_Dataset",
         "licence": "MIT (LICENSE)",
         "note": "many RBCs not annotated; boxes loose",
+    },
+    "labels": {
+        "url": "hemaray import-labels",
+        "licence": "the annotators' labels on your slides",
+        "note": "fields cut around corrected labels at the trained mpp (batch.train.from_labels); "
+        "objects nobody labelled in a field are background",
     },
     "synthetic": {
         "url": "batch.synth",
@@ -119,6 +136,13 @@ class TrainDetectorConfig:
     notes: list[str] = field(default_factory=list)
     #: Class-weight power: loss weights (1 / class frequency) ** cls_pw; 0 disables.
     cls_pw: float = 0.0
+    #: A labels table (``hemaray import-labels``): fields cut from ``slides`` join the data.
+    labels: Path | None = None
+    slides: list[str] = field(default_factory=list)
+    #: The run the labels were imported against (slides matched by URI).
+    labels_run: str | None = None
+    #: Side of a field cut from the labels, in pixels at ``target_mpp``.
+    field_px: int = DEFAULT_FIELD_PX
     command: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -162,6 +186,10 @@ def _train(cfg: TrainDetectorConfig, out: Path) -> dict[str, Any]:
     from ultralytics import YOLO
 
     sets = [read_detection_dataset(d) for d in cfg.data]
+    data_dirs = list(cfg.data)
+    if cfg.labels is not None:
+        data_dirs.append(out / LABELS_DATA_DIR)
+        sets.append(_fields_from_labels(cfg, data_dirs[-1]))
     merged = merge_datasets(sets)
     log.info("merged data: %s", merged.report)
     synth_val: list[LabeledImage] = []
@@ -288,7 +316,7 @@ def _train(cfg: TrainDetectorConfig, out: Path) -> dict[str, Any]:
             {"train": by_source_train.get(name, 0), "val": by_source_val.get(name, 0)},
             Path(path),
         )
-        for name, path in ((s[0].source, d) for s, d in zip(sets, cfg.data, strict=True) if s)
+        for name, path in ((s[0].source, d) for s, d in zip(sets, data_dirs, strict=True) if s)
     ]
     if cfg.synth_slides:
         sources.append(
@@ -332,6 +360,20 @@ def _train(cfg: TrainDetectorConfig, out: Path) -> dict[str, Any]:
     return metrics
 
 
+def _fields_from_labels(cfg: TrainDetectorConfig, out: Path) -> list[LabeledImage]:
+    """Fields around ``cfg.labels``' objects cut from ``cfg.slides`` at the trained mpp."""
+    if not cfg.slides:
+        raise ConfigError("--labels needs --slides: the slide files the labels were drawn on")
+    labels = read_labels_table(cfg.labels or "")
+    run = RunSource(cfg.labels_run) if cfg.labels_run else None
+    slides = labelled_slides(labels["slide_id"], cfg.slides, run=run)
+    images = fields_from_labels(
+        labels, slides, out, detector_mpp=cfg.target_mpp, field_px=cfg.field_px
+    )
+    log.info("fields from %s: %d (%s)", cfg.labels, len(images), out)
+    return images
+
+
 def _architecture(model: str) -> str:
     """The model's architecture for the card; a starting ``.pt`` with a card names its own."""
     path = Path(model)
@@ -372,6 +414,9 @@ def _reproduce_command(cfg: TrainDetectorConfig) -> str:
     args = ["python", "jobs/train_detector.py"]
     for d in cfg.data:
         args += ["--data", str(d)]
+    if cfg.labels is not None:
+        args += ["--labels", str(cfg.labels), "--slides", *cfg.slides, "--field-px", str(cfg.field_px)]
+        args += ["--run", cfg.labels_run] if cfg.labels_run else []
     args += [
         "--model",
         cfg.model,
@@ -408,10 +453,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--data",
         action="append",
-        required=True,
+        default=[],
         type=Path,
         help="YOLO or Pascal VOC dataset folder; repeat to merge (first wins duplicates)",
     )
+    p.add_argument("--labels", type=Path, help="labels table of hemaray import-labels: fields "
+                   "around its objects, cut from --slides at --mpp, join the data")
+    p.add_argument("--slides", nargs="+", default=[], help="with --labels: the slide files, "
+                   "folders, s3:// prefixes or manifest the labels were drawn on")
+    p.add_argument("--run", dest="labels_run", help="with --labels: the run they were imported "
+                   "against (slides matched by URI)")
+    p.add_argument("--field-px", type=int, default=DEFAULT_FIELD_PX,
+                   help="with --labels: field side in pixels at --mpp")
     p.add_argument(
         "--model",
         default="yolov8n.yaml",
@@ -478,7 +531,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``jobs/train_detector.py``; prints the metrics JSON."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.data and args.labels is None:
+        parser.error("give --data, --labels or both")
+    if (args.labels is None) != (not args.slides) or (args.labels_run and args.labels is None):
+        parser.error("--labels needs --slides, and --slides / --run go with --labels")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     cfg = TrainDetectorConfig(
         data=args.data,
@@ -499,6 +557,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         work_dir=args.work_dir,
         skip_training=args.skip_training,
         cls_pw=args.cls_pw,
+        labels=args.labels,
+        slides=list(args.slides),
+        labels_run=args.labels_run,
+        field_px=args.field_px,
         notes=list(args.note),
         command=shlex.join(["python", "jobs/train_detector.py", *argv]),
     )
