@@ -33,7 +33,7 @@ lint: install
 
 # Every tier: unit, ray, cluster, slow (tests/conftest.py).
 pytest: install
-	$(BIN)/pytest tests
+	$(BIN)/pytest tests --durations=30
 
 test: lint pytest
 
