@@ -26,6 +26,7 @@ __all__ = [
     "UnsupportedSlideError",
     "CorruptSlideError",
     "SlideTooLargeError",
+    "SlideChangedError",
     "ModelLoadError",
     "UntrustedModelError",
     "OutputNotWritableError",
@@ -100,6 +101,16 @@ class CorruptSlideError(SlideReadError):
 
 class SlideTooLargeError(SlideReadError):
     """The header declares more pixels than the configured per-slide budget."""
+
+
+class SlideChangedError(SlideReadError):
+    """The slide's file or object changed after the run opened it.
+
+    Its ETag / VersionId (object storage) or size and modification time (a
+    local file) differ from those pinned when the run read its header, so the
+    header's tile table no longer describes the bytes: reading on would cut
+    pixels of the new file along the old file's tile offsets.
+    """
 
 
 class ModelLoadError(HemarayError):

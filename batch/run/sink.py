@@ -163,17 +163,27 @@ class OutputStore:
             finally:
                 os.unlink(hidden)
         bucket, _, key = remote.partition("/")
+        with open(local, "rb") as f:
+            body = f.read()
         try:
-            with open(local, "rb") as f:
-                self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=f.read(), IfNoneMatch="*")  # type: ignore[attr-defined]
+            self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=body, IfNoneMatch="*")  # type: ignore[attr-defined]
             return True
         except FileExistsError:
-            return False
+            # botocore retries a PUT whose answer was lost (a reset after the store applied it);
+            # the retry then meets the object its own first try made: that one is ours.
+            return self._holds(remote, body)
         except NotImplementedError:  # a store without conditional writes: check, then put
             if self.fs.exists(remote):
                 return False
             self.fs.put_file(local, remote)
             return True
+
+    def _holds(self, remote: str, body: bytes) -> bool:
+        """Whether ``remote`` holds exactly ``body`` (a failures row names its time to the us)."""
+        try:
+            return bool(self.fs.cat_file(remote) == body)
+        except FileNotFoundError:
+            return False
 
     def write_failure(
         self,

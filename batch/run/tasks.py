@@ -38,7 +38,6 @@ import pyarrow as pa
 
 from batch.config import ClassifierSpec, Config
 from batch.ids import cell_ids
-from batch.lru import LruCache
 from batch.models import file_sha256, resolve_model, shipped_or_path
 from batch.run.columns import (
     TILE_BOX_COLUMNS,
@@ -54,7 +53,7 @@ from batch.run.columns import (
 )
 from batch.run.faults import first_crash
 from batch.run.telemetry import timed
-from batch.slides import WHITE, open_slide
+from batch.slides import WHITE, OpenSlides
 from batch.stages.classify import WbcClassifier
 from batch.stages.crop import crop_regions, crop_wbcs, estimate_background, png_bytes
 from batch.stages.detect import load_detector
@@ -152,25 +151,18 @@ def _batch_guard(
 # --- plan ------------------------------------------------------------------------------
 
 
-def _close(_uri: str, slide: Any) -> None:
-    slide.close()
-
-
 #: A few open slides per worker process (reads of one slide's tiles reuse the header parse),
-#: closed when evicted.
-_SLIDES: LruCache[str, Any] = LruCache(SLIDE_CACHE_SIZE, on_evict=_close)
+#: each held to the version the plan saw: a slide rewritten since is a SlideChangedError.
+_SLIDES = OpenSlides(SLIDE_CACHE_SIZE)
 
 
-def _open(uri: str, config: Config) -> Any:
-    return _SLIDES.get_or_create(
-        uri,
-        lambda: open_slide(
-            uri,
-            storage_options=config.storage.storage_options(),
-            max_pixels=config.slides.max_pixels,
-            max_pages=config.slides.max_pages,
-        ),
-    )
+def _open(uri: str, config: Config, *, pin: str | None = None, plan: bool = False) -> Any:
+    """The slide as it is now (``plan``), or in the version ``pin`` the plan recorded."""
+    kw: dict[str, Any] = {
+        "storage_options": config.storage.storage_options(),
+        "max_pixels": config.slides.max_pixels, "max_pages": config.slides.max_pages,
+    }  # fmt: skip
+    return _SLIDES.current(uri, **kw) if plan else _SLIDES.pinned(uri, pin, **kw)
 
 
 class PlanStage:
@@ -204,7 +196,7 @@ class PlanStage:
         base = {"slide_id": row["slide_id"], "slide_uri": row["slide_uri"], "n_tiles": 0}
         stage = "open"
         try:
-            slide = _open(row["slide_uri"], self.config)
+            slide = _open(row["slide_uri"], self.config, plan=True)
             stage = "plan"
             mpp, source = slide.info.mpp, "file"
             if mpp is None and row.get("mpp") is not None:
@@ -231,7 +223,7 @@ class PlanStage:
                 "analysed_um2": (
                     len(plan.tasks) * (plan.stride * plan.downsample * mpp) ** 2 if mpp else None
                 ),
-                "metadata": row.get("metadata_json"),
+                "metadata": row.get("metadata_json"), "pin": slide.pin,
             }
         )  # fmt: skip
         n = len(plan.tasks)
@@ -300,7 +292,8 @@ def read_tiles(batch: Batch, config: Config) -> Batch:
         try:
             inject_fault(config, "crash", batch, i)
             inject_fault(config, "read", batch, i)
-            slide = _open(batch["slide_uri"][i], config)
+            pin = json.loads(batch["slide_json"][i] or "{}").get("pin")  # the plan's version
+            slide = _open(batch["slide_uri"][i], config, pin=pin)
             region = slide.read_region(
                 int(batch["x"][i]), int(batch["y"][i]), int(batch["w"][i]), int(batch["h"][i]),
                 level=int(batch["level"][i]),

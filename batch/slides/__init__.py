@@ -5,16 +5,23 @@ One entry point, :func:`open_slide`, turns a local path, a ``file://`` URL, an
 :class:`Slide`. A slide knows its pyramid (:class:`SlideInfo`) and reads
 regions of any level as ``HxWx3`` ``uint8`` RGB arrays.
 
-``open_slide(src, *, storage_options=None, max_pixels=DEFAULT_MAX_PIXELS, max_pages=DEFAULT_MAX_PAGES)``
+``open_slide(src, *, storage_options=None, max_pixels=DEFAULT_MAX_PIXELS, max_pages=DEFAULT_MAX_PAGES, pin=None)``
 takes ``storage_options`` keyword-only (the fsspec settings of a URL, e.g. an
 S3 endpoint). TIFF-family slides are read by ranged fetches of the covering
 tiles only (see :mod:`batch.slides.tiff`); JPEG and PNG are decoded whole.
+:class:`OpenSlides` keeps a process's few open slides for a pipeline's workers.
 
 Guarantees
 ----------
 - Pixels equal tifffile's own decode of the same tiles; parts of a region
   outside the level, and tiles the file declares empty (byte count 0), are
   white (255).
+- Every read of an open slide reads the version of the bytes its header was
+  parsed from (:attr:`Slide.pin`: an object's ETag and VersionId, a file's
+  size and mtime; ranged GETs carry ``If-Match``), and ``open_slide(...,
+  pin=...)`` opens only that version: a slide rewritten meanwhile is a
+  :class:`SlideChangedError`, never pixels of one file cut along another's
+  tile table (see :mod:`batch.slides.sources`).
 - Memory is bounded by the region, never by the slide: nothing allocates a
   whole level unless asked (:meth:`Slide.read_level`, within
   :data:`MAX_READ_PIXELS`); :meth:`Slide.thumbnail` reads huge levels in bands.
@@ -43,6 +50,8 @@ Guarantees
   make tifffile log a warning or error      read, naming the tile
   level 0 larger than ``max_pixels``        :class:`SlideTooLargeError`, before
                                             anything is allocated
+  file or object rewritten after open, or   :class:`SlideChangedError`, at the
+  not the version ``pin`` names             first read after it (or at open)
   ========================================  ===================================
 
   JPEG carries no checksum and the libjpeg used by imagecodecs swallows its
@@ -68,6 +77,7 @@ This package's ``__init__`` is only the facade: import from ``batch.slides``.
   :mod:`~batch.slides.ifds` (the page-chain budget: cycles, page count) and
   :mod:`~batch.slides.ranges` (range coalescing) serve it.
 - :mod:`~batch.slides.cache`: the process-wide decoded-tile cache.
+- :mod:`~batch.slides.opened`: :class:`OpenSlides`, a process's few open slides, pinned.
 - :mod:`~batch.slides.raster`: the JPEG/PNG backend.
 
 The package may import only :mod:`batch.errors`, :mod:`batch.config` (for
@@ -93,6 +103,7 @@ from batch.slides.limits import (
     SNIFF_BYTES,
     WHITE,
 )
+from batch.slides.opened import OpenSlides
 from batch.slides.ranges import coalesce_byte_ranges
 from batch.slides.slide import Slide, open_slide
 
@@ -110,6 +121,7 @@ __all__ = [
     "SNIFF_BYTES",
     "WHITE",
     "LevelInfo",
+    "OpenSlides",
     "Slide",
     "SlideInfo",
     "coalesce_byte_ranges",

@@ -12,6 +12,8 @@ This module imports nothing.
 from __future__ import annotations
 
 __all__ = [
+    "BODY_READ_ATTEMPTS",
+    "BODY_RETRY_BASE_S",
     "COALESCE_MAX_GAP",
     "DECODED_TILE_CACHE_BYTES",
     "DEFAULT_THUMBNAIL_SIZE",
@@ -41,6 +43,14 @@ Measured on a 16384^2 JPEG pyramid (5 levels): 10 GETs at 16, 32 or 64 KiB
 (163 / 327 / 655 KB read), 12-13 GETs at 4-8 KiB; tile tables longer than a
 block are fetched in one GET of their own length by the read-ahead cache.
 """
+
+BODY_READ_ATTEMPTS: int = 3
+"""Tries of one ranged GET whose body breaks off mid-transfer (a connection reset while
+receiving). The request itself is retried by botocore (``storage.max_attempts``), but not
+a body that dies after the answer began."""
+
+BODY_RETRY_BASE_S: float = 0.2
+"""Seconds before the second try of a broken-off body; doubled for each further one."""
 
 COALESCE_MAX_GAP: int = 512
 """Two needed tiles at most this many bytes apart in the file are fetched in one range."""

@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 from numpy.typing import NDArray
 
-from batch.errors import CorruptSlideError, SlideTooLargeError
+from batch.errors import CorruptSlideError, SlideReadError, SlideTooLargeError
 from batch.slides.info import LevelInfo, SlideInfo, clip_window
 from batch.slides.limits import MAX_WHOLE_IMAGE_PIXELS, WHITE
 from batch.slides.sources import ByteSource, storage_error
@@ -62,6 +62,8 @@ class RasterBackend:
     def __init__(self, uri: str, source: ByteSource, kind: str, max_pixels: int) -> None:
         try:
             data = source.read_all()
+        except SlideReadError:  # the source's own verdict (the file changed since open)
+            raise
         except Exception as e:  # pure I/O: any failure is the storage's
             raise storage_error(uri, e, f"reading the {kind.upper()} file") from e
         size = _png_size(data) if kind == "png" else _jpeg_size(data)

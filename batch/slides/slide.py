@@ -60,11 +60,17 @@ class Slide:
         The slide as the caller named it (path, URL, or a file object's name).
     info
         Format, size, pyramid, mpp, tiling and compression.
+    pin
+        The version of the bytes it was opened on (a local file's size and
+        mtime, an object's ETag and VersionId; None for a file object). Every
+        read is held to it (see :mod:`batch.slides.sources`); pass it to
+        :func:`open_slide` to open the same version again elsewhere.
     """
 
     def __init__(self, uri: str, backend: Backend, source: ByteSource) -> None:
         self.uri = uri
         self.info = backend.info
+        self.pin = source.pin
         self._backend = backend
         self._source = source
         self._closed = False
@@ -281,6 +287,7 @@ def open_slide(
     storage_options: dict[str, Any] | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_pages: int = DEFAULT_MAX_PAGES,
+    pin: str | None = None,
 ) -> Slide:
     """Open a slide from a path, a ``file://`` or ``s3://`` URL, or a binary file object.
 
@@ -300,6 +307,10 @@ def open_slide(
     max_pages
         Refuse TIFFs whose page chain is longer than this, or loops back
         (:class:`~batch.errors.CorruptSlideError`), before tifffile parses it.
+    pin
+        A :attr:`Slide.pin` from an earlier open: the file or object must still
+        be that version (:class:`~batch.errors.SlideChangedError` if not), so
+        a worker reading the tiles another process planned reads the same bytes.
 
     Returns
     -------
@@ -313,7 +324,7 @@ def open_slide(
         input gives which.
     """
     uri = _name_of(src)
-    source = open_source(src, uri, storage_options)
+    source = open_source(src, uri, storage_options, pin=pin)
     try:
         try:
             header = source.header_file()

@@ -426,6 +426,8 @@ class TiffBackend:
         merged, where = plan_reads(spans, COALESCE_MAX_GAP)
         try:
             blobs = self._source.read_ranges(merged)
+        except SlideReadError:  # the source's own verdict (the file changed since open)
+            raise
         except Exception as e:  # pure I/O: any failure is the storage's
             raise storage_error(self._uri, e, f"fetching tiles of level {level}") from e
 
