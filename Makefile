@@ -5,6 +5,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.hemaray-installed
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+LS_SDK := .cache/label-studio-sdk
+# label_studio_sdk.label_interface and what it imports (the rest of the SDK is not used).
+LS_SDK_PINS := label-studio-sdk==2.1.2 xmljson==0.2.1 jsf==0.11.2 faker rstr lxml 'PyJWT>=2.13,<2.14' appdirs
 export YOLO_CONFIG_DIR ?= $(CURDIR)/.cache/ultralytics
 export YOLO_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
@@ -21,6 +24,9 @@ $(BIN)/python:
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q $(TORCH_PINS)
 	$(BIN)/pip install -q -e '.[dev]'
+	# The Label Studio SDK, to validate exported tasks in tests, in a folder of its own: its
+	# requirements (opencv-python-headless < 4.13) would clash with the project's OpenCV.
+	$(BIN)/pip install -q --no-deps --target $(LS_SDK) $(LS_SDK_PINS)
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -182,3 +182,25 @@ def test_a_failed_row_write_after_the_cells_file_leaves_the_slide_committed(tmp_
     [row] = read_table(store.uri, "slides").to_pylist()
     assert row["status"] == "committed"
     assert pq.read_metadata(healthy.cells_path(slide.slide_id)).num_rows == 0
+
+
+def test_a_lease_whose_put_reply_is_lost_is_still_ours(s3: dict[str, Any]) -> None:
+    """F1 on leases: the PUT lands, its reply is lost, the client's retry gets 412: still ours."""
+    import s3fs
+    from faultproxy import Fault, FaultProxy
+
+    faults = [Fault("lost_reply", "PUT", prefix=f"/{s3['bucket']}/out/leases/")]
+
+    def through(proxy: FaultProxy) -> Any:
+        return s3fs.S3FileSystem(client_kwargs={"endpoint_url": proxy.endpoint}, skip_instance_cache=True)
+
+    with FaultProxy(s3["endpoint"], faults) as proxy:
+        book = LeaseBook(through(proxy), f"{s3['bucket']}/out", "r1")
+        assert book.acquire("a") is None  # taken, though no reply said so
+        assert proxy.injected[("PUT", "lost_reply")] == 1
+    with FaultProxy(s3["endpoint"], faults) as proxy:  # a new proxy faults the renewal too
+        book.fs = through(proxy)
+        assert book.renew() == []  # renewed, though no reply said so
+        assert proxy.injected[("PUT", "lost_reply")] == 1
+    other = LeaseBook(s3["fs"], f"{s3['bucket']}/out", "r2")
+    assert other.acquire("a") == "r1"

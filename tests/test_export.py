@@ -19,6 +19,9 @@ uploads an export that loads after download.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
@@ -252,6 +255,45 @@ def test_labelstudio_tasks_follow_the_documented_layout(run_out: Path, tmp_path:
             assert 0 <= r["score"] <= 1
             result_ids.add(r["id"])
     assert chosen <= result_ids
+
+
+#: Where ``make install`` puts the Label Studio SDK (apart from the project's packages).
+LS_SDK = Path(__file__).resolve().parents[1] / ".cache" / "label-studio-sdk"
+LS_CHECK = """
+import json, sys
+from pathlib import Path
+from label_studio_sdk.label_interface import LabelInterface
+folder = Path(sys.argv[1])
+li = LabelInterface((folder / "label_config.xml").read_text())
+report = []
+for task in json.loads((folder / "tasks.json").read_text()):
+    data_only = {k: v for k, v in task.items() if k != "predictions"}
+    report.append({
+        "task": li.validate_task(data_only),
+        "predictions": [li.validate_prediction(p, return_errors=True) for p in task["predictions"]],
+    })
+print(json.dumps(report))
+"""
+
+
+@pytest.mark.skipif(not (LS_SDK / "label_studio_sdk").is_dir(),
+                    reason="the Label Studio SDK is not installed in .cache/label-studio-sdk (make install)")  # fmt: skip
+def test_labelstudio_tasks_validate_with_the_sdk(run_out: Path, tmp_path: Path) -> None:
+    """The SDK's own LabelInterface checks each task's data and each prediction's regions."""
+    _export(run_out, tmp_path, "labelstudio", "--select", "least-confident:5", "--classes", "WBC")
+    proc = subprocess.run([sys.executable, "-c", LS_CHECK, str(tmp_path)], capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(LS_SDK)}, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report and all(r["task"] is True for r in report)
+    assert all(p == [] for r in report for p in r["predictions"]), report  # no error messages
+    # and the SDK does see a broken one: a label the config does not name
+    tasks = json.loads((tmp_path / "tasks.json").read_text())
+    tasks[0]["predictions"][0]["result"][0]["value"]["rectanglelabels"] = ["no_such_label"]
+    (tmp_path / "tasks.json").write_text(json.dumps(tasks))
+    proc = subprocess.run([sys.executable, "-c", LS_CHECK, str(tmp_path)], capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(LS_SDK)}, timeout=120)  # fmt: skip
+    assert json.loads(proc.stdout.strip().splitlines()[-1])[0]["predictions"][0] != []
 
 
 def test_cvat_xml_structure(run_out: Path, tmp_path: Path) -> None:

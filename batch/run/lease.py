@@ -183,13 +183,29 @@ class LeaseBook:
             rec = json.loads(self.fs.cat_file(path))
         except FileNotFoundError:
             return self._acquire_s3_retry(path)
+        if rec.get("run_id") == self.run_id:  # our own PUT landed; only its reply was lost
+            return _Held(path, etag)
         if not self._stale(rec):
             return str(rec.get("run_id"))
         try:
             r = call("put_object", Bucket=bucket, Key=key, Body=self._body(), IfMatch=etag)
             return _Held(path, r.get("ETag"))
         except (FileExistsError, OSError):
-            return "another run (it took over the stale lease first)"
+            mine = self._ours_s3(path)
+            return _Held(path, mine) if mine else "another run (it took over the stale lease first)"
+
+    def _ours_s3(self, path: str) -> str | None:
+        """The lease's ETag if it holds this run's record (a PUT whose reply was lost), else None.
+
+        A conditional PUT that reached the store but whose reply did not come back is
+        retried by the client and then refused (412): the lease is ours all the same.
+        """
+        try:
+            etag = self.fs.info(path, refresh=True).get("ETag")
+            rec = json.loads(self.fs.cat_file(path))
+        except (OSError, ValueError):
+            return None
+        return str(etag) if rec.get("run_id") == self.run_id and etag else None
 
     def _acquire_s3_retry(self, path: str) -> _Held | str:
         bucket, key = self._bucket_key(path)
@@ -197,7 +213,8 @@ class LeaseBook:
             r = self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=self._body(), IfNoneMatch="*")  # type: ignore[attr-defined]
             return _Held(path, r.get("ETag"))
         except FileExistsError:
-            return "another run"
+            mine = self._ours_s3(path)
+            return _Held(path, mine) if mine else "another run"
 
     def _acquire_fallback(self, path: str) -> _Held | str:
         log.warning("the store refuses conditional writes; leases fall back to write-and-read-back")
@@ -228,8 +245,14 @@ class LeaseBook:
                 else:
                     bucket, key = self._bucket_key(h.path)
                     kw = {"IfMatch": h.etag} if h.etag else {}
-                    r = self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=self._body(), **kw)  # type: ignore[attr-defined]
-                    h.etag = r.get("ETag")
+                    try:
+                        r = self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=self._body(), **kw)  # type: ignore[attr-defined]
+                        h.etag = r.get("ETag")
+                    except OSError:
+                        mine = self._ours_s3(h.path)  # landed, reply lost: still ours
+                        if mine is None:
+                            raise
+                        h.etag = mine
             except (OSError, ValueError) as e:
                 log.warning("lease of %s lost (%s)", sid, e)
                 lost.append(sid)
