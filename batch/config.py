@@ -95,10 +95,15 @@ class SlideConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     #: Longest TIFF page chain accepted; a longer (or looping) one is a CorruptSlideError.
     max_pages: int = DEFAULT_MAX_PAGES
+    #: Seconds opening a slide (header, page chain, tile tables) may take; longer is a
+    #: SlideOpenTimeoutError. A healthy slide opens in well under a second, over S3 in a few.
+    open_timeout_s: float = 120.0
 
     def validate(self) -> None:
         if self.max_pixels <= 0:
             raise ConfigError(f"slides.max_pixels must be > 0, got {self.max_pixels}")
+        if self.open_timeout_s <= 0:
+            raise ConfigError(f"slides.open_timeout_s must be > 0, got {self.open_timeout_s}")
         if self.max_pages <= 0:
             raise ConfigError(f"slides.max_pages must be > 0, got {self.max_pages}")
 

@@ -103,6 +103,14 @@ class SlideTooLargeError(SlideReadError):
     """The header declares more pixels than the configured per-slide budget."""
 
 
+class SlideOpenTimeoutError(SlideReadError):
+    """Opening the slide (its header, page chain and tile tables) took longer than allowed.
+
+    ``slides.open_timeout_s`` bounds it: a header on a store that answers at a
+    trickle, or a file built to be slow to parse, costs that slide, not the run.
+    """
+
+
 class SlideChangedError(SlideReadError):
     """The slide's file or object changed after the run opened it.
 

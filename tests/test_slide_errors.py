@@ -448,3 +448,29 @@ def test_errors_leave_no_open_handles(tmp_path: Path, make: Callable[[Path], Any
         with pytest.raises(UnsupportedSlideError):
             open_slide(make(path))
     assert len(os.listdir("/proc/self/fd")) <= before
+
+
+def test_b7_slow_open_is_a_timeout_not_a_hang(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Opening is bounded in time too: a slide whose open never ends is one typed failure."""
+    import threading
+
+    from batch.config import Config
+    from batch.errors import SlideOpenTimeoutError, decode_error
+    from batch.run import tasks
+
+    release = threading.Event()
+
+    def stuck(*args: object, **kwargs: object) -> None:
+        release.wait(60)  # a store answering at a trickle, a parser spinning
+
+    monkeypatch.setattr(tasks, "_open", stuck)
+    config = Config()
+    config.slides.open_timeout_s = 0.5
+    path = str(write_tiled(tmp_path / "slow.tif"))
+    try:
+        [row] = tasks.plan_slide({"slide_id": "slow", "slide_uri": path}, config, 0.25)
+    finally:
+        release.set()
+    assert row["kind"] == "error"
+    error = decode_error(row["error"])
+    assert isinstance(error, SlideOpenTimeoutError) and "slides.open_timeout_s" in str(error)

@@ -37,6 +37,7 @@ import numpy.typing as npt
 import pyarrow as pa
 
 from batch.config import ClassifierSpec, Config
+from batch.errors import SlideOpenTimeoutError
 from batch.ids import cell_ids
 from batch.models import file_sha256, resolve_model, shipped_or_path
 from batch.run.columns import (
@@ -54,6 +55,7 @@ from batch.run.columns import (
 from batch.run.faults import first_crash
 from batch.run.telemetry import timed
 from batch.slides import WHITE, OpenSlides
+from batch.slides.deadline import within_deadline
 from batch.stages.classify import WbcClassifier
 from batch.stages.crop import crop_regions, crop_wbcs, estimate_background, png_bytes
 from batch.stages.detect import load_detector
@@ -196,7 +198,9 @@ class PlanStage:
         base = {"slide_id": row["slide_id"], "slide_uri": row["slide_uri"], "n_tiles": 0}
         stage = "open"
         try:
-            slide = _open(row["slide_uri"], self.config, plan=True)
+            uri, budget = row["slide_uri"], self.config.slides.open_timeout_s
+            late = SlideOpenTimeoutError(uri, f"opening took over {budget:g} s (slides.open_timeout_s)")
+            slide = within_deadline(lambda: _open(uri, self.config, plan=True), budget, late)
             stage = "plan"
             mpp, source = slide.info.mpp, "file"
             if mpp is None and row.get("mpp") is not None:
