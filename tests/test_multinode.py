@@ -143,6 +143,7 @@ def test_multinode_run_spreads_detectors_and_matches_single_node(slides_dir: Pat
     import pandas as pd
 
     from batch.config import load_config
+    from batch.ids import slide_id_for
     from batch.inputs import resolve_inputs
     from batch.run.pipeline import run_pipeline
     from batch.run.sink import read_table
@@ -150,7 +151,7 @@ def test_multinode_run_spreads_detectors_and_matches_single_node(slides_dir: Pat
     single_out, multi_out = tmp_path / "single", tmp_path / "multi"
     config = load_config(None, DETECT_SETS + SINGLE_NODE_SETS + _classifier_sets())
     single = run_pipeline(resolve_inputs([str(slides_dir)]), str(single_out), config, echo=lambda s: None)
-    expected_ids = [f"slide_{i:04d}" for i in range(SLIDES)]
+    expected_ids = sorted(slide_id_for(str(slides_dir / f"slide_{i:04d}.tif")) for i in range(SLIDES))
     assert sorted(single.committed) == expected_ids
 
     report = _run_child(slides_dir, multi_out)
