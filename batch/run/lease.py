@@ -168,27 +168,33 @@ class LeaseBook:
         bucket, _, key = path.partition("/")
         return bucket, key
 
-    def _acquire_s3(self, path: str) -> _Held | str:
+    def _create_s3(self, path: str) -> _Held | None:
+        """Create the lease if absent (``If-None-Match: *``); None if it exists and is not ours."""
         bucket, key = self._bucket_key(path)
-        call = self.fs.call_s3  # type: ignore[attr-defined]
         try:
-            r = call("put_object", Bucket=bucket, Key=key, Body=self._body(), IfNoneMatch="*")
+            r = self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=self._body(), IfNoneMatch="*")  # type: ignore[attr-defined]
             return _Held(path, r.get("ETag"))
         except FileExistsError:
-            pass
+            mine = self._ours_s3(path)  # our own PUT landed; only its reply was lost
+            return _Held(path, mine) if mine else None
+
+    def _acquire_s3(self, path: str) -> _Held | str:
+        try:
+            created = self._create_s3(path)
         except NotImplementedError:
             return self._acquire_fallback(path)
+        if created is not None:
+            return created
         try:  # the ETag first: if the body changes after, the conditional takeover fails
             etag = self.fs.info(path, refresh=True).get("ETag")
             rec = json.loads(self.fs.cat_file(path))
-        except FileNotFoundError:
-            return self._acquire_s3_retry(path)
-        if rec.get("run_id") == self.run_id:  # our own PUT landed; only its reply was lost
-            return _Held(path, etag)
+        except FileNotFoundError:  # released meanwhile: one more try to create it
+            return self._create_s3(path) or "another run"
         if not self._stale(rec):
             return str(rec.get("run_id"))
+        bucket, key = self._bucket_key(path)
         try:
-            r = call("put_object", Bucket=bucket, Key=key, Body=self._body(), IfMatch=etag)
+            r = self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=self._body(), IfMatch=etag)  # type: ignore[attr-defined]
             return _Held(path, r.get("ETag"))
         except (FileExistsError, OSError):
             mine = self._ours_s3(path)
@@ -206,15 +212,6 @@ class LeaseBook:
         except (OSError, ValueError):
             return None
         return str(etag) if rec.get("run_id") == self.run_id and etag else None
-
-    def _acquire_s3_retry(self, path: str) -> _Held | str:
-        bucket, key = self._bucket_key(path)
-        try:
-            r = self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=self._body(), IfNoneMatch="*")  # type: ignore[attr-defined]
-            return _Held(path, r.get("ETag"))
-        except FileExistsError:
-            mine = self._ours_s3(path)
-            return _Held(path, mine) if mine else "another run"
 
     def _acquire_fallback(self, path: str) -> _Held | str:
         log.warning("the store refuses conditional writes; leases fall back to write-and-read-back")

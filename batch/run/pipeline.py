@@ -125,9 +125,10 @@ def run_pipeline(
         holder = leases.acquire(s.slide_id)
         if holder is not None:
             result.leased[s.slide_id] = holder
-    committed |= set() if overwrite else store.committed() & set(leases.held)
-    for sid in committed & set(leases.held):
-        leases.release(sid)
+    if not overwrite:
+        for sid in store.committed() & set(leases.held):
+            committed.add(sid)
+            leases.release(sid)
     todo = [s for s in todo if s.slide_id in leases.held]
     result.skipped = sorted(s.slide_id for s in slides if s.slide_id in committed)
     if result.skipped:

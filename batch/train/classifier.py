@@ -97,7 +97,12 @@ from batch.train.classifier_data import (
     view_names,
 )
 from batch.train.common import freeze_count
-from batch.train.from_labels import GROUP_BY, LABELS_DATA_DIR, classifier_config_from_labels
+from batch.train.from_labels import (
+    GROUP_BY,
+    LABELS_DATA_DIR,
+    add_label_source_args,
+    classifier_config_from_labels,
+)
 
 __all__ = [
     "SPLIT_BY_IMAGE",
@@ -485,10 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     data.add_argument("--labels", type=Path, help="labels table of hemaray import-labels "
                       "(its WBC types, cut from --slides as the pipeline cuts them)")
-    p.add_argument("--slides", nargs="+", default=[], help="with --labels: the slide files, "
-                   "folders, s3:// prefixes or manifest the labels were drawn on")
-    p.add_argument("--run", dest="labels_run", help="with --labels: the run they were imported "
-                   "against (its crop margin and detector mpp; slides matched by URI)")
+    add_label_source_args(p, "its crop margin and detector mpp; slides matched by URI")
     p.add_argument("--group-by", default="slide", choices=GROUP_BY,
                    help="with --labels: keep each slide's (or only each cell's) crops in one split")
     p.add_argument("--out", required=True, type=Path, help="output folder")

@@ -60,6 +60,7 @@ from batch.train.detector_data import (
 )
 from batch.train.from_labels import (
     LABELS_DATA_DIR,
+    add_label_source_args,
     fields_from_labels,
     labelled_slides,
     read_labels_table,
@@ -459,10 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--labels", type=Path, help="labels table of hemaray import-labels: fields "
                    "around its objects, cut from --slides at --mpp, join the data")
-    p.add_argument("--slides", nargs="+", default=[], help="with --labels: the slide files, "
-                   "folders, s3:// prefixes or manifest the labels were drawn on")
-    p.add_argument("--run", dest="labels_run", help="with --labels: the run they were imported "
-                   "against (slides matched by URI)")
+    add_label_source_args(p, "slides matched by URI")
     p.add_argument("--field-px", type=int, default=DEFAULT_FIELD_PX,
                    help="with --labels: field side in pixels at --mpp")
     p.add_argument(

@@ -62,6 +62,7 @@ from batch.tiling import choose_level
 from batch.train.classifier_data import TrainClassifierConfig
 
 __all__ = [
+    "add_label_source_args",
     "GROUP_BY",
     "LABELS_DATA_DIR",
     "LABELS_SOURCE",
@@ -389,3 +390,11 @@ def classifier_config_from_labels(
             }
         ],
     )
+
+
+def add_label_source_args(parser: Any, run_note: str) -> None:
+    """The training jobs' ``--slides`` and ``--run`` (``--labels`` is declared by each job)."""
+    parser.add_argument("--slides", nargs="+", default=[], help="with --labels: the slide files, "
+                        "folders, s3:// prefixes or manifest the labels were drawn on")
+    parser.add_argument("--run", dest="labels_run", help="with --labels: the run they were "
+                        f"imported against ({run_note})")
