@@ -177,8 +177,10 @@ class StorageConfig:
         return options
 
 
-#: Values of ``detect.runtime`` (batch.stages.runtime.RUNTIMES).
-DETECT_RUNTIMES = ("torch", "onnxruntime", "openvino")
+#: Inference runtimes a detector can run in (batch.stages.runtime).
+RUNTIMES = ("torch", "onnxruntime", "openvino", "openvino-int8", "tensorrt")
+#: Values of ``detect.runtime``: a runtime, or "auto" (batch.stages.autoruntime).
+DETECT_RUNTIMES = ("auto", *RUNTIMES)
 
 
 @dataclass
@@ -198,10 +200,13 @@ class DetectConfig:
     max_det: int = 1000
     #: Class-agnostic NMS: one cell gets one box even when classes compete.
     agnostic_nms: bool = True
-    #: Inference runtime: "torch" (the .pt as it is), "onnxruntime" or "openvino" (exported
-    #: once, offline, into the model cache; batch.stages.runtime). The exported runtimes give
-    #: the same cells up to float rounding (tested); their cell ids differ from torch's.
-    runtime: str = "torch"
+    #: Inference runtime: "torch" (the .pt as it is); "onnxruntime", "openvino" (FP32),
+    #: "openvino-int8" (NNCF post-training quantization) or "tensorrt" (FP16 engine, CUDA):
+    #: exported once, offline, into the model cache (batch.stages.runtime); or "auto": the
+    #: first of a measured preference order for the device that is installed and passes its
+    #: parity check against torch (batch.stages.autoruntime). FP32 exports give the same cells
+    #: up to float rounding (tested); cell ids of a runtime other than torch differ from torch's.
+    runtime: str = "auto"
     #: Tiles per forward pass.
     batch_size: int = 8
     #: Detector actors; 0: one per GPU, or on a CPU-only cluster one per CPU (at most 16).

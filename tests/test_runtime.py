@@ -1,24 +1,44 @@
-"""Detector runtimes: exported once into the cache, the same boxes as PyTorch, chosen by config."""
+"""Detector runtimes: exported once into the cache, the same boxes as PyTorch, chosen by config.
+
+The CUDA path (TensorRT engine keys, ``auto`` on a GPU, placement) runs here on
+faked device facts and a prepared cache: no test needs a GPU.
+"""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from batch.bench.gpu import NO_CUDA_EXIT, bench_gpu
 from batch.config import load_config
 from batch.errors import ConfigError, ModelLoadError
-from batch.eval.metrics import detection_parity
-from batch.models import DEFAULT_DETECTOR
+from batch.models import DEFAULT_DETECTOR, file_sha256
+from batch.run.pipeline import Resources, placement
 from batch.run.tasks import model_key
 from batch.slides import open_slide
+from batch.stages import quantize
+from batch.stages.autoruntime import PREFERENCE, choose_runtime, runtime_record
 from batch.stages.detect import CellDetector
-from batch.stages.runtime import export_key, exported_model
+from batch.stages.device import select_device
+from batch.stages.parity import PARITY_CONF, PARITY_IOU, detection_parity, parity_passed
+from batch.stages.runtime import (
+    EXPORT_BATCH,
+    EXPORTS_DIR,
+    PARITY_FILE,
+    DeviceFacts,
+    device_facts,
+    export_key,
+    exported_model,
+    read_parity,
+)
 from batch.synth import synth_slides
 
-#: Boxes of an exported runtime match PyTorch's at least this well (same class).
-PARITY_IOU = 0.9
-PARITY_CONF = 0.02
+CPU = device_facts("cpu")
+GPU = DeviceFacts("cuda:0", "NVIDIA A10G", {**CPU.versions, "tensorrt": "10.3.0"})
 
 
 @pytest.fixture(scope="module")
@@ -28,32 +48,130 @@ def tiles(tmp_path_factory: pytest.TempPathFactory) -> list[object]:
         return [slide.read_region(x, y, 640, 640) for x in (0, 640) for y in (0, 640)]
 
 
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One model cache for this module's real exports (each runtime is exported once)."""
+    root = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HEMARAY_CACHE_DIR", str(root))
+        yield root
+
+
+def _fake_export(cache_dir: Path, runtime: str, facts: DeviceFacts, *, passed: bool) -> Path:
+    """A cached export as `exported_model` leaves it (file + parity record), without building it."""
+    name = {"tensorrt": "detector.engine", "onnxruntime": "detector.onnx"}[runtime]
+    folder = cache_dir / EXPORTS_DIR / export_key(file_sha256(DEFAULT_DETECTOR), runtime, facts)
+    folder.mkdir(parents=True)
+    (folder / name).write_bytes(b"not a real model")
+    parity = {"matched_fraction": 1.0 if passed else 0.8, "worst_iou": 0.99, "max_conf_diff": 0.001,
+              "n_reference": 1000, "n_other": 1000 if passed else 800, "tiles": 16}  # fmt: skip
+    (folder / PARITY_FILE).write_text(json.dumps({**parity, "passed": parity_passed(parity)}))
+    return folder / name
+
+
 def test_unknown_runtime_is_refused() -> None:
     with pytest.raises(ModelLoadError, match="unknown runtime"):
         exported_model(DEFAULT_DETECTOR, "tensorflow")
     with pytest.raises(ConfigError, match="detect.runtime"):
         load_config(None, ["detect.runtime=tensorflow"])
     assert exported_model(DEFAULT_DETECTOR, "torch") == DEFAULT_DETECTOR
+    assert load_config().detect.runtime == "auto"
+    assert load_config(None, ["detect.runtime=openvino-int8"]).detect.runtime == "openvino-int8"
 
 
-def test_the_export_key_follows_weights_and_runtime() -> None:
-    a = export_key("a" * 64, "openvino")
-    assert a != export_key("b" * 64, "openvino") and a != export_key("a" * 64, "onnxruntime")
-    assert a == export_key("a" * 64, "openvino")
+def test_the_export_key_follows_weights_runtime_package_and_gpu() -> None:
+    a = export_key("a" * 64, "openvino", CPU)
+    assert a == export_key("a" * 64, "openvino", CPU)
+    assert a != export_key("b" * 64, "openvino", CPU)
+    assert a != export_key("a" * 64, "onnxruntime", CPU)
+    assert a != export_key("a" * 64, "openvino-int8", CPU)
+    newer = replace(CPU, versions={**CPU.versions, "openvino": "9999.0"})
+    assert a != export_key("a" * 64, "openvino", newer)
+    # A TensorRT engine runs only on the GPU model and TensorRT version that built it...
+    engine = export_key("a" * 64, "tensorrt", GPU)
+    assert engine != export_key("a" * 64, "tensorrt", replace(GPU, gpu_name="NVIDIA H100"))
+    assert engine != export_key(
+        "a" * 64, "tensorrt", replace(GPU, versions={**GPU.versions, "tensorrt": "10.4.0"})
+    )
+    # ... while a CPU export does not depend on which GPU the host has.
+    assert a == export_key("a" * 64, "openvino", replace(CPU, gpu_name="NVIDIA H100"))
 
 
-def test_cell_ids_of_torch_runs_do_not_depend_on_the_runtime_key() -> None:
-    torch_cfg, ov_cfg = load_config(), load_config(None, ["detect.runtime=openvino"])
-    assert model_key(torch_cfg, "s" * 64) == model_key(load_config(), "s" * 64)
+def test_tensorrt_needs_cuda_its_package_and_a_batch_the_engine_takes(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="CUDA device"):
+        exported_model(DEFAULT_DETECTOR, "tensorrt", facts=replace(GPU, device="cpu"))
+    no_trt = replace(GPU, versions={**GPU.versions, "tensorrt": None})
+    with pytest.raises(ModelLoadError, match="'tensorrt', which is not installed"):
+        exported_model(DEFAULT_DETECTOR, "tensorrt", facts=no_trt, cache_dir=tmp_path)
+    with pytest.raises(ModelLoadError, match="largest batch"):
+        CellDetector(device="cpu", runtime="tensorrt", batch_size=EXPORT_BATCH + 1)
+    # A cached engine is found by the GPU's key, not rebuilt.
+    engine = _fake_export(tmp_path, "tensorrt", GPU, passed=True)
+    assert exported_model(DEFAULT_DETECTOR, "tensorrt", facts=GPU, cache_dir=tmp_path) == engine
+
+
+def test_auto_on_cuda_takes_tensorrt_only_when_installed_and_in_parity(tmp_path: Path) -> None:
+    no_trt = replace(GPU, versions={**GPU.versions, "tensorrt": None})
+    choice = choose_runtime(DEFAULT_DETECTOR, "cuda:0", facts=no_trt, cache_dir=tmp_path)
+    assert choice.runtime == "torch" and choice.passed_over == {"tensorrt": "not installed"}
+
+    _fake_export(tmp_path, "tensorrt", GPU, passed=True)
+    choice = choose_runtime(DEFAULT_DETECTOR, "cuda:0", facts=GPU, cache_dir=tmp_path)
+    assert (choice.runtime, choice.device) == ("tensorrt", "cuda:0")
+    assert "passed its parity check" in choice.reason and choice.parity is not None
+
+    other_gpu = replace(GPU, gpu_name="NVIDIA L4")
+    _fake_export(tmp_path, "tensorrt", other_gpu, passed=False)
+    choice = choose_runtime(DEFAULT_DETECTOR, "cuda:0", facts=other_gpu, cache_dir=tmp_path)
+    assert choice.runtime == "torch"
+    assert choice.passed_over["tensorrt"].startswith("failed its parity check: matched 0.8000")
+
+
+def test_auto_on_cpu_follows_the_order_past_a_missing_runtime(tmp_path: Path) -> None:
+    no_ov = replace(CPU, versions={**CPU.versions, "openvino": None})
+    _fake_export(tmp_path, "onnxruntime", no_ov, passed=True)
+    choice = choose_runtime(DEFAULT_DETECTOR, "cpu", facts=no_ov, cache_dir=tmp_path)
+    assert choice.runtime == "onnxruntime" and choice.passed_over == {"openvino": "not installed"}
+    assert json.loads(json.dumps(choice.to_dict()))["facts"]["versions"]["openvino"] is None
+
+
+def test_the_manifest_record_says_which_runtime_and_why() -> None:
+    record = runtime_record(DEFAULT_DETECTOR, "openvino", "cpu")
+    assert record == {"runtime": "openvino", "device": "cpu", "reason": "set in detect.runtime"}
+    # GPU workers behind a driver without one: each GPU node resolves auto, in this order.
+    record = runtime_record(DEFAULT_DETECTOR, "auto", "cuda:0")
+    assert record["runtime"] == "auto" and str(list(PREFERENCE["cuda"])) in record["reason"]
+
+
+def test_cell_ids_follow_the_runtime_auto_chose() -> None:
+    auto, torch_cfg = load_config(), load_config(None, ["detect.runtime=torch"])
+    ov_cfg = load_config(None, ["detect.runtime=openvino"])
+    assert model_key(auto, "s" * 64, "torch") == model_key(torch_cfg, "s" * 64)
+    assert model_key(auto, "s" * 64, "openvino") == model_key(ov_cfg, "s" * 64)
     assert model_key(ov_cfg, "s" * 64) != model_key(torch_cfg, "s" * 64)
+
+
+def test_gpu_placement_and_device_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    config = load_config()
+    assert placement(config, Resources(cpus=16, gpus=2)) == "staged"
+    assert placement(config, Resources(cpus=2, gpus=0)) == "fused"
+    cpu_only = load_config(None, ["detect.device=cpu"])
+    assert placement(cpu_only, Resources(cpus=16, gpus=2)) == "fused"
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert select_device("auto") == "cuda:0" and select_device("cpu") == "cpu"
+
+
+def test_bench_gpu_without_a_gpu_says_so() -> None:
+    result, code = bench_gpu(pipeline=False)
+    assert code == NO_CUDA_EXIT and result["measured"] is False and result["cuda"] is False
+    assert result["reason"].startswith("no CUDA device")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
-def test_exported_runtime_gives_torch_boxes(
-    runtime: str, tiles: list[object], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("HEMARAY_CACHE_DIR", str(tmp_path))
+def test_exported_runtime_gives_torch_boxes(runtime: str, tiles: list[object], cache: Path) -> None:
     reference = CellDetector(device="cpu").detect(tiles, 0.25)
     exported = CellDetector(device="cpu", runtime=runtime)
     parity = detection_parity(reference, exported.detect(tiles, 0.25))
@@ -65,4 +183,32 @@ def test_exported_runtime_gives_torch_boxes(
     stamp = path.stat().st_mtime_ns
     CellDetector(device="cpu", runtime=runtime)
     assert exported_model(DEFAULT_DETECTOR, runtime) == path and path.stat().st_mtime_ns == stamp
-    assert path.is_relative_to(tmp_path / "exports")
+    assert path.is_relative_to(cache / EXPORTS_DIR)
+    # The export's own parity check (made when it was exported) passed, on real boxes.
+    record = read_parity(path)
+    assert record["passed"] is True and record["n_reference"] > 1000
+
+
+@pytest.mark.slow
+def test_auto_picks_openvino_on_this_cpu(cache: Path) -> None:
+    detector = CellDetector(device="cpu", runtime="auto")
+    assert detector.runtime == "openvino" and detector.runtime_choice is not None
+    assert detector.runtime_choice.passed_over == {}
+    assert "passed its parity check against torch" in detector.runtime_choice.reason
+    assert runtime_record(DEFAULT_DETECTOR, "auto", "cpu") == detector.runtime_choice.to_dict()
+
+
+@pytest.mark.slow
+def test_int8_export_quantizes_and_keeps_most_boxes(
+    cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A small calibration set keeps the test short; the shipped one is 320 tiles.
+    monkeypatch.setattr(quantize, "CALIBRATION_SLIDES", 1)
+    monkeypatch.setattr(quantize, "CALIBRATION_SIDE", 1280)
+    path = exported_model(DEFAULT_DETECTOR, "openvino-int8")
+    assert path.name.endswith("_int8_openvino_model") and path.is_relative_to(cache / EXPORTS_DIR)
+    xml = (path / "detector.xml").read_text()
+    assert "FakeQuantize" in xml  # quantized, not a copy of the FP32 model
+    # Its parity record: INT8 against torch on the parity tiles, loaded through ultralytics.
+    record = read_parity(path)
+    assert record["n_reference"] > 1000 and record["matched_fraction"] >= 0.9, record

@@ -1,4 +1,4 @@
-"""``hemaray bench io | pipeline | detector``: speed measured side by side in one run."""
+"""``hemaray bench io | pipeline | detector | gpu``: speed measured side by side in one run."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import sys
 from typing import Any
 
 from batch.cli.common import print_result
+from batch.config import DETECT_RUNTIMES
 
 __all__ = ["add_commands"]
 
@@ -32,10 +33,19 @@ def _cmd_bench_detector(args: argparse.Namespace) -> int:
     print("bench detector: exporting (first use only) and timing each runtime ...", file=sys.stderr)
     result = bench_detector(
         width=args.width, height=args.height, seed=args.seed, max_tiles=args.tiles,
-        runtimes=tuple(args.runtimes.split(",")) if args.runtimes else None,
+        runtimes=tuple(args.runtimes.split(",")) if args.runtimes else None, device=args.device,
     )  # fmt: skip
     print_result(result, args.json)
     return 0
+
+
+def _cmd_bench_gpu(args: argparse.Namespace) -> int:
+    from batch.bench.gpu import bench_gpu
+
+    print("bench gpu: looking for a CUDA device ...", file=sys.stderr)
+    result, code = bench_gpu(pipeline=not args.no_pipeline, max_tiles=args.tiles)
+    print_result(result, args.json)
+    return code
 
 
 def _cmd_bench_pipeline(args: argparse.Namespace) -> int:
@@ -45,7 +55,9 @@ def _cmd_bench_pipeline(args: argparse.Namespace) -> int:
         "bench pipeline: generating slides, running hemaray run four times, timing the bare detector three times (~13 min on 2 cores) ...",
         file=sys.stderr,
     )
-    result = bench_pipeline(width=args.width, height=args.height, seed=args.seed, gpu=args.gpu)
+    result = bench_pipeline(
+        width=args.width, height=args.height, seed=args.seed, gpu=args.gpu, runtime=args.runtime
+    )
     print_result(result, args.json)
     return 0
 
@@ -75,14 +87,34 @@ def add_commands(sub: Any) -> None:
     bp.add_argument("--height", type=int, default=6144, help="base slide height")
     bp.add_argument("--seed", type=int, default=0)
     bp.add_argument("--gpu", action="store_true", help="run detector and pipeline on CUDA")
+    bp.add_argument(
+        "--runtime", choices=DETECT_RUNTIMES,
+        help="detect.runtime of the run and its bare detector (default: the config's, auto)",
+    )  # fmt: skip
     bp.set_defaults(func=_cmd_bench_pipeline)
     bd = bsub.add_parser(
         "detector", help="detector tiles/s per inference runtime on the same tiles, and parity"
     )
     bd.add_argument("--json", action="store_true")
-    bd.add_argument("--runtimes", help="comma-separated (default: torch,onnxruntime,openvino)")
+    bd.add_argument(
+        "--runtimes",
+        help="comma-separated (default on cpu: torch,onnxruntime,openvino,openvino-int8; "
+        "on cuda: torch,tensorrt)",
+    )
+    bd.add_argument("--device", default="cpu", help="cpu or cuda:N")
     bd.add_argument("--tiles", type=int, default=48, help="at most this many tiles")
     bd.add_argument("--width", type=int, default=4096, help="width of the generated smear")
     bd.add_argument("--height", type=int, default=4096, help="height of the generated smear")
     bd.add_argument("--seed", type=int, default=0)
     bd.set_defaults(func=_cmd_bench_detector)
+    bg = bsub.add_parser(
+        "gpu",
+        help="detector (torch fp16 vs TensorRT fp16) and pipeline comparisons on this host's GPU",
+        description="Exit code: 0 measured; 3 no CUDA device (the JSON says why; nothing measured).",
+    )
+    bg.add_argument("--json", action="store_true")
+    bg.add_argument("--tiles", type=int, default=96, help="tiles of the detector comparison")
+    bg.add_argument(
+        "--no-pipeline", action="store_true", help="detector comparison only (skip hemaray run)"
+    )
+    bg.set_defaults(func=_cmd_bench_gpu)

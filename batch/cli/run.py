@@ -9,6 +9,7 @@ import sys
 from typing import Any
 
 from batch.cli.common import init_ray, print_json, storage_options
+from batch.config import DETECT_RUNTIMES, DetectConfig
 
 __all__ = ["add_commands", "ID_SECRET_ENV"]
 
@@ -196,8 +197,8 @@ def add_commands(sub: Any) -> None:
     )
     e.add_argument("--split", help="detector: which split of a YOLO/VOC set (default val)")
     e.add_argument(
-        "--runtime", default="torch", choices=["torch", "onnxruntime", "openvino"],
-        help="detector: inference runtime (exported once into the model cache)",
+        "--runtime", default=DetectConfig.runtime, choices=DETECT_RUNTIMES,
+        help="detector: inference runtime (exported once into the model cache; default: a run's)",
     )  # fmt: skip
     e.add_argument(
         "--limit", type=int, help="at most this many images (per class for ImageFolders)"

@@ -148,7 +148,8 @@ def eval_detector(
         Operating confidence threshold for precision / recall / F1.
     device, batch_size, runtime
         Passed to ``CellDetector`` when ``model`` is not one (``runtime``:
-        torch, onnxruntime or openvino; `batch.stages.runtime`).
+        ``detect.runtime``'s values, default a run's, ``auto``;
+        `batch.stages.runtime`, `batch.stages.autoruntime`).
     max_images
         Evaluate only the first N images of the split (sorted by path).
     storage_options
@@ -160,7 +161,8 @@ def eval_detector(
         ``map50``, ``map50_95``, ``precision``, ``recall``, ``f1``,
         ``per_class.{RBC,WBC,platelet}.{ap50, ap50_95, precision, recall, f1,
         n_gt, n_pred}``, ``n_images``, ``split``, ``data``, ``model``,
-        ``model_sha256``, ``trained_mpp``, ``mpp_mode``.
+        ``model_sha256``, ``trained_mpp``, ``mpp_mode``, ``runtime`` (the one
+        that ran) and ``runtime_choice`` (why, when ``auto`` chose it).
     """
     detector = (
         model
@@ -183,6 +185,9 @@ def eval_detector(
             "model_sha256": detector.sha256,
             "trained_mpp": detector.trained_mpp,
             "runtime": detector.runtime,
+            "runtime_choice": (
+                detector.runtime_choice.reason if detector.runtime_choice else "set explicitly"
+            ),
         }
     )
     return result

@@ -33,6 +33,7 @@ import numpy as np
 import numpy.typing as npt
 
 from batch.config import DetectConfig
+from batch.stages.parity import box_iou, detection_parity
 
 __all__ = [
     "detection_parity",
@@ -72,23 +73,6 @@ def precision_recall_f1(tp: int, n_pred: int, n_true: int) -> tuple[float, float
     p = tp / n_pred if n_pred else 0.0
     r = tp / n_true if n_true else 0.0
     return p, r, f1_score(p, r)
-
-
-def box_iou(a: npt.ArrayLike, b: npt.ArrayLike) -> npt.NDArray[np.float64]:
-    """Pairwise IoU of ``xyxy`` boxes: ``(N, 4)`` x ``(M, 4)`` -> ``(N, M)``."""
-    a = np.asarray(a, dtype=np.float64).reshape(-1, 4)
-    b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
-    area_a = (a[:, 2] - a[:, 0]).clip(0) * (a[:, 3] - a[:, 1]).clip(0)
-    area_b = (b[:, 2] - b[:, 0]).clip(0) * (b[:, 3] - b[:, 1]).clip(0)
-    iw = (np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0])).clip(
-        0
-    )
-    ih = (np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1])).clip(
-        0
-    )
-    inter = iw * ih
-    union = area_a[:, None] + area_b[None, :] - inter
-    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
 
 
 def match_detections(
@@ -364,40 +348,3 @@ def iou(a: npt.ArrayLike, b: npt.ArrayLike) -> float:
     return 1.0 if union == 0 else int((x & y).sum()) / union
 
 
-def detection_parity(
-    reference: Sequence[Any], other: Sequence[Any], *, iou: float = 0.9
-) -> dict[str, float | int]:
-    """How closely ``other``'s detections reproduce ``reference``'s on the same images.
-
-    Each argument holds one ``Detections`` (``boxes``, ``labels``, ``scores``)
-    per image. A reference box is matched by the other's box of the same
-    class with the highest IoU, when that IoU reaches ``iou``.
-
-    Returns
-    -------
-    dict
-        ``matched_fraction`` of reference boxes, ``worst_iou`` and
-        ``max_conf_diff`` over the matched pairs, and ``n_reference`` /
-        ``n_other`` box counts.
-    """
-    n_ref = n_other = n_matched = 0
-    worst_iou, max_diff = 1.0, 0.0
-    for a, b in zip(reference, other, strict=True):
-        n_ref, n_other = n_ref + len(a.boxes), n_other + len(b.boxes)
-        if not len(a.boxes) or not len(b.boxes):
-            continue
-        m = box_iou(a.boxes, b.boxes)
-        m[np.asarray(a.labels)[:, None] != np.asarray(b.labels)[None, :]] = -1.0
-        best = m.argmax(axis=1)
-        for i, j in enumerate(best):
-            if m[i, j] >= iou:
-                n_matched += 1
-                worst_iou = min(worst_iou, float(m[i, j]))
-                max_diff = max(max_diff, abs(float(a.scores[i]) - float(b.scores[j])))
-    return {
-        "matched_fraction": n_matched / n_ref if n_ref else 1.0,
-        "worst_iou": round(worst_iou, 6),
-        "max_conf_diff": round(max_diff, 6),
-        "n_reference": n_ref,
-        "n_other": n_other,
-    }

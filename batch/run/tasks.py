@@ -318,11 +318,16 @@ def read_tiles(batch: Batch, config: Config) -> Batch:
 _RESULT_DETECT_FIELDS = ("conf", "iou", "max_det", "agnostic_nms")
 
 
-def model_key(config: Config, detector_sha: str) -> str:
-    """What the cell ids depend on besides slide and box: weights and result-changing settings."""
+def model_key(config: Config, detector_sha: str, runtime: str | None = None) -> str:
+    """What the cell ids depend on besides slide and box: weights and result-changing settings.
+
+    ``runtime`` is the runtime the detector runs in (``detect.runtime`` "auto" resolved;
+    default: ``detect.runtime`` as it is).
+    """
     detect = {k: getattr(config.detect, k) for k in _RESULT_DETECT_FIELDS}
-    if config.detect.runtime != "torch":  # float rounding of another runtime moves boxes a hair;
-        detect["runtime"] = config.detect.runtime  # torch's key stays what it always was
+    runtime = runtime or config.detect.runtime
+    if runtime != "torch":  # float rounding of another runtime moves boxes a hair;
+        detect["runtime"] = runtime  # torch's key stays what it always was
     key = json.dumps(
         {"det": detector_sha, "tiling": asdict(config.tiling), "detect": detect}, sort_keys=True
     )
@@ -345,7 +350,7 @@ class DetectStage:
             agnostic_nms=d.agnostic_nms, runtime=d.runtime,
         )  # fmt: skip
         self.version = self.detector.sha256[:12]
-        self.model_key = model_key(config, self.detector.sha256)
+        self.model_key = model_key(config, self.detector.sha256, self.detector.runtime)
 
     @timed("detect")  # the crop inside it is timed on its own
     def __call__(self, batch: Batch) -> Batch:

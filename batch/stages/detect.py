@@ -30,10 +30,12 @@ import numpy as np
 import numpy.typing as npt
 
 from batch.config import DetectConfig
+from batch.errors import ModelLoadError
 from batch.models import ModelCard, file_sha256, load_yolo, read_model_card, resolve_model
+from batch.stages.autoruntime import RuntimeChoice, choose_runtime
 from batch.stages.device import keep_torch_threads, select_device
 from batch.stages.preprocess import resample
-from batch.stages.runtime import exported_model
+from batch.stages.runtime import EXPORT_BATCH, device_facts, exported_model
 
 __all__ = [
     "DETECTOR_CLASSES",
@@ -221,8 +223,12 @@ class CellDetector:
         Class-agnostic NMS (default): overlapping boxes of different classes
         are one cell, kept once with its most confident class.
     runtime
-        ``"torch"``, ``"onnxruntime"`` or ``"openvino"`` (`batch.stages.runtime`):
-        the same pre- and post-processing around another runtime's forward pass.
+        ``"torch"`` (the default here), ``"onnxruntime"``, ``"openvino"``,
+        ``"openvino-int8"``, ``"tensorrt"`` (`batch.stages.runtime`): the same
+        pre- and post-processing around another runtime's forward pass; or
+        ``"auto"`` (`batch.stages.autoruntime`; the run's default,
+        ``detect.runtime``): ``runtime`` then holds the runtime chosen and
+        ``runtime_choice`` why.
     """
 
     def __init__(
@@ -238,7 +244,7 @@ class CellDetector:
         trained_mpp: float | None = None,
         storage_options: dict[str, Any] | None = None,
         agnostic_nms: bool = True,
-        runtime: str = DetectConfig.runtime,
+        runtime: str = "torch",
     ) -> None:
         if not 0 <= conf <= 1 or not 0 < iou <= 1:
             raise ValueError(f"conf must be in [0, 1] and iou in (0, 1]; got {conf}, {iou}")
@@ -266,6 +272,15 @@ class CellDetector:
         # One object is one cell: suppress overlapping boxes across classes too, so a cell the
         # network half-believes is a WBC and half an RBC gives one row, not two.
         self.agnostic_nms = agnostic_nms
+        self.runtime_choice: RuntimeChoice | None = None
+        if runtime == "auto":
+            self.runtime_choice = choose_runtime(self.weights_path, self.device)
+            runtime = self.runtime_choice.runtime
+        if runtime == "tensorrt" and batch_size > EXPORT_BATCH:
+            raise ModelLoadError(
+                f"detect.batch_size {batch_size} exceeds the TensorRT engine's largest batch "
+                f"({EXPORT_BATCH}, batch.stages.runtime.EXPORT_BATCH); lower it"
+            )
         self.runtime = runtime
         self._model, raw_names = self._load()
         self._names = tuple(normalize_class_name(n) for n in raw_names)
@@ -371,7 +386,10 @@ class CellDetector:
         """Load the network; return it and its raw class names by id."""
         # An exported model is loaded (and a device selected) when its names are first read.
         with keep_torch_threads():
-            model = load_yolo(exported_model(self.weights_path, self.runtime), task="detect")
+            export = exported_model(
+                self.weights_path, self.runtime, facts=device_facts(self.device)
+            )
+            model = load_yolo(export, task="detect")
             raw = model.names
             # Ultralytics fuses conv + batch-norm on its first prediction, and fused layers give
             # boxes a hair different from unfused ones: predict once on a blank image here, so

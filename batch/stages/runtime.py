@@ -1,21 +1,29 @@
-"""Which inference runtime runs a detector: PyTorch, ONNX Runtime or OpenVINO.
+"""Which inference runtime runs a detector: PyTorch, ONNX Runtime, OpenVINO (FP32 or INT8), TensorRT.
 
-An ultralytics ``.pt`` runs as it is in PyTorch (``torch``). For ``onnxruntime``
-and ``openvino`` it is exported once, offline, with ultralytics' own exporter
-(the packages come with the project's install; nothing is downloaded), into
-the model cache (`batch.models.model_cache_dir`) under a key made of the
-weights' SHA-256 and the export settings, so a new weights file or new
-settings never reuse a stale export. Ultralytics loads the exported model
-behind the same ``predict`` API, so the detector's pre- and post-processing
-(resampling, padding, NMS, box mapping) are the same code for every runtime.
+An ultralytics ``.pt`` runs as it is in PyTorch (``torch``). For the other
+runtimes it is exported once, offline, with ultralytics' own exporter (the
+packages come with the project's install; nothing is downloaded), into the
+model cache (`batch.models.model_cache_dir`) under a key made of the weights'
+SHA-256, the export settings and the runtime package's version (and, for a
+TensorRT engine, the GPU model: an engine runs only on the GPU model and
+TensorRT version that built it), so new weights, settings, packages or GPUs
+never reuse a stale export. Ultralytics loads the exported model behind the
+same ``predict`` API, so the detector's pre- and post-processing (resampling,
+padding, NMS, box mapping) are the same code for every runtime.
 
-Exports are dynamic in batch and image size (the detector pads a batch to a
-multiple of the stride, whatever its tiles' sizes). Concurrent exports of one
-key (several actors starting at once) are serialised by a file lock, and an
-export appears under its final name only when complete.
+- ``onnxruntime``, ``openvino``: FP32, dynamic in batch and image size (the
+  detector pads a batch to a multiple of the stride, whatever its tiles' sizes).
+- ``openvino-int8``: the OpenVINO FP32 model quantized by NNCF post-training
+  quantization (`batch.stages.quantize`), calibrated on synthetic slide tiles.
+- ``tensorrt``: an FP16 engine built on the CUDA device it will run on.
 
-CUDA: TensorRT engines are GPU-specific and are not built here (no GPU on
-this project's machines); ``torch`` stays the runtime on CUDA.
+Every export is checked against PyTorch when it is made: both predict on the
+same synthetic slide tiles (:func:`parity_tiles`) and :func:`detection_parity`
+compares the boxes. The figures are kept beside the export (``parity.json``);
+``detect.runtime = auto`` (`batch.stages.autoruntime`) never picks a runtime
+whose export failed them. Concurrent exports of one key (several actors
+starting at once) are serialised by a file lock, and an export appears under
+its final name only when complete (parity included).
 """
 
 from __future__ import annotations
@@ -23,40 +31,139 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import importlib.metadata
+import importlib.util
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
-from batch.config import DETECT_RUNTIMES
+import numpy as np
+import numpy.typing as npt
+
+from batch.config import RUNTIMES, DetectConfig
 from batch.errors import ModelLoadError
-from batch.models import file_sha256, load_yolo, model_cache_dir
+from batch.models import file_sha256, load_yolo, model_cache_dir, read_model_card
+from batch.stages.parity import PARITY_IOU, Boxes, detection_parity, parity_passed
 
-__all__ = ["RUNTIMES", "EXPORT_FORMATS", "export_key", "exported_model"]
+__all__ = [
+    "EXPORT_FORMATS",
+    "RUNTIMES",
+    "RUNTIME_PACKAGES",
+    "DeviceFacts",
+    "device_facts",
+    "export_key",
+    "exported_model",
+    "parity_tiles",
+    "read_parity",
+]
 
-#: Runtimes a detector can run in.
-RUNTIMES: tuple[str, ...] = DETECT_RUNTIMES
-#: Ultralytics export format of each exported runtime.
-EXPORT_FORMATS: dict[str, str] = {"onnxruntime": "onnx", "openvino": "openvino"}
-#: Export settings that change the exported file (part of its cache key).
-EXPORT_SETTINGS: dict[str, object] = {"dynamic": True, "half": False, "simplify": True}
+#: Ultralytics export format of each runtime ultralytics exports itself (INT8 derives from FP32).
+EXPORT_FORMATS: dict[str, str] = {"onnxruntime": "onnx", "openvino": "openvino", "tensorrt": "engine"}
+#: The Python module each runtime needs.
+RUNTIME_PACKAGES: dict[str, str] = {
+    "torch": "torch", "onnxruntime": "onnxruntime", "openvino": "openvino",
+    "openvino-int8": "openvino", "tensorrt": "tensorrt",
+}  # fmt: skip
+#: Distribution names where they differ from the module (for the version in the cache key).
+_DISTRIBUTIONS: dict[str, tuple[str, ...]] = {"tensorrt": ("tensorrt", "tensorrt-cu12", "tensorrt-cu11")}
+#: What the exported runtime's files are called: ONNX file, OpenVINO folder, TensorRT engine.
+_EXPORT_SUFFIX: dict[str, str] = {
+    "onnxruntime": ".onnx", "openvino": "_openvino_model", "openvino-int8": "_openvino_model",
+    "tensorrt": ".engine",
+}  # fmt: skip
+#: Export settings that change the exported file (part of its cache key). FP32 on CPU; the
+#: TensorRT engine is FP16, the standard precision on GPUs.
+EXPORT_SETTINGS: dict[str, dict[str, object]] = {
+    "onnxruntime": {"dynamic": True, "half": False, "simplify": True},
+    "openvino": {"dynamic": True, "half": False},
+    "tensorrt": {"dynamic": True, "half": True, "simplify": True},
+}
 #: Image size ultralytics traces the export at (the graph stays dynamic).
 EXPORT_IMGSZ = 640
-#: Largest batch a dynamic export is traced for.
+#: Largest batch a dynamic export is traced for (TensorRT's optimisation profile's maximum).
 EXPORT_BATCH = 16
 #: Folder under the model cache that holds exports.
 EXPORTS_DIR = "exports"
+#: Parity record kept beside each export.
+PARITY_FILE = "parity.json"
+
+#: Parity tiles: one synthetic slide of PARITY_SLIDE_PX a side at the detector's trained mpp,
+#: cut into EXPORT_IMGSZ tiles (9 tiles, ~2,300 boxes of the shipped detector).
+PARITY_SLIDE_PX = 1920
+PARITY_SEED = 20517
+#: Scale of the parity tiles of a detector without a trained mpp (the synthetic smears' own).
+SYNTH_MPP = 0.25
 
 
-def export_key(sha256: str, runtime: str) -> str:
-    """Cache key of ``runtime``'s export of the weights with ``sha256``."""
-    settings = json.dumps(
-        {"runtime": runtime, "imgsz": EXPORT_IMGSZ, "batch": EXPORT_BATCH, **EXPORT_SETTINGS},
-        sort_keys=True,
-    )
-    return f"{sha256[:16]}-{runtime}-{hashlib.sha256(settings.encode()).hexdigest()[:8]}"
+@dataclass(frozen=True)
+class DeviceFacts:
+    """What decides which runtimes can run and which export fits: device, GPU model, packages."""
+
+    #: ``"cpu"`` or ``"cuda:N"``.
+    device: str
+    #: The CUDA device's name (``torch.cuda.get_device_name``); None on CPU.
+    gpu_name: str | None = None
+    #: Version of each runtime's module (RUNTIME_PACKAGES values); None: not importable.
+    versions: dict[str, str | None] = field(default_factory=dict)
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.startswith("cuda")
+
+    def installed(self, runtime: str) -> bool:
+        return self.versions.get(RUNTIME_PACKAGES[runtime]) is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _module_version(module: str) -> str | None:
+    if importlib.util.find_spec(module) is None:
+        return None
+    for dist in _DISTRIBUTIONS.get(module, (module,)):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            return importlib.metadata.version(dist)
+    return "unknown"
+
+
+def device_facts(device: str) -> DeviceFacts:
+    """The facts of ``device`` (``"cpu"``, ``"cuda:N"``; resolve ``"auto"`` first) on this host."""
+    gpu_name = None
+    if device.startswith("cuda"):
+        import torch
+
+        index = int(device.partition(":")[2] or 0)
+        gpu_name = str(torch.cuda.get_device_name(index))
+    versions = {m: _module_version(m) for m in sorted(set(RUNTIME_PACKAGES.values()))}
+    return DeviceFacts(device=device, gpu_name=gpu_name, versions=versions)
+
+
+def export_key(sha256: str, runtime: str, facts: DeviceFacts) -> str:
+    """Cache key of ``runtime``'s export of the weights with ``sha256``, for ``facts``' host.
+
+    The key holds the export settings and the runtime package's version; a
+    TensorRT engine's key also holds the GPU model, since an engine runs only
+    on the GPU model and TensorRT version that built it.
+    """
+    from batch.stages.quantize import quantize_settings
+
+    settings: dict[str, object] = {
+        "runtime": runtime, "imgsz": EXPORT_IMGSZ, "batch": EXPORT_BATCH,
+        "version": facts.versions.get(RUNTIME_PACKAGES[runtime]),
+        "parity": [PARITY_SLIDE_PX, PARITY_SEED],
+        **EXPORT_SETTINGS.get(runtime, EXPORT_SETTINGS["openvino"]),
+    }  # fmt: skip
+    if runtime == "openvino-int8":
+        settings["quantize"] = {**quantize_settings(), "nncf": _module_version("nncf")}
+    if runtime == "tensorrt":
+        settings["gpu"] = facts.gpu_name
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{sha256[:16]}-{runtime}-{digest}"
 
 
 @contextlib.contextmanager
@@ -70,35 +177,70 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def exported_model(weights: str | Path, runtime: str, *, cache_dir: Path | None = None) -> Path:
+def _find_export(folder: Path, runtime: str) -> Path:
+    found = sorted(p for p in folder.iterdir() if p.name.endswith(_EXPORT_SUFFIX[runtime]))
+    if len(found) != 1:
+        raise ModelLoadError(f"export cache {folder} holds {found}; delete it to export again")
+    return found[0]
+
+
+def exported_model(
+    weights: str | Path,
+    runtime: str,
+    *,
+    facts: DeviceFacts | None = None,
+    cache_dir: Path | None = None,
+) -> Path:
     """The local file or folder ultralytics loads to run ``weights`` in ``runtime``.
 
     ``torch`` returns ``weights`` itself; other runtimes export once into the
-    cache and return the cached export on later calls.
+    cache (parity against PyTorch checked and recorded, see
+    :func:`read_parity`) and return the cached export on later calls.
+    ``facts`` default to the CPU's (``device_facts("cpu")``); a TensorRT
+    engine needs a CUDA device's.
 
     Raises
     ------
     ModelLoadError
-        An unknown runtime, or an export that failed (the cause chained).
+        An unknown runtime, a runtime whose package is missing, TensorRT
+        without a CUDA device, or an export that failed (the cause chained).
     """
     if runtime not in RUNTIMES:
         raise ModelLoadError(f"unknown runtime {runtime!r}; choose one of {RUNTIMES}")
     weights = Path(weights)
     if runtime == "torch":
         return weights
+    facts = facts or device_facts("cpu")
+    if not facts.installed(runtime):
+        raise ModelLoadError(
+            f"runtime {runtime!r} needs the Python package {RUNTIME_PACKAGES[runtime]!r}, "
+            "which is not installed"
+        )
+    if runtime == "tensorrt" and not facts.cuda:
+        raise ModelLoadError(f"a TensorRT engine is built on a CUDA device; got {facts.device!r}")
     root = (cache_dir or model_cache_dir()) / EXPORTS_DIR
-    key = export_key(file_sha256(weights), runtime)
-    final = root / key
-    with _locked(root / f".{key}.lock"):
+    final = root / export_key(file_sha256(weights), runtime, facts)
+    if runtime == "openvino-int8":  # quantized from the FP32 export, made (or reused) first
+        exported_model(weights, "openvino", facts=facts, cache_dir=cache_dir)
+    with _locked(root / f".{final.name}.lock"):
         if not final.exists():
-            _export(weights, runtime, final)
-    found = sorted(p for p in final.iterdir() if p.suffix == ".onnx" or p.is_dir())
-    if len(found) != 1:
-        raise ModelLoadError(f"export cache {final} holds {found}; delete it to export again")
-    return found[0]
+            _export(weights, runtime, final, facts, cache_dir)
+    return _find_export(final, runtime)
 
 
-def _export(weights: Path, runtime: str, final: Path) -> None:
+def read_parity(export: Path) -> dict[str, Any]:
+    """The parity record kept beside an export (:func:`exported_model`'s return value)."""
+    path = export.parent / PARITY_FILE
+    try:
+        data: dict[str, Any] = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"export {export} has no readable {PARITY_FILE}: {e}") from e
+    return data
+
+
+def _export(
+    weights: Path, runtime: str, final: Path, facts: DeviceFacts, cache_dir: Path | None
+) -> None:
     from batch.stages.device import keep_torch_threads
 
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -106,14 +248,32 @@ def _export(weights: Path, runtime: str, final: Path) -> None:
     try:
         local = work / weights.name
         shutil.copyfile(weights, local)
+        trained_mpp = _trained_mpp(weights)
         with keep_torch_threads():
-            out = load_yolo(local, task="detect").export(
-                format=EXPORT_FORMATS[runtime], imgsz=EXPORT_IMGSZ, batch=EXPORT_BATCH,
-                device="cpu", verbose=False, **EXPORT_SETTINGS,
-            )  # fmt: skip
-        if not out:
-            raise ModelLoadError(f"exporting {weights} to {runtime} produced nothing")
-        local.unlink()
+            if runtime == "openvino-int8":
+                from batch.stages import quantize as q
+
+                fp32 = exported_model(weights, "openvino", facts=facts, cache_dir=cache_dir)
+                q.quantize_openvino(
+                    fp32, work / f"{weights.stem}_int8_openvino_model",
+                    lambda: parity_tiles(
+                        trained_mpp, side=q.CALIBRATION_SIDE, slides=q.CALIBRATION_SLIDES,
+                        seed=q.CALIBRATION_SEED,
+                    ),
+                    q.CALIBRATION_SLIDES * (q.CALIBRATION_SIDE // EXPORT_IMGSZ) ** 2,
+                )  # fmt: skip
+            else:
+                precision = dict(EXPORT_SETTINGS[runtime])
+                half = bool(precision.pop("half"))
+                out = load_yolo(local, task="detect").export(
+                    format=EXPORT_FORMATS[runtime], imgsz=EXPORT_IMGSZ, batch=EXPORT_BATCH,
+                    device=facts.device, verbose=False, **precision, **_half_kwargs(half),
+                )  # fmt: skip
+                if not out:
+                    raise ModelLoadError(f"exporting {weights} to {runtime} produced nothing")
+            local.unlink()
+            parity = _parity_record(weights, _find_export(work, runtime), facts.device, trained_mpp)
+        (work / PARITY_FILE).write_text(json.dumps({**parity, "facts": facts.to_dict()}, indent=1))
         os.replace(work, final)
     except ModelLoadError:
         raise
@@ -123,3 +283,77 @@ def _export(weights: Path, runtime: str, final: Path) -> None:
         ) from e
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _half_kwargs(half: bool) -> dict[str, Any]:
+    """FP16 in the spelling of the installed ultralytics (``quantize=16`` from 8.4, else ``half``)."""
+    if not half:
+        return {}
+    from ultralytics.cfg import DEFAULT_CFG_DICT
+
+    return {"quantize": 16} if "quantize" in DEFAULT_CFG_DICT else {"half": True}
+
+
+def _trained_mpp(weights: Path) -> float | None:
+    card = read_model_card(weights)
+    return card.trained_mpp if card is not None else None
+
+
+# ------------------------------------------------------------------ parity
+
+
+def parity_tiles(
+    trained_mpp: float | None, *, side: int = PARITY_SLIDE_PX, slides: int = 1, seed: int = PARITY_SEED
+) -> Iterator[npt.NDArray[np.uint8]]:
+    """RGB tiles of EXPORT_IMGSZ px cut from synthetic smears drawn at the detector's scale.
+
+    Deterministic (seeded); the slides are drawn into a temporary folder and
+    read tile by tile, so a few hundred tiles (INT8 calibration) do not sit
+    in memory at once.
+    """
+    from batch.slides import open_slide
+    from batch.synth import synth_slides
+
+    with tempfile.TemporaryDirectory(prefix="hemaray-parity-") as tmp:
+        paths = synth_slides(
+            tmp, slides=slides, width=side, height=side, seed=seed,
+            mpp=trained_mpp or SYNTH_MPP,
+        )  # fmt: skip
+        for path in paths:
+            with open_slide(path) as slide:
+                for y in range(0, side - EXPORT_IMGSZ + 1, EXPORT_IMGSZ):
+                    for x in range(0, side - EXPORT_IMGSZ + 1, EXPORT_IMGSZ):
+                        yield slide.read_region(x, y, EXPORT_IMGSZ, EXPORT_IMGSZ)
+
+
+def _predict_boxes(model: Any, tiles: Sequence[npt.NDArray[np.uint8]], device: str) -> list[Boxes]:
+    """The network's boxes on RGB tiles, at the detector's default thresholds."""
+    out: list[Boxes] = []
+    for start in range(0, len(tiles), EXPORT_BATCH // 2):
+        batch = [t[..., ::-1] for t in tiles[start : start + EXPORT_BATCH // 2]]  # BGR
+        for res in model.predict(
+            batch, imgsz=EXPORT_IMGSZ, conf=DetectConfig.conf, iou=DetectConfig.iou,
+            max_det=DetectConfig.max_det, agnostic_nms=DetectConfig.agnostic_nms,
+            device=device, verbose=False,
+        ):  # fmt: skip
+            b = res.boxes
+            out.append(
+                Boxes(
+                    b.xyxy.float().cpu().numpy(),
+                    b.cls.cpu().numpy().astype(np.int64),
+                    b.conf.float().cpu().numpy(),
+                )
+            )
+    return out
+
+
+def _parity_record(
+    weights: Path, export: Path, device: str, trained_mpp: float | None
+) -> dict[str, Any]:
+    tiles = list(parity_tiles(trained_mpp))
+    reference = _predict_boxes(load_yolo(weights, task="detect"), tiles, device)
+    other = _predict_boxes(load_yolo(export, task="detect"), tiles, device)
+    parity = detection_parity(reference, other, iou=PARITY_IOU)
+    return {**parity, "passed": parity_passed(parity), "tiles": len(tiles), "device": device}
+
+
