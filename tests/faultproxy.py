@@ -24,6 +24,12 @@ Fault kinds:
 - ``deny``: ``403 AccessDenied``, nothing forwarded (a bucket policy; fires on
   every matching request, retries included).
 
+A rule with ``query`` picks only requests whose query string holds it (S3's
+multipart calls share a key's path: ``uploads`` creates an upload,
+``partNumber=`` sends a part, ``uploadId=`` on a POST completes it). A
+``persistent`` rule fires on retries too: that call fails whatever the client
+does (the store is down for it).
+
 ``hook(method, path, fault)`` runs before each request is handled, with the
 fault the rules picked for it (None: forwarded), e.g. to rewrite an object at
 a chosen moment. :attr:`injected`
@@ -43,7 +49,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 __all__ = ["FAULT_KINDS", "Fault", "FaultProxy"]
 
@@ -69,13 +75,17 @@ class Fault:
     """One fault rule: ``kind`` on every ``every``-th first attempt of ``method`` under ``prefix``.
 
     ``method`` is an HTTP method or ``"*"``; ``prefix`` a path prefix of the
-    path-style URL (``/bucket/key...``); ``deny`` fires on every match.
+    path-style URL (``/bucket/key...``); ``query`` a text the query string must
+    hold (empty: any); ``deny`` and a ``persistent`` rule fire on every match,
+    retries included.
     """
 
     kind: str
     method: str = "*"
     every: int = 1
     prefix: str = "/"
+    query: str = ""
+    persistent: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in FAULT_KINDS:
@@ -83,8 +93,12 @@ class Fault:
         if self.every < 1:
             raise ValueError(f"every must be >= 1, got {self.every}")
 
-    def matches(self, method: str, path: str) -> bool:
-        return self.method in ("*", method) and path.startswith(self.prefix)
+    def matches(self, method: str, path: str, query: str = "") -> bool:
+        return (
+            self.method in ("*", method)
+            and path.startswith(self.prefix)
+            and self.query in query
+        )
 
 
 def _s3_error(code: str, message: str) -> bytes:
@@ -157,24 +171,25 @@ class FaultProxy:
 
     # -- the schedule --------------------------------------------------------------
     def pick(self, method: str, target: str, byte_range: str) -> str | None:
-        """The fault for this request (``target``: path and query), or None.
+        """The fault for this request (``target``: path and query, as sent), or None.
 
         ``deny`` wins over every other kind; otherwise the first rule that fires
         wins (every matching rule still counts the request). A request faulted
         once is never faulted again (its retries get through).
         """
-        path = target.split("?", 1)[0]
+        path, _, query = target.partition("?")
+        path = unquote(path)  # botocore sends "=" in a key as %3D; rules name keys as they are
         with self._lock:
             self.seen[method] += 1
             retry = (method, target, byte_range) in self._faulted
             chosen = None
             for i, fault in enumerate(self.faults):
-                if not fault.matches(method, path):
+                if not fault.matches(method, path, query):
                     continue
                 if fault.kind == "deny":
                     chosen = "deny"
                     break
-                if retry:
+                if retry and not fault.persistent:
                     continue
                 self._matched[i] += 1
                 if chosen is None and self._matched[i] % fault.every == 0:

@@ -17,13 +17,24 @@ Contracts, each asserted exactly:
 - B1-B8 in one mixed folder: one ``hemaray run`` exits 2, commits every good
   slide with exactly the ``cell_id`` set of a clean run of the good slides
   alone, and writes exactly one failures row per bad slide with its typed error;
-- F2: the store dies after a slide's cells file and before its slides row: the
-  slide stays committed (the lost row reported), the next run restores the row
-  and processes nothing twice;
+- F2, with OUT on S3 (moto over HTTP) and the cells files sent as multipart
+  uploads: the store dies inside one slide's upload (its
+  ``CompleteMultipartUpload`` reset on every try): that slide is one failures
+  row with its typed error, nothing of it is visible and no upload is left;
+  the store dies after another slide's cells file and before its slides row:
+  that slide stays committed (the lost row reported). The next run, whose
+  completions lose their first answer, commits the first slide once and
+  restores the second's row: a clean run's ids, nothing twice;
 - F5: ``hemaray run`` killed with SIGKILL mid-run, then the same command again:
   the dead driver's leases are free at once, every slide commits once;
-- F6: two ``hemaray run`` processes on the same inputs and OUT at once: each
-  slide is committed by exactly one of them (leases), with a clean run's ids.
+- F6: two ``hemaray run`` processes on the same inputs and OUT at once, one
+  pair on a local OUT and one on S3 (moto over HTTP), all four at once: each
+  slide is committed by exactly one run of its pair (leases), with a clean
+  run's ids, no failures row and no lease left.
+
+Elsewhere: F1, F7, F8 and a multipart part failing beyond its retries in
+``test_storage_faults.py``; F4 (a worker node removed mid-run) in
+``test_multinode.py``, on its 3-node cluster.
 """
 
 from __future__ import annotations
@@ -43,7 +54,9 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 import tifffile
+from faultproxy import Fault, FaultProxy
 from test_slide_errors import append_pages, write_tiled, zero_tile_table
+from test_storage_faults import SmallParts, small_parts_on_moto
 
 from batch.cli import main
 from batch.config import Config, load_config
@@ -406,63 +419,119 @@ def test_f3_deterministic_crash_is_retried_finitely_then_fails_its_slides(
 # ------------------------------------------------------------------ F2, F5, F6: the commit and the driver
 
 
-class _RowFailsOnce(OutputStore):
-    """Each slide's committed row fails to write once: the store dies right after the cells file."""
+class _MultipartRowFails(SmallParts):
+    """Multipart commits (files over 16 KiB); the committed row of each slide in ``rows_fail``
+    fails once: the store dies right after that slide's cells file."""
 
-    hit: set[str] = set()
+    rows_fail: set[str] = set()
 
     def write_slide_row(self, row: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
-        if row["status"] == "committed" and row["slide_id"] not in self.hit:
-            self.hit.add(row["slide_id"])
+        if row["status"] == "committed" and row["slide_id"] in self.rows_fail:
+            self.rows_fail.discard(row["slide_id"])
             raise OSError("slides table unreachable (injected after the cells file)")
         super().write_slide_row(row, extra)
 
 
-def test_f2_commit_dies_between_cells_file_and_slides_row(
-    good_dir: Path, clean_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_f2_commit_dies_inside_a_multipart_upload_or_before_the_slides_row(
+    good_dir: Path, clean_run: Path, s3: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    ids = {slide_id_for(str(good_dir / f"{sid}.tif")) for sid in GOOD}
-    out = tmp_path / "out"
-    monkeypatch.setattr(pipeline, "OutputStore", _RowFailsOnce)
-    result = run_pipeline(resolve_inputs([str(good_dir)]), str(out), load_config())
-    # The cells files landed: committed, not failed; the lost rows are reported, not hidden.
-    assert set(result.committed) == ids and not result.failed and result.exit_code == 0
-    assert set(result.unrecorded) == ids
-    assert read_table(str(out), "slides").num_rows == 0
-    monkeypatch.undo()
-    again = run_pipeline(resolve_inputs([str(good_dir)]), str(out), load_config())
-    assert set(again.skipped) == ids and not again.committed  # nothing processed twice
-    slides = read_table(str(out), "slides").to_pandas()
-    assert set(slides.slide_id) == ids and (slides.status == "committed").all()
-    assert _cell_ids(out, ids) == _cell_ids(clean_run, ids)
+    """F2 at both points of the commit, with OUT on S3 (moto over HTTP) and multipart cells files.
+
+    Slide A: the store dies at its ``CompleteMultipartUpload`` (reset on every try): A
+    fails, one failures row, nothing visible. Slide B: its cells file lands, its slides
+    row does not: B stays committed (the lost row reported). The next run, whose
+    completions each lose their first answer, commits A once and restores B's row.
+    """
+    a, b = (slide_id_for(str(good_dir / f"{sid}.tif")) for sid in GOOD)
+    fs, bucket, opts = s3["fs"], s3["bucket"], s3["storage_options"]
+    out = f"s3://{bucket}/out"
+    small_parts_on_moto(monkeypatch)
+    monkeypatch.setattr(pipeline, "OutputStore", _MultipartRowFails)
+    monkeypatch.setattr(_MultipartRowFails, "rows_fail", {b})
+    cells = f"/{bucket}/out/cells/slide_id="
+    dies = [Fault("reset", "POST", prefix=f"{cells}{a}/", query="uploadId=", persistent=True)]
+    # Each dead call fails after 2 tries (botocore's backoff between them stays short).
+    settings = ["storage.max_attempts=2"]
+    with FaultProxy(s3["endpoint"], dies) as proxy:
+        config = load_config(None, [f"storage.endpoint_url={proxy.endpoint}", *settings])
+        first = run_pipeline(resolve_inputs([str(good_dir)]), out, config)
+        assert proxy.injected[("POST", "reset")] >= 2  # every try at A's completion reset
+    assert first.committed == [b] and set(first.failed) == {a} and first.exit_code == 2
+    assert set(first.unrecorded) == {b}  # B's lost row is reported, not hidden
+    fs.invalidate_cache()
+    # A left nothing: no object (half or whole), no upload (s3fs aborted it).
+    assert [p.split("slide_id=")[1] for p in fs.find(f"{bucket}/out/cells")] == [
+        f"{b}/part-0.parquet"
+    ]
+    assert not fs.call_s3("list_multipart_uploads", Bucket=bucket).get("Uploads")
+    failures = read_table(out, "failures", storage_options=opts).to_pandas()
+    assert list(failures.slide_id.astype(str)) == [a] and list(failures.stage) == ["write"]
+    assert list(failures.error_type) == ["EndpointConnectionError"], failures.error_type
+
+    lost = [Fault("lost_reply", "POST", prefix=cells, query="uploadId=")]
+    with FaultProxy(s3["endpoint"], lost) as proxy:
+        config = load_config(None, [f"storage.endpoint_url={proxy.endpoint}", *settings])
+        again = run_pipeline(resolve_inputs([str(good_dir)]), out, config)
+        assert proxy.injected[("POST", "lost_reply")] == 1  # A's completion, answered on retry
+    assert again.committed == [a] and again.skipped == [b] and not again.failed
+    cells_table = read_table(out, "cells", storage_options=opts).to_pandas()
+    assert cells_table.cell_id.is_unique  # nothing twice
+    assert set(cells_table.cell_id) == _cell_ids(clean_run, {a, b})
+    slides = read_table(out, "slides", storage_options=opts).to_pandas()
+    assert sorted(slides.slide_id.astype(str)) == sorted([a, b])
+    assert (slides.status == "committed").all()
+    assert read_table(out, "failures", storage_options=opts).num_rows == 1  # run 1's, only
+    assert not fs.call_s3("list_multipart_uploads", Bucket=bucket).get("Uploads")
+    fs.invalidate_cache()
+    assert not fs.find(f"{bucket}/out/leases")
 
 
-def _run_cmd(inputs: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "batch", "run", str(inputs), "--out", str(out)]
+def _run_cmd(inputs: Path, out: Path | str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "batch", "run", str(inputs), "--out", str(out), *extra]
 
 
-def test_f6_two_runs_at_once_process_each_slide_once(
-    good_dir: Path, clean_run: Path, tmp_path: Path
+def test_f6_two_runs_at_once_on_local_and_s3_out_process_each_slide_once(
+    good_dir: Path, clean_run: Path, s3: dict[str, Any], tmp_path: Path
 ) -> None:
-    """Two ``hemaray run`` processes on the same inputs and OUT: every slide committed by one."""
+    """Two ``hemaray run`` processes on the same inputs and OUT: every slide committed by one.
+
+    Twice at once, one pair per kind of OUT: a local folder (leases by hard link) and S3
+    over HTTP (moto; leases by conditional PUT). Four drivers, each with its own Ray.
+    """
     ids = {slide_id_for(str(good_dir / f"{sid}.tif")) for sid in GOOD}
-    out = tmp_path / "out"
+    fs, bucket, opts = s3["fs"], s3["bucket"], s3["storage_options"]
+    local, remote = tmp_path / "out", f"s3://{bucket}/out"
+    cmds = {
+        "local": _run_cmd(good_dir, local),
+        "s3": _run_cmd(good_dir, remote, "--endpoint-url", s3["endpoint"]),
+    }
     procs = [
-        subprocess.Popen(_run_cmd(good_dir, out), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        (kind, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        for kind, cmd in cmds.items()
         for _ in range(2)
     ]
-    logs = [p.communicate(timeout=600)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], logs
-    runs = [json.loads(m.read_text()) for m in out.glob("runs/*/manifest.json")]
-    committed = [set(r["committed"]) for r in runs]
-    assert len(runs) == 2 and not committed[0] & committed[1], logs  # nobody's slide twice
-    assert committed[0] | committed[1] == ids
-    # A slide the other run held or had committed is skipped, never processed twice.
-    for r in runs:
-        assert set(r["committed"]) | set(r["skipped"]) | set(r["leased"]) == ids
-    assert _cell_ids(out, ids) == _cell_ids(clean_run, ids)
-    assert read_table(str(out), "failures").num_rows == 0
-    assert not list((out / "leases").iterdir())  # every lease released
+    logs = {f"{kind}{i}": p.communicate(timeout=600)[0] for i, (kind, p) in enumerate(procs)}
+    assert [p.returncode for _, p in procs] == [0] * 4, logs
+    fs.invalidate_cache()
+    manifests = {
+        "local": [json.loads(m.read_text()) for m in local.glob("runs/*/manifest.json")],
+        "s3": [json.loads(fs.cat_file(m)) for m in fs.glob(f"{bucket}/out/runs/*/manifest.json")],
+    }
+    tables = {"local": (str(local), None), "s3": (remote, opts)}
+    for kind, runs in manifests.items():
+        committed = [set(r["committed"]) for r in runs]
+        assert len(runs) == 2 and not committed[0] & committed[1], (kind, logs)  # none twice
+        assert committed[0] | committed[1] == ids, kind
+        # A slide the other run held or had committed is skipped, never processed twice.
+        for r in runs:
+            assert set(r["committed"]) | set(r["skipped"]) | set(r["leased"]) == ids, kind
+        out, options = tables[kind]
+        cells = read_table(out, "cells", storage_options=options).to_pandas()
+        assert cells.cell_id.is_unique, kind
+        assert set(cells.cell_id) == _cell_ids(clean_run, ids), kind
+        assert read_table(out, "failures", storage_options=options).num_rows == 0, kind
+    assert not list((local / "leases").iterdir())  # every lease released
+    assert not fs.find(f"{bucket}/out/leases")
 
 
 def test_f5_driver_killed_then_the_same_command_again(

@@ -1,4 +1,4 @@
-"""Storage faults (issue 16, F1, F7, F8): a flaky, changing or refusing store costs at most its slide.
+"""Storage faults (issue 16, F1, F2 multipart, F7, F8): a failing store costs at most its slide.
 
 Contracts, each asserted exactly:
 
@@ -17,6 +17,9 @@ Contracts, each asserted exactly:
 - F8: access denied to an input is that slide's failures row
   (``SlideAccessDeniedError``); to OUT, a clear error and exit 1 before any
   compute, and nothing created.
+- F2 inside a multipart upload: a part of a cells file that fails on every
+  try aborts the upload (no object, no upload left); the same commit then
+  lands whole. (A whole run whose completion dies: ``test_faults.py``.)
 
 F1, F7 and F8 (inputs) share one real run; its fixture keeps what the tests check.
 """
@@ -27,7 +30,9 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 import requests
 import s3fs
@@ -274,6 +279,71 @@ def test_f1_every_commit_write_fails_once_and_lands_once(s3: dict[str, Any]) -> 
     ]  # fmt: skip
     failures = read_table(store.uri, "failures", storage_options=s3["storage_options"]).to_pandas()
     assert sorted(failures.message) == ["no 0", "no 1"]
+
+
+# ------------------------------------------------------------------ F2 inside a multipart upload
+
+#: Part size of the F2 multipart tests' uploads (and moto's minimum part size for them): a
+#: cells file of tens of KB goes up in several parts, as a big slide's does in 50 MiB parts.
+SMALL_PART_BYTES = 8 * 1024
+
+
+class SmallParts(OutputStore):
+    """A store whose files over 16 KiB go up as multipart uploads (s3fs's parts are 50 MiB)."""
+
+    multipart_chunk_bytes = SMALL_PART_BYTES
+
+
+def small_parts_on_moto(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Let moto (in this process) take `SMALL_PART_BYTES` parts; S3 wants 5 MiB but the last."""
+    import moto.s3.models
+
+    monkeypatch.setattr(moto.s3.models, "S3_UPLOAD_PART_MIN_SIZE", SMALL_PART_BYTES)
+
+
+def test_f2_a_part_failing_beyond_retries_aborts_the_multipart_commit(
+    s3: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every try at one part of a multipart cells file fails: no object, no upload left behind.
+
+    The real `SlideWriter` commit through the proxy; the same commit without the fault
+    then lands whole, once. (A whole run whose completion dies: ``test_faults``' F2.)
+    """
+    small_parts_on_moto(monkeypatch)
+    bucket, fs = s3["bucket"], s3["fs"]
+    rng = np.random.default_rng(0)
+    n = 2000
+    x, y = rng.uniform(0, 1e5, n), rng.uniform(0, 1e5, n)
+    rows = pa.table({
+        "cell_id": [f"{i:024x}" for i in rng.integers(0, 2**62, n)], "level": np.zeros(n, np.int16),
+        "tile_row": np.arange(n, dtype=np.int32), "tile_col": np.zeros(n, np.int32),
+        "x0": x, "y0": y, "x1": x + 9, "y1": y + 9, "cx": x + 4.5, "cy": y + 4.5,
+        "det_class": ["RBC"] * n, "det_confidence": rng.uniform(0, 1, n).astype(np.float32),
+        "detector_version": ["test"] * n,
+    })  # fmt: skip
+    dies = [Fault("reset", "PUT", prefix=f"/{bucket}/out/cells/", query="partNumber=2&",
+                  persistent=True)]  # fmt: skip
+    with FaultProxy(s3["endpoint"], dies) as proxy:
+        opts = load_config(
+            None, [f"storage.endpoint_url={proxy.endpoint}", "storage.max_attempts=2"]
+        ).storage.storage_options()
+        store = SmallParts(f"s3://{bucket}/out", storage_options=opts)
+        writer = store.slide_writer("a", cells_schema({}, False))
+        writer.write(rows)
+        with pytest.raises(Exception, match="partNumber=2"):
+            writer.commit({"slide_id": "a", "slide_uri": "a.tif", "status": "committed"})
+        assert proxy.injected[("PUT", "reset")] >= 2  # every try at part 2, then it gave up
+    fs.invalidate_cache()
+    assert not fs.find(f"{bucket}/out/cells")  # nothing visible: no half file
+    assert not fs.call_s3("list_multipart_uploads", Bucket=bucket).get("Uploads")  # aborted
+
+    store = SmallParts(f"s3://{bucket}/out", storage_options=s3["storage_options"])
+    writer = store.slide_writer("a", cells_schema({}, False))
+    writer.write(rows)
+    writer.commit({"slide_id": "a", "slide_uri": "a.tif", "status": "committed"})
+    landed = read_table(store.uri, "cells", storage_options=s3["storage_options"])
+    assert fs.size(f"{bucket}/out/cells/slide_id=a/part-0.parquet") > 2 * SMALL_PART_BYTES
+    assert sorted(landed.column("cell_id").to_pylist()) == sorted(rows.column("cell_id").to_pylist())
 
 
 # ------------------------------------------------------------------ F7

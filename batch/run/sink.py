@@ -11,8 +11,10 @@ Commit guarantee: a slide's cells become visible all at once or not at all.
 Rows are streamed to a local temporary Parquet file (memory stays bounded by
 the rows in flight), and the slide is committed by one atomic step: an
 ``os.replace`` of a hidden temporary file locally, a single object PUT on S3
-(objects appear whole or not at all). Readers (pyarrow, pandas, DuckDB, Spark)
-skip names starting with ``.`` or ``_``. The cells file is the commit marker:
+(objects appear whole or not at all). A file over twice `MULTIPART_CHUNK_BYTES`
+goes up as a multipart upload: invisible until its completion, and aborted
+when a part or the completion fails beyond botocore's retries. Readers
+(pyarrow, pandas, DuckDB, Spark) skip names starting with ``.`` or ``_``. The cells file is the commit marker:
 a rerun skips every slide whose cells file exists, so a retried task, a killed
 worker or a rerun job never leaves duplicates or half a slide. The slide's
 summary row rides in the cells file's metadata, so a crash between the cells
@@ -52,6 +54,9 @@ __all__ = [
 CELLS_FILE = "part-0.parquet"
 #: Key of the slide summary (one JSON row) in the cells file's Parquet metadata.
 SUMMARY_KEY = b"hemaray.slide_summary"
+#: Part size (bytes) of the multipart uploads of big files on S3: s3fs's default. A file under
+#: twice this size goes up in one PUT.
+MULTIPART_CHUNK_BYTES = 50 * 2**20
 #: Failure attempt numbers tried in a row before giving up (concurrent runs take numbers).
 MAX_ATTEMPT_CLASHES = 100
 #: Parquet row group size: bounded memory for readers of big slides.
@@ -95,6 +100,9 @@ def cells_schema(label_sets: dict[str, list[str]], export_crops: bool) -> pa.Sch
 class OutputStore:
     """The output dataset of one or many runs, on any fsspec filesystem."""
 
+    #: Part size of this store's multipart uploads on S3 (a subclass may set a smaller one).
+    multipart_chunk_bytes = MULTIPART_CHUNK_BYTES
+
     def __init__(self, out: str, *, storage_options: dict[str, Any] | None = None) -> None:
         self.uri = out.rstrip("/")
         self.storage_options = storage_options
@@ -131,6 +139,8 @@ class OutputStore:
             hidden = str(Path(remote).parent / f".{Path(remote).name}.{uuid.uuid4().hex}.tmp")
             shutil.copyfile(local, hidden)
             os.replace(hidden, remote)
+        elif "s3" in self.fs.protocol:
+            self.fs.put_file(local, remote, chunksize=self.multipart_chunk_bytes)
         else:
             self.fs.put_file(local, remote)
 
