@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 import pytest
+import yaml
 
 from batch.datasets.folders import ImageRecord, discover_images
 from batch.eval.metrics import classification_metrics
@@ -85,7 +86,7 @@ def test_tiny_training_offline(image_folder: Path, tmp_path: Path, no_network: l
             "--batch", "8", "--group-regex", r"^(p\d+)_", "--group-desc", "patient",
             "--val-fraction", "0.25", "--test-fraction", "0.25",
             "--rename", "Benign=benign", "--rename", "Pro=pro_b",
-            "--source", '{"name": "generated", "licence": "CC0"}',
+            "--source", '{"name": "generated", "licence": "CC0"}', "--augment", "hsv_h=0.1",
         ]
     )  # fmt: skip
     summary = train_classifier(cfg)
@@ -123,6 +124,9 @@ def test_tiny_training_offline(image_folder: Path, tmp_path: Path, no_network: l
     card = json.loads((out / "tiny.json").read_text())
     assert card["task"] == "classify" and card["class_names"] == ["benign", "pro_b"]
     assert card["extra"]["input_mode"] == "dual" and card["trained_mpp"] == 0.25
+    # --augment reached ultralytics' trainer and the card.
+    assert card["extra"]["augment"] == {"hsv_h": 0.1}
+    assert yaml.safe_load((out / "runs" / "tiny" / "args.yaml").read_text())["hsv_h"] == 0.1
     assert "not for clinical diagnosis" in card["intended_use"]
     assert "Classification metrics" in (out / "tiny.md").read_text()
     t = card["extra"]["temperature"]
@@ -325,6 +329,17 @@ def test_labels_find_their_slides_by_id_then_by_the_runs_uri(tmp_path: Path) -> 
         labelled_slides([a.slide_id, "ghost"], [str(tmp_path / "slides")])
     with pytest.raises(LabelSlideError, match="old-b.*--run OUT"):  # no run: ids only
         labelled_slides(["old-b"], [b.uri])
+
+
+def test_augment_settings_are_checked() -> None:
+    base = ["--data", "d", "--out", "o"]
+    assert config_from_args([*base, "--augment", "hsv_s=0.9", "--augment", "scale=0.2"]).augment == {
+        "hsv_s": 0.9,
+        "scale": 0.2,
+    }
+    for bad in ("lr0=0.1", "hsv_h", "hsv_h=high"):
+        with pytest.raises(SystemExit, match="--augment"):
+            config_from_args([*base, "--augment", bad])
 
 
 def test_labels_flags_go_together(tmp_path: Path) -> None:

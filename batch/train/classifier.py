@@ -386,6 +386,7 @@ def train_classifier(cfg: TrainClassifierConfig) -> dict[str, Any]:
     }
     if n_frozen:
         train_kwargs["freeze"] = n_frozen
+    train_kwargs.update(cfg.augment)
     t1 = time.time()
     model.train(**train_kwargs)
     train_s = time.time() - t1
@@ -466,6 +467,7 @@ def train_classifier(cfg: TrainClassifierConfig) -> dict[str, Any]:
             "renderings_per_split": rendering_counts,
             "weak_labels": cfg.weak_labels,
             "seed": cfg.seed,
+            "augment": dict(cfg.augment),
         },
     )
     if calibration is not None:
@@ -544,7 +546,32 @@ def build_parser() -> argparse.ArgumentParser:
         help='data source for the card, e.g. \'{"name": "PBC", "url": "...", "licence": "CC BY 4.0"}\'',
     )
     p.add_argument("--note", action="append", default=[], help="caveat for the model card")
+    p.add_argument(
+        "--augment",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"ultralytics training augmentation, e.g. hsv_h=0.05 (keys: {', '.join(AUGMENT_KEYS)})",
+    )
     return p
+
+
+#: Ultralytics' classification augmentation settings `--augment` may set.
+AUGMENT_KEYS = ("hsv_h", "hsv_s", "hsv_v", "scale", "fliplr", "flipud", "erasing", "degrees")
+
+
+def parse_augment(items: Sequence[str]) -> dict[str, float]:
+    """``["hsv_h=0.05", ...]`` -> ``{"hsv_h": 0.05}``; unknown keys and non-numbers are refused."""
+    out: dict[str, float] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in AUGMENT_KEYS:
+            raise SystemExit(f"--augment expects KEY=VALUE with KEY in {AUGMENT_KEYS}, got {item!r}")
+        try:
+            out[key] = float(value)
+        except ValueError:
+            raise SystemExit(f"--augment {key}: not a number: {value!r}") from None
+    return out
 
 
 def config_from_args(argv: Sequence[str] | None = None) -> TrainClassifierConfig:
@@ -597,6 +624,7 @@ def config_from_args(argv: Sequence[str] | None = None) -> TrainClassifierConfig
         weak_labels=args.weak_labels,
         sources=[json.loads(s) for s in args.source],
         notes=list(args.note),
+        augment=parse_augment(args.augment),
         command="python jobs/train_classifier.py " + shlex.join(argv_list),
     )
 

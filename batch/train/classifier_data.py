@@ -101,6 +101,8 @@ class TrainClassifierConfig:
     weak_labels: bool = False
     sources: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    #: Ultralytics augmentation settings for training (`AUGMENT_KEYS`, e.g. ``hsv_h``: 0.05).
+    augment: dict[str, float] = field(default_factory=dict)
     command: str = ""
     #: A labels table (``hemaray import-labels``) to cut the data from (`batch.train.from_labels`).
     labels: Path | None = None
