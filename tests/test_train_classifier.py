@@ -103,6 +103,7 @@ def test_tiny_training_offline(image_folder: Path, tmp_path: Path, no_network: l
     assert sum(sources[s].get("pro_b", 0) for s in sources) == 12
     renders = metrics["renderings_per_split"]
     assert renders["val"] == {k: 2 * v for k, v in sources["val"].items()}
+    m_by_split = {s: metrics["metrics"][s]["confusion_matrix"] for s in ("val", "test")}
     for split in ("val", "test"):
         m = metrics["metrics"][split]
         for key in (
@@ -149,6 +150,21 @@ def test_tiny_training_offline(image_folder: Path, tmp_path: Path, no_network: l
     assert {r["split"] for r in rows} == {"train", "val", "test"}
     flipped = [r for r in rows if r["flip"]]
     assert flipped and all(r["split"] == "train" for r in flipped)
+    # --epochs 0 evaluates, calibrates and cards a checkpoint as it is: the same figures.
+    again = tmp_path / "again"
+    cfg0 = config_from_args(
+        [
+            "--data", str(image_folder), "--out", str(again), "--name", "tiny", "--model",
+            str(weights), "--input", "dual", "--mpp", "0.25", "--imgsz", "32", "--epochs", "0",
+            "--group-regex", r"^(p\d+)_", "--val-fraction", "0.25", "--test-fraction", "0.25",
+            "--rename", "Benign=benign", "--rename", "Pro=pro_b",
+        ]
+    )  # fmt: skip
+    summary0 = train_classifier(cfg0)
+    assert (again / "tiny.pt").read_bytes() != b"" and not (again / "runs" / "tiny").exists()
+    for split in ("val", "test"):
+        assert summary0["metrics"][split]["confusion_matrix"] == m_by_split[split]
+    assert summary0["temperature"] == metrics["temperature"]
     # Train is balanced in source images (dual: two renderings per source).
     per_class: dict[str, int] = defaultdict(int)
     for r in rows:

@@ -28,7 +28,9 @@ Steps (`train_classifier`; steps 1-4 are `batch.datasets.folders` and
    than the largest one get horizontally / vertically / both-ways flipped
    copies of their own training images (at most 3 per image). Validation
    and test images are never flipped or duplicated.
-5. **Train** with ultralytics (``plots=False``, ``amp=False``; nothing is
+5. **Train** (``--epochs 0``: none; steps 6-7 then evaluate, calibrate and
+   card the ``--model`` checkpoint as it is, e.g. a run's best checkpoint
+   when its schedule was stopped early) with ultralytics (``plots=False``, ``amp=False``; nothing is
    downloaded: the model is a ``.yaml`` or a local ``.pt``). ``freeze``
    follows the seeds' fine-tuning strategies: ``all`` trains every layer;
    ``lastN`` (``last10``, ``last3``) trains only the last N top-level layers
@@ -388,13 +390,16 @@ def train_classifier(cfg: TrainClassifierConfig) -> dict[str, Any]:
         train_kwargs["freeze"] = n_frozen
     train_kwargs.update(cfg.augment)
     t1 = time.time()
-    model.train(**train_kwargs)
-    train_s = time.time() - t1
-    best = out / "runs" / cfg.name / "weights" / "best.pt"
-    if not best.is_file():
-        best = out / "runs" / cfg.name / "weights" / "last.pt"
     weights = out / f"{cfg.name}.pt"
-    shutil.copyfile(best, weights)
+    if cfg.epochs:
+        model.train(**train_kwargs)
+        best = out / "runs" / cfg.name / "weights" / "best.pt"
+        if not best.is_file():
+            best = out / "runs" / cfg.name / "weights" / "last.pt"
+        shutil.copyfile(best, weights)
+    else:  # --epochs 0: evaluate, calibrate and card the given checkpoint as it is
+        shutil.copyfile(cfg.model, weights)
+    train_s = time.time() - t1
 
     metrics, names, split_probs = _evaluate(weights, rows, work, cfg)
     temperature, calibration = _calibrate(split_probs, metrics, out, cfg.name, str(root))

@@ -139,8 +139,8 @@ class TrainClassifierConfig:
             v = getattr(self, name)
             if v is not None and not v > 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {v}")
-        if self.imgsz < 16 or self.epochs < 1 or self.batch < 1:
-            raise ValueError("--imgsz must be >= 16, --epochs and --batch >= 1")
+        if self.imgsz < 16 or self.epochs < 0 or self.batch < 1:
+            raise ValueError("--imgsz must be >= 16, --epochs >= 0 and --batch >= 1")
         return self
 
     @property
