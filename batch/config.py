@@ -207,6 +207,18 @@ class DetectConfig:
     #: parity check against torch (batch.stages.autoruntime). FP32 exports give the same cells
     #: up to float rounding (tested); cell ids of a runtime other than torch differ from torch's.
     runtime: str = "auto"
+    #: Threads of each CPU detector actor's runtime, for the runtimes that otherwise take every
+    #: core in every actor (ONNX Runtime, OpenVINO). 0: the actor's share of the node's cores,
+    #: as torch's (execution.torch_threads, else cores / detector actors); -1: the runtime's
+    #: own default; N: N threads. Torch runs on the actor's share.
+    #: Measured (`hemaray bench placement --runtime openvino --json`, 48 tiles, this 2-core
+    #: machine shared with other sessions, load average ~20, best of 2 alternating rounds):
+    #: 2 actors x 1 thread 6.48 tiles/s; 1 actor x OpenVINO's default (2) 2.03; 2 actors x
+    #: default (2 each, 4 threads on 2 cores) 1.33, the worst: each round 7.4 / 42.3 s,
+    #: 23.7 / 42.4 s, 259.8 / 36.2 s. So one thread per actor, the actor's share, as torch.
+    runtime_threads: dict[str, int] = field(
+        default_factory=lambda: {"onnxruntime": 0, "openvino": 0, "openvino-int8": 0}
+    )
     #: Tiles per forward pass.
     batch_size: int = 8
     #: Detector actors; 0: one per GPU, or on a CPU-only cluster one per CPU (at most 16).
@@ -219,6 +231,11 @@ class DetectConfig:
         if not 0 <= self.conf <= 1 or not 0 < self.iou <= 1:
             raise ConfigError(
                 f"detect.conf must be in [0,1] and detect.iou in (0,1]; got {self.conf}, {self.iou}"
+            )
+        bad = {k: v for k, v in self.runtime_threads.items() if k not in RUNTIMES or v < -1}
+        if bad:
+            raise ConfigError(
+                f"detect.runtime_threads takes runtimes of {RUNTIMES} with values >= -1; got {bad}"
             )
         if self.runtime not in DETECT_RUNTIMES:
             raise ConfigError(

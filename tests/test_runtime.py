@@ -143,6 +143,18 @@ def test_the_manifest_record_says_which_runtime_and_why() -> None:
     assert record["runtime"] == "auto" and str(list(PREFERENCE["cuda"])) in record["reason"]
 
 
+def test_runtime_threads_are_the_actors_share_unless_set() -> None:
+    from batch.run.tasks import _runtime_threads
+
+    assert load_config().detect.runtime_threads["openvino"] == 0
+    assert [_runtime_threads(n, share=1) for n in (0, -1, 3)] == [1, 0, 3]
+    assert _runtime_threads(0, share=0) == 0  # GPU actors: the runtime's own default
+    with pytest.raises(ConfigError, match="runtime_threads"):
+        load_config(None, ["detect.runtime_threads.openvino=-2"])
+    with pytest.raises(ConfigError, match="runtime_threads"):
+        load_config(None, ["detect.runtime_threads.tensorflow=1"])
+
+
 def test_cell_ids_follow_the_runtime_auto_chose() -> None:
     auto, torch_cfg = load_config(), load_config(None, ["detect.runtime=torch"])
     ov_cfg = load_config(None, ["detect.runtime=openvino"])
@@ -178,11 +190,19 @@ def test_exported_runtime_gives_torch_boxes(runtime: str, tiles: list[object], c
     assert parity["n_reference"] > 100
     assert parity["matched_fraction"] == 1.0 and parity["n_other"] == parity["n_reference"]
     assert parity["worst_iou"] >= PARITY_IOU and parity["max_conf_diff"] <= PARITY_CONF
-    # Exported once: the second detector loads the cached export, untouched.
+    # Exported once: the second detector loads the cached export, untouched; on one thread
+    # (detect.runtime_threads) it gives the same boxes.
     path = exported_model(DEFAULT_DETECTOR, runtime)
     stamp = path.stat().st_mtime_ns
-    CellDetector(device="cpu", runtime=runtime)
+    one_thread = CellDetector(device="cpu", runtime=runtime, threads=1)
     assert exported_model(DEFAULT_DETECTOR, runtime) == path and path.stat().st_mtime_ns == stamp
+    backend = one_thread._model.predictor.model.backend
+    if runtime == "openvino":
+        assert backend.ov_compiled_model.get_property("INFERENCE_NUM_THREADS") == 1
+    else:
+        assert backend.session.get_session_options().intra_op_num_threads == 1
+    same = detection_parity(exported.detect(tiles, 0.25), one_thread.detect(tiles, 0.25))
+    assert same["matched_fraction"] == 1.0 and same["max_conf_diff"] <= PARITY_CONF
     assert path.is_relative_to(cache / EXPORTS_DIR)
     # The export's own parity check (made when it was exported) passed, on real boxes.
     record = read_parity(path)

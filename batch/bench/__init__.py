@@ -3,6 +3,7 @@
 - `batch.bench.io`: the slide reader against S3 (over-read, GETs) and tifffile.
 - `batch.bench.pipeline`: ``hemaray run`` end to end against the bare detector, and memory.
 - `batch.bench.detector`: the detector in each inference runtime on the same tiles, and parity.
+- `batch.bench.placement`: the detector stage per (actors, threads) placement and runtime.
 - `batch.bench.gpu`: the detector and pipeline comparisons on a CUDA device.
 """
 

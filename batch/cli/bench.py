@@ -1,4 +1,4 @@
-"""``hemaray bench io | pipeline | detector | gpu``: speed measured side by side in one run."""
+"""``hemaray bench io | pipeline | detector | placement | gpu``: speed measured side by side in one run."""
 
 from __future__ import annotations
 
@@ -35,6 +35,15 @@ def _cmd_bench_detector(args: argparse.Namespace) -> int:
         width=args.width, height=args.height, seed=args.seed, max_tiles=args.tiles,
         runtimes=tuple(args.runtimes.split(",")) if args.runtimes else None, device=args.device,
     )  # fmt: skip
+    print_result(result, args.json)
+    return 0
+
+
+def _cmd_bench_placement(args: argparse.Namespace) -> int:
+    from batch.bench.placement import bench_placement
+
+    print(f"bench placement: {args.runtime} detector actors x threads ...", file=sys.stderr)
+    result = bench_placement(runtime=args.runtime, max_tiles=args.tiles)
     print_result(result, args.json)
     return 0
 
@@ -107,6 +116,13 @@ def add_commands(sub: Any) -> None:
     bd.add_argument("--height", type=int, default=4096, help="height of the generated smear")
     bd.add_argument("--seed", type=int, default=0)
     bd.set_defaults(func=_cmd_bench_detector)
+    bpl = bsub.add_parser(
+        "placement", help="detector actors x threads per runtime, as a CPU run places them"
+    )
+    bpl.add_argument("--json", action="store_true")
+    bpl.add_argument("--runtime", default="openvino", choices=DETECT_RUNTIMES[1:])
+    bpl.add_argument("--tiles", type=int, default=48, help="at most this many tiles")
+    bpl.set_defaults(func=_cmd_bench_placement)
     bg = bsub.add_parser(
         "gpu",
         help="detector (torch fp16 vs TensorRT fp16) and pipeline comparisons on this host's GPU",

@@ -36,7 +36,7 @@ import numpy as np
 import numpy.typing as npt
 import pyarrow as pa
 
-from batch.config import ClassifierSpec, Config
+from batch.config import RUNTIMES, ClassifierSpec, Config
 from batch.errors import SlideOpenTimeoutError
 from batch.ids import cell_ids
 from batch.models import file_sha256, resolve_model, shipped_or_path
@@ -334,6 +334,15 @@ def model_key(config: Config, detector_sha: str, runtime: str | None = None) -> 
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
+def _runtime_threads(configured: int, share: int) -> int:
+    """``detect.runtime_threads``' value for one runtime as ``CellDetector`` takes it.
+
+    0 is the actor's share of the cores (``share``; itself 0 on GPU actors), -1 the runtime's
+    own default (``CellDetector``'s 0), N is N.
+    """
+    return share if configured == 0 else max(configured, 0)
+
+
 class DetectStage:
     """Run the detector over the tile images; keep boxes whose centre the tile's core owns."""
 
@@ -348,6 +357,7 @@ class DetectStage:
             d.model, storage_options=config.storage.storage_options(), device=d.device,
             sha256=d.sha256, conf=d.conf, iou=d.iou, max_det=d.max_det, batch_size=d.batch_size,
             agnostic_nms=d.agnostic_nms, runtime=d.runtime,
+            threads={rt: _runtime_threads(d.runtime_threads.get(rt, 0), threads) for rt in RUNTIMES},
         )  # fmt: skip
         self.version = self.detector.sha256[:12]
         self.model_key = model_key(config, self.detector.sha256, self.detector.runtime)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -35,7 +35,7 @@ from batch.models import ModelCard, file_sha256, load_yolo, read_model_card, res
 from batch.stages.autoruntime import RuntimeChoice, choose_runtime
 from batch.stages.device import keep_torch_threads, select_device
 from batch.stages.preprocess import resample
-from batch.stages.runtime import EXPORT_BATCH, device_facts, exported_model
+from batch.stages.runtime import EXPORT_BATCH, EXPORT_IMGSZ, device_facts, exported_model
 
 __all__ = [
     "DETECTOR_CLASSES",
@@ -229,6 +229,11 @@ class CellDetector:
         ``"auto"`` (`batch.stages.autoruntime`; the run's default,
         ``detect.runtime``): ``runtime`` then holds the runtime chosen and
         ``runtime_choice`` why.
+    threads
+        Intra-op threads of an exported runtime on CPU (ONNX Runtime, OpenVINO),
+        or one count per runtime (the one that runs is used; ``auto`` resolved
+        first); 0: the runtime's default (every core). Torch's threads are the
+        process's.
     """
 
     def __init__(
@@ -245,6 +250,7 @@ class CellDetector:
         storage_options: dict[str, Any] | None = None,
         agnostic_nms: bool = True,
         runtime: str = "torch",
+        threads: int | Mapping[str, int] = 0,
     ) -> None:
         if not 0 <= conf <= 1 or not 0 < iou <= 1:
             raise ValueError(f"conf must be in [0, 1] and iou in (0, 1]; got {conf}, {iou}")
@@ -282,6 +288,7 @@ class CellDetector:
                 f"({EXPORT_BATCH}, batch.stages.runtime.EXPORT_BATCH); lower it"
             )
         self.runtime = runtime
+        self.threads = threads if isinstance(threads, int) else threads.get(runtime, 0)
         self._model, raw_names = self._load()
         self._names = tuple(normalize_class_name(n) for n in raw_names)
 
@@ -395,9 +402,13 @@ class CellDetector:
             # boxes a hair different from unfused ones: predict once on a blank image here, so
             # every real batch (the first of an actor too) runs the same fused network and the
             # cell ids (rounded boxes) do not depend on which batch an actor saw first.
-            if self.runtime == "torch":  # exported files have a fixed input shape
-                model.predict(np.full((WARMUP_PX, WARMUP_PX, 3), 255, np.uint8), imgsz=WARMUP_PX,
-                              device=self.device, verbose=False)  # fmt: skip
+            # An exported model is compiled by that first prediction too (at a full tile's size:
+            # a TensorRT engine's smallest input is not known here).
+            side = WARMUP_PX if self.runtime == "torch" else EXPORT_IMGSZ
+            model.predict(np.full((side, side, 3), 255, np.uint8), imgsz=side,
+                          device=self.device, verbose=False)  # fmt: skip
+            if self.threads and not self.device.startswith("cuda"):
+                _limit_runtime_threads(model, self.runtime, export, self.threads)
         ids = sorted(raw) if isinstance(raw, dict) else list(range(len(raw)))
         return model, [str(raw[i]) for i in ids]
 
@@ -516,6 +527,40 @@ class CellDetector:
             return math.exp(log_m + gap)
         final = estimate(crossing)
         return final if final is not None else crossing
+
+
+def _limit_runtime_threads(model: Any, runtime: str, export: Path, threads: int) -> None:
+    """Run an exported CPU model on ``threads`` intra-op threads.
+
+    Ultralytics compiles OpenVINO models (LATENCY hint) and opens ONNX Runtime
+    sessions with the runtimes' defaults: every core of the node, in every
+    actor. Both are recompiled here from ultralytics' own backend object with
+    the thread count set; torch's threads are set by the caller.
+    """
+    import functools
+
+    predictor = getattr(model, "predictor", None)
+    backend: Any = getattr(getattr(predictor, "model", None), "backend", None)
+    if runtime in ("openvino", "openvino-int8") and hasattr(backend, "compile_model"):
+        compile_model = backend.compile_model  # partial(core.compile_model, device_name, config)
+        config = {**compile_model.keywords.get("config", {}), "INFERENCE_NUM_THREADS": threads}
+        backend.compile_model = functools.partial(
+            compile_model.func, *compile_model.args, **{**compile_model.keywords, "config": config}
+        )
+        core = compile_model.func.__self__
+        (xml,) = sorted(export.glob("*.xml"))
+        backend.ov_compiled_model = backend.compile_model(core.read_model(str(xml)))
+    elif runtime == "onnxruntime" and hasattr(backend, "session"):
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        backend.session = onnxruntime.InferenceSession(
+            str(export), options, providers=backend.session.get_providers()
+        )
+    elif runtime != "torch":
+        log.warning("cannot set %s's threads on this ultralytics; it uses its default", runtime)
 
 
 def load_detector(
