@@ -6,9 +6,7 @@ file, `batch.run.sink.SlideWriter.commit`) and fails on its first error row
 or write error (a ``failures`` row, a ``slides`` row with status ``failed``,
 nothing in ``cells``). As Ray Data's datasinks do, the lifecycle has one
 method per step: `start`, `consume` (per tile), `commit`, `fail`, and
-`finish` for slides the dataset never completed. A slide sent again in a
-later round (after a node left the cluster mid-run: `batch.run.pipeline`)
-keeps its books: its tiles taken before come again and are dropped as repeats.
+`finish` for slides the dataset never completed.
 """
 
 from __future__ import annotations
@@ -182,11 +180,6 @@ class RunLedger:
             if st.done >= st.n_tiles:
                 self.commit(sid)
         self.tick()
-
-    def unfinished(self) -> list[str]:
-        """Slides neither committed nor failed (yet)."""
-        committed = set(self.result.committed)
-        return [s for s, st in self.states.items() if not st.failed and s not in committed]
 
     def tick(self, *, final: bool = False) -> None:
         """Sample the timeline; print a progress line every `progress_seconds`."""

@@ -26,20 +26,17 @@ Many slides stream through one dataset, so actors never wait at a slide
 boundary; Ray Data provides backpressure, retries and progress bars.
 
 A node that leaves the cluster mid-run (a preempted or failed machine) takes
-its actors and the tiles they held. When that ends the dataset (an actor's
-calls fail beyond their retries), the run goes on in another round: the
-slides it had not finished go through a new dataset whose model pools are
-sized to the nodes left (`actors_that_fit`). Their tiles taken before come
-again and are dropped as repeats (a slide commits on distinct tiles), and a
-slide's cells are staged on the driver until its commit, so nothing half
-done is ever visible; committed slides stay as they are. A crash that cost
-no node (a worker killed on one slide) ends the run as before: its
-unfinished slides fail with the crash recorded.
+its actors and the tiles they held. Their calls wait for the actor to come
+back: Ray restarts it on a node left once one has room (the pool releases its
+idle actors when the inputs run out), the calls are retried there, and the
+run commits every slide with the cell ids it would have had. An actor's
+restarts stay bounded (``execution.max_worker_restarts``): past them, as
+after a crash that recurs, the run fails its unfinished slides with the
+cause recorded.
 """
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import math
@@ -71,7 +68,7 @@ from batch.run.tasks import (
 from batch.run.telemetry import Telemetry
 from batch.storage import check_out_writable
 
-__all__ = ["run_pipeline", "Resources", "actors_that_fit", "cluster_resources", "placement"]
+__all__ = ["run_pipeline", "Resources", "cluster_resources", "placement"]
 
 log = logging.getLogger(__name__)
 
@@ -85,14 +82,6 @@ MIN_OBJECT_STORE_BYTES = 256 * 2**20
 FUSED_DETECT_BATCHES = 2
 #: Default cap on CPU detector actors (one per core below it).
 MAX_CPU_DETECTORS = 16
-#: Seconds to wait, after an actor became unreachable, for the cluster to mark its node dead
-#: (Ray's health checks take ~15 s to give up on a node); none gone means it was no node loss.
-NODE_LOSS_WAIT_S = 30.0
-#: Seconds between two looks at the cluster's nodes while waiting.
-NODE_LOSS_POLL_S = 0.5
-#: Rounds a run may add after node losses (each needs a node lost in the round before; the
-#: cap holds on an autoscaling cluster whose nodes come and go).
-MAX_NODE_LOSS_ROUNDS = 3
 
 
 @dataclass
@@ -124,6 +113,8 @@ def run_pipeline(
     the ``failures`` table. Already committed slides are skipped unless
     ``overwrite``.
     """
+    import ray
+
     t0 = time.time()
     started_at = datetime.now(UTC)
     run_id = started_at.strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
@@ -169,26 +160,19 @@ def run_pipeline(
     ledger.start(todo)
     telemetry = Telemetry()
     cut_short: Exception | None = None
-    pending, rounds = todo, 0
-    while pending:
-        nodes = _alive_nodes()
-        cut_short = _run_round(pending, config, detector_mpp, ledger, telemetry, rounds > 0)
-        if cut_short is None:
-            break
-        lost = _lost_nodes(nodes, cut_short)
-        unfinished = set(ledger.unfinished())
-        # A crash that cost no node (F3), or too many rounds: the unfinished slides fail.
-        if not lost or not unfinished or rounds == MAX_NODE_LOSS_ROUNDS:
-            log.error("the dataset ended with an error; failing the unfinished slides: %s", cut_short)
-            echo(f"the run was cut short ({type(cut_short).__name__}: {cut_short})")
-            break
-        echo(
-            f"{len(lost)} node(s) left the cluster mid-run ({type(cut_short).__name__}); "
-            f"{len(unfinished)} unfinished slide(s) go on on the {len(nodes) - len(lost)} "
-            "node(s) left"
-        )
-        gc.collect()  # the ended dataset's actors go once nothing refers to their handles
-        pending, rounds = [s for s in todo if s.slide_id in unfinished], rounds + 1
+    if todo:
+        saved = ray.data.DataContext.get_current().copy()
+        try:
+            ds = _build_dataset(todo, config, detector_mpp)
+            batches = ds.iter_batches(batch_format="numpy", batch_size=None, prefetch_batches=2)
+            for batch in telemetry.timed_batches(batches):
+                ledger.consume(batch)
+        except Exception as e:  # e.g. a worker that crashed beyond its retries: fail, not crash
+            cut_short = e
+            log.error("the dataset ended with an error; failing the unfinished slides: %s", e)
+            echo(f"the run was cut short ({type(e).__name__}: {e})")
+        finally:  # the run's block size and budget must not leak into the caller's datasets
+            ray.data.DataContext._set_current(saved)
     # Slides that never returned a row cannot happen unless the dataset was cut short: record them.
     try:
         ledger.finish(cut_short)
@@ -217,91 +201,6 @@ def run_pipeline(
     return result
 
 
-def _run_round(
-    slides: list[SlideInput],
-    config: Config,
-    detector_mpp: float | None,
-    ledger: RunLedger,
-    telemetry: Telemetry,
-    fit_pools: bool,
-) -> Exception | None:
-    """One dataset over ``slides`` into ``ledger``; the error that ended it early, if any."""
-    import ray
-
-    saved = ray.data.DataContext.get_current().copy()
-    try:
-        ds = _build_dataset(slides, config, detector_mpp, fit_pools=fit_pools)
-        batches = ds.iter_batches(batch_format="numpy", batch_size=None, prefetch_batches=2)
-        for batch in telemetry.timed_batches(batches):
-            ledger.consume(batch)
-    except Exception as e:  # e.g. a worker that crashed beyond its retries: fail, not crash
-        log.debug("the dataset ended with an error", exc_info=e)
-        _drop_tracebacks(e)
-        return e
-    finally:  # the run's block size and budget must not leak into the caller's datasets
-        ray.data.DataContext._set_current(saved)
-    return None
-
-
-def _drop_tracebacks(error: BaseException) -> None:
-    """Cut the traceback chain of ``error``: its frames hold the ended dataset's executor.
-
-    Ray Data releases a finished pool's actors by dropping its handles; frames kept
-    alive through a traceback keep them (and the CPUs or GPUs they hold) into the
-    next round, where the new pool then waits for room that never frees.
-    """
-    seen: set[int] = set()
-    e: BaseException | None = error
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        e.__traceback__ = None
-        e = e.__cause__ or e.__context__
-
-
-def _alive_nodes() -> set[str]:
-    import ray
-
-    return {n["NodeID"] for n in ray.nodes() if n["Alive"]}
-
-
-def _lost_nodes(before: set[str], error: Exception) -> set[str]:
-    """Nodes of ``before`` that are gone; after an unreachable actor, wait for its node's fate.
-
-    An actor whose calls failed as unreachable (`ray.exceptions.ActorUnavailableError`:
-    its node stopped answering) usually means a node on its way out, but the cluster
-    marks it dead only after its health checks give up: wait up to `NODE_LOSS_WAIT_S`.
-    """
-    import ray
-
-    lost = before - _alive_nodes()
-    if lost or not isinstance(error, ray.exceptions.ActorUnavailableError):
-        return lost
-    deadline = time.monotonic() + NODE_LOSS_WAIT_S
-    while not lost and time.monotonic() < deadline:
-        time.sleep(NODE_LOSS_POLL_S)
-        lost = before - _alive_nodes()
-    return lost
-
-
-def actors_that_fit(per_actor: dict[str, float]) -> int:
-    """How many actors needing ``per_actor`` (e.g. ``{"CPU": 2}``) the alive nodes can hold.
-
-    Counted node by node: an actor cannot span two nodes, so two nodes with 3
-    CPUs each hold two 2-CPU actors, not three.
-    """
-    import ray
-
-    total = 0
-    for node in ray.nodes():
-        if not node["Alive"]:
-            continue
-        res = node["Resources"]
-        total += min(
-            (int(res.get(k, 0.0) / v + 1e-9) for k, v in per_actor.items() if v > 0), default=0
-        )
-    return total
-
-
 def _uses_gpu(config: Config, res: Resources) -> bool:
     return res.gpus > 0 and config.detect.device != "cpu"
 
@@ -314,16 +213,7 @@ def placement(config: Config, res: Resources) -> str:
     return chosen
 
 
-def _build_dataset(
-    todo: list[SlideInput], config: Config, detector_mpp: float | None, *, fit_pools: bool = False
-) -> Any:
-    """The run's dataset over ``todo``.
-
-    ``fit_pools`` (a round after a node loss) caps each model pool at the actors
-    the alive nodes can hold: a pool of the old size would wait forever for an
-    actor no node has room for. A first round keeps the configured sizes, since
-    an autoscaling cluster adds nodes only once actors ask for them.
-    """
+def _build_dataset(todo: list[SlideInput], config: Config, detector_mpp: float | None) -> Any:
     import ray
 
     res = cluster_resources()
@@ -340,11 +230,6 @@ def _build_dataset(
         det_actors = config.detect.actors or max(1, min(int(res.cpus), MAX_CPU_DETECTORS))
         threads = ex.torch_threads or max(1, (os.cpu_count() or 1) // det_actors)
     cls_actors = ex.classify_actors or (max(1, int(res.gpus)) if use_gpu else 1)
-    if fit_pools:
-        det_need = {"GPU": config.detect.gpus_per_actor} if use_gpu else {"CPU": ex.cpu_per_actor}
-        cls_need = {"GPU": ex.gpus_per_classifier} if use_gpu else {"CPU": ex.cpu_per_classifier}
-        det_actors = max(1, min(det_actors, actors_that_fit(det_need)))
-        cls_actors = max(1, min(cls_actors, actors_that_fit(cls_need)))
     cls_threads = ex.classify_threads or max(1, math.ceil(ex.cpu_per_classifier))
     fused = placement(config, res) == "fused"
     # Fused: each actor task reads and runs FUSED_DETECT_BATCHES detector batches, which halves
@@ -392,7 +277,12 @@ def _build_dataset(
     # bounded number of times, then the dataset raises and the run fails the unfinished slides.
     retries = ex.max_worker_restarts
     task_retries: dict[str, Any] = {"max_retries": retries}
-    actor_retries: dict[str, Any] = {"max_restarts": retries, "max_task_retries": retries}
+    # An actor's calls are retried for as long as the actor can come back: its restarts are the
+    # bound (max_task_retries -1). A call to an actor whose node just left fails as unavailable
+    # until the cluster declares the node dead (~15 s); a finite count ran out in seconds, and
+    # the run failed every unfinished slide where the actor would have been restarted on a
+    # node left (F4).
+    actor_retries: dict[str, Any] = {"max_restarts": retries, "max_task_retries": -1}
     ds: Any = ray.data.from_items(rows, override_num_blocks=min(len(rows), 200))
     actors, tasks = ray.data.ActorPoolStrategy, ray.data.TaskPoolStrategy
     # Planning opens headers (and may load a detector to estimate an unknown mpp): CPU tasks.
