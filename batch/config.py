@@ -207,17 +207,17 @@ class DetectConfig:
     #: parity check against torch (batch.stages.autoruntime). FP32 exports give the same cells
     #: up to float rounding (tested); cell ids of a runtime other than torch differ from torch's.
     runtime: str = "auto"
-    #: Threads of each CPU detector actor's runtime, for the runtimes that otherwise take every
-    #: core in every actor (ONNX Runtime, OpenVINO). 0: the actor's share of the node's cores,
-    #: as torch's (execution.torch_threads, else cores / detector actors); -1: the runtime's
-    #: own default; N: N threads. Torch runs on the actor's share.
-    #: Measured (`hemaray bench placement --runtime openvino --json`, 48 tiles, this 2-core
-    #: machine shared with other sessions, load average ~20, best of 2 alternating rounds):
-    #: 2 actors x 1 thread 6.48 tiles/s; 1 actor x OpenVINO's default (2) 2.03; 2 actors x
-    #: default (2 each, 4 threads on 2 cores) 1.33, the worst: each round 7.4 / 42.3 s,
-    #: 23.7 / 42.4 s, 259.8 / 36.2 s. So one thread per actor, the actor's share, as torch.
+    #: Threads of each CPU detector actor's runtime, for the runtimes that pick their own
+    #: (ONNX Runtime, OpenVINO: every core, in every actor). -1: the runtime's own default;
+    #: 0: the actor's share of the node's cores, as torch's (execution.torch_threads, else
+    #: cores / detector actors); N: N threads. Torch runs on the actor's share.
+    #: Measured with `hemaray bench placement --runtime openvino --json` (48 tiles, this 2-core
+    #: machine, quiet: load average 2, best of 2 alternating rounds): 2 actors x OpenVINO's
+    #: default (2 threads each) 12.15 tiles/s, 1 actor x default 13.50, 2 actors x 1 thread
+    #: 7.93. (A run of the same bench at load average ~20 ranked 2 x 1 first: contention, not
+    #: placement.) The fused placement's two actors therefore keep OpenVINO's default.
     runtime_threads: dict[str, int] = field(
-        default_factory=lambda: {"onnxruntime": 0, "openvino": 0, "openvino-int8": 0}
+        default_factory=lambda: {"onnxruntime": -1, "openvino": -1, "openvino-int8": -1}
     )
     #: Tiles per forward pass.
     batch_size: int = 8

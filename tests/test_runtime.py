@@ -146,7 +146,7 @@ def test_the_manifest_record_says_which_runtime_and_why() -> None:
 def test_runtime_threads_are_the_actors_share_unless_set() -> None:
     from batch.run.tasks import _runtime_threads
 
-    assert load_config().detect.runtime_threads["openvino"] == 0
+    assert load_config().detect.runtime_threads["openvino"] == -1
     assert [_runtime_threads(n, share=1) for n in (0, -1, 3)] == [1, 0, 3]
     assert _runtime_threads(0, share=0) == 0  # GPU actors: the runtime's own default
     with pytest.raises(ConfigError, match="runtime_threads"):

@@ -61,7 +61,8 @@ def _cmd_bench_pipeline(args: argparse.Namespace) -> int:
     from batch.bench import bench_pipeline
 
     print(
-        "bench pipeline: generating slides, running hemaray run four times, timing the bare detector three times (~13 min on 2 cores) ...",
+        "bench pipeline: generating slides, running hemaray run four times, timing the bare detector "
+        "three times in the run's runtime and three in torch (~20 min on 2 cores) ...",
         file=sys.stderr,
     )
     result = bench_pipeline(
