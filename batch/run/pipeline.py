@@ -66,6 +66,7 @@ from batch.run.tasks import (
     read_tiles,
 )
 from batch.run.telemetry import Telemetry
+from batch.stages.autoruntime import runtime_record
 from batch.storage import check_out_writable
 
 __all__ = ["run_pipeline", "Resources", "cluster_resources", "placement"]
@@ -148,12 +149,17 @@ def run_pipeline(
             f"(leases in {store.uri}/leases; e.g. {next(iter(result.leased.values()))})"
         )
 
-    detector_mpp, _ = trained_mpp(config)
+    detector_mpp, detector_file = trained_mpp(config)
     labels = label_sets(config)
     manifest = run_manifest(
         run_id, started_at, n_inputs=len(slides), out=store.uri, config=config,
         detector_trained_mpp=detector_mpp, labels=labels,
     )  # fmt: skip
+    if todo:  # which runtime the detectors run in, and why (exports it once, cached, for `auto`)
+        device = "cuda:0" if _uses_gpu(config, cluster_resources()) else "cpu"
+        runtime = runtime_record(detector_file, config.detect.runtime, device)
+        manifest["detect_runtime"] = runtime
+        echo(f"detector runtime: {runtime['runtime']} on {device} ({runtime['reason']})")
     ledger = RunLedger(
         store, cells_schema(labels, config.export.crops), result, config, echo, leases
     )
