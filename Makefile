@@ -22,11 +22,11 @@ $(BIN)/python:
 	$(BIN)/pip install -q --upgrade pip
 
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q $(TORCH_PINS)
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-compile $(TORCH_PINS)
+	$(BIN)/pip install -q --no-compile -e '.[dev]'
 	# The Label Studio SDK, to validate exported tasks in tests, in a folder of its own: its
 	# requirements (opencv-python-headless < 4.13) would clash with the project's OpenCV.
-	$(BIN)/pip install -q --no-deps --target $(LS_SDK) $(LS_SDK_PINS)
+	$(BIN)/pip install -q --no-compile --no-deps --target $(LS_SDK) $(LS_SDK_PINS)
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["first_crash"]
+from batch.config import Config
+from batch.run.columns import Batch, tile_name
+
+__all__ = ["INJECTED_CRASH_EXIT", "first_crash", "inject_fault"]
+
+#: Exit status of a worker killed by ``execution.inject_fault=crash:...``.
+INJECTED_CRASH_EXIT = 77
 
 
 def first_crash(fault: str) -> bool:
@@ -23,3 +30,16 @@ def first_crash(fault: str) -> bool:
     except FileExistsError:
         return False
     return True
+
+
+def inject_fault(config: Config, stage: str, batch: Batch, i: int) -> None:
+    """Raise if ``execution.inject_fault`` names ``stage`` and row ``i``'s tile (testing hook)."""
+    fault = config.execution.inject_fault
+    if stage == "crash" and fault == f"crash_once:{tile_name(batch, i)}" and first_crash(fault):
+        os._exit(INJECTED_CRASH_EXIT)  # once: the restarted worker's retry goes through
+    if fault is None or fault != f"{stage}:{tile_name(batch, i)}":
+        return
+    if stage == "crash":
+        os._exit(INJECTED_CRASH_EXIT)  # a segfault or OOM kill, as the worker's supervisor sees it
+    message = f"injected {stage} fault at tile {fault.split(':', 1)[1]} (execution.inject_fault)"
+    raise OSError(message) if stage == "read" else RuntimeError(message)

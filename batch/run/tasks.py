@@ -15,9 +15,9 @@ detector; `segment_tiles` turns those into ``crops`` (crops + masks);
 Fault isolation: an exception in any stage marks the rows it concerns as ``error``
 rows with their typed exception (`batch.run.columns.set_error`) and the driver
 fails those slides; nothing escapes to kill the run. Per-tile work fails its
-tile. A model call over a batch that raises is repeated tile by tile (`_by_tile`),
+tile. A model call over a batch that raises is repeated tile by tile (`batch.run.isolation.by_tile`),
 so only the tiles that fail alone fail (cell ids are batching-independent). An
-error outside the per-tile work fails every tile of the batch (`_batch_guard`).
+error outside the per-tile work fails every tile of the batch (`isolation.batch_guard`).
 """
 
 from __future__ import annotations
@@ -26,8 +26,6 @@ import hashlib
 import io
 import json
 import math
-import os
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -49,10 +47,10 @@ from batch.run.columns import (
     pack,
     set_error,
     task_at,
-    tile_name,
     unpack,
 )
-from batch.run.faults import first_crash
+from batch.run.faults import inject_fault
+from batch.run.isolation import batch_guard, by_tile
 from batch.run.telemetry import timed
 from batch.slides import WHITE, OpenSlides
 from batch.slides.deadline import within_deadline
@@ -68,86 +66,10 @@ __all__ = [
     "SegmentStage", "ClassifyStage", "CellStage", "model_key",
 ]  # fmt: skip
 
-#: Exit status of a worker killed by ``execution.inject_fault=crash:...``.
-INJECTED_CRASH_EXIT = 77
 #: Open slides kept per worker process.
 SLIDE_CACHE_SIZE = 8
 #: Centre region (detector pixels) used to estimate an unknown mpp from RBC sizes.
 MPP_PROBE_SIDE = 1024
-
-
-# --- fault isolation ----------------------------------------------------------------
-
-
-def inject_fault(config: Config, stage: str, batch: Batch, i: int) -> None:
-    """Raise if ``execution.inject_fault`` names ``stage`` and row ``i``'s tile (testing hook)."""
-    fault = config.execution.inject_fault
-    if stage == "crash" and fault == f"crash_once:{tile_name(batch, i)}" and first_crash(fault):
-        os._exit(INJECTED_CRASH_EXIT)  # once: the restarted worker's retry goes through
-    if fault is None or fault != f"{stage}:{tile_name(batch, i)}":
-        return
-    if stage == "crash":
-        os._exit(INJECTED_CRASH_EXIT)  # a segfault or OOM kill, as the worker's supervisor sees it
-    message = f"injected {stage} fault at tile {fault.split(':', 1)[1]} (execution.inject_fault)"
-    raise OSError(message) if stage == "read" else RuntimeError(message)
-
-
-def _by_tile(
-    batch: Batch, rows: list[int], stage: str, run: Callable[[list[int], frozenset[int]], list[Any]]
-) -> dict[int, Any]:
-    """``run`` over ``rows`` at once; if that raises, find and fail the rows that fail alone.
-
-    ``run(rows, blank)`` returns one result per row; rows in ``blank`` get a
-    placeholder input and their results are dropped. After a failure the
-    batch is run again with the failing rows blanked, so the others are
-    computed in a batch of the size a clean run had (on CPU a warm detector's
-    boxes were measured identical batched and alone, but GPU kernels may pick
-    other algorithms by batch size); if that fails too, the rows' results from
-    their single-row runs are used.
-    """
-    if not rows:
-        return {}
-    none: frozenset[int] = frozenset()
-    try:
-        return dict(zip(rows, run(rows, none), strict=True))
-    except Exception:
-        alone: dict[int, Any] = {}
-        for i in rows:
-            try:
-                alone[i] = run([i], none)[0]
-            except Exception as e:  # this tile's slide fails; the batch's other tiles go on
-                set_error(batch, i, stage, e)
-        failed = frozenset(rows) - alone.keys()
-        if not failed or not alone:
-            return alone
-        try:
-            results = run(rows, failed)
-        except Exception:
-            return alone
-        return {i: r for i, r in zip(rows, results, strict=True) if i not in failed}
-
-
-def _batch_guard(
-    stage: str, batch: Batch, call: Callable[[Batch], Batch], *, drop: tuple[str, ...],
-    add: tuple[str, ...],
-) -> Batch:  # fmt: skip
-    """``call(batch)``; if it raises, every tile row of the batch fails at ``stage``.
-
-    The failed batch leaves with the columns the stage would have left it
-    with (``drop`` removed, ``add`` present), so batches still concatenate.
-    """
-    try:
-        return call(batch)
-    except Exception as e:
-        for i, kind in enumerate(batch["kind"]):
-            if kind == "tile":
-                set_error(batch, i, stage, e)
-        n = len(batch["kind"])
-        out = {k: v for k, v in batch.items() if k not in drop}
-        for name in add:
-            if name not in out:
-                out[name] = object_array([b""] * n)
-        return out
 
 
 # --- plan ------------------------------------------------------------------------------
@@ -364,7 +286,7 @@ class DetectStage:
 
     @timed("detect")  # the crop inside it is timed on its own
     def __call__(self, batch: Batch) -> Batch:
-        return _batch_guard(
+        return batch_guard(
             "detect", batch, self._detect_and_crop, drop=("image",), add=("cells", "wbc_crops")
         )
 
@@ -385,7 +307,7 @@ class DetectStage:
             i for i, n in enumerate(batch["n_tiles"]) if n > 0 and batch["kind"][i] != "empty"
         ]
         packed: list[bytes] = [b""] * len(batch["kind"])
-        dets = _by_tile(batch, planned, "detect", lambda rows, blank: self._run(batch, rows, blank))
+        dets = by_tile(batch, planned, "detect", lambda rows, blank: self._run(batch, rows, blank))
         for i, det in dets.items():
             if batch["kind"][i] != "tile":
                 continue
@@ -541,7 +463,7 @@ class SegmentStage:
         self.config = config
 
     def __call__(self, batch: Batch) -> Batch:
-        return _batch_guard("segment", batch, lambda b: segment_tiles(b, self.config),
+        return batch_guard("segment", batch, lambda b: segment_tiles(b, self.config),
                             drop=("wbc_crops",), add=("crops",))  # fmt: skip
 
 
@@ -575,7 +497,7 @@ class ClassifyStage:
 
     @timed("classify")
     def __call__(self, batch: Batch) -> Batch:
-        return _batch_guard("classify", batch, self._classify_batch, drop=("crops",), add=())
+        return batch_guard("classify", batch, self._classify_batch, drop=("crops",), add=())
 
     def _classify_batch(self, batch: Batch) -> Batch:
         cells_out = list(batch["cells"])
@@ -588,7 +510,7 @@ class ClassifyStage:
             except Exception as e:  # this tile's slide fails; the batch's other tiles go on
                 set_error(batch, i, "classify", e)
         # Every WBC crop of the batch in one call per classifier, not one per tile.
-        results = _by_tile(
+        results = by_tile(
             batch, list(tiles), "classify", lambda rows, blank: self._run(batch, rows, blank, tiles)
         )
         for i, per_classifier in results.items():
@@ -704,7 +626,7 @@ class CellStage:
 
     def __call__(self, batch: Batch) -> Batch:
         # Each stage isolates its own tiles; this guard catches what falls between them.
-        return _batch_guard(
+        return batch_guard(
             "run", batch, self._chain, drop=("image", "wbc_crops", "crops"), add=("cells",)
         )
 
