@@ -316,9 +316,8 @@ def test_f4_worker_node_removed_mid_run(
     assert f4["removed_node"] in workers, f4  # a worker, busy with a detector batch, was killed
     assert f4["alive_nodes"] == sorted(set(report["nodes"]) - {f4["removed_node"]}), f4
     assert f4["committed"] == expected_ids and not f4["failed"], f4
-    # Whether the killed node held a batch at that instant is a race (CI saw 0 retried batches
-    # once, with every slide committed alike): the contract is the committed cells, below.
-    assert f4["retried_batches"] >= 0, f4
+    # Whether the killed node held a batch at that instant is a race (CI once saw no retried
+    # batch, with every slide committed alike), so the contract is the committed cells, below.
     _assert_same_cells(out, single_node_out)
     slides_rows = read_table(str(out), "slides").to_pandas()
     assert sorted(slides_rows.slide_id.astype(str)) == expected_ids
