@@ -12,6 +12,11 @@ export YOLO_CONFIG_DIR ?= $(CURDIR)/.cache/ultralytics
 export YOLO_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 export MPLBACKEND := Agg
+# Bytecode is written on first import (pip installs with --no-compile: byte-compiling all ~23k
+# files took ~2 min, ~1 min even on every core, and most are never imported). Some machines set
+# PYTHONDONTWRITEBYTECODE, which would make every process (each Ray worker, each test driver)
+# compile torch again at import; an empty value turns it off.
+export PYTHONDONTWRITEBYTECODE :=
 
 DEMO_DIR ?= demo-out
 
@@ -27,10 +32,6 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	# The Label Studio SDK, to validate exported tasks in tests, in a folder of its own: its
 	# requirements (opencv-python-headless < 4.13) would clash with the project's OpenCV.
 	$(BIN)/pip install -q --no-compile --no-deps --target $(LS_SDK) $(LS_SDK_PINS)
-	# pip byte-compiles ~23k files one by one (~2 min); compile them on every core instead. Only
-	# an optimisation (a file that does not compile is skipped), but a needed one: with
-	# PYTHONDONTWRITEBYTECODE set, every process would otherwise compile torch at each import.
-	$(BIN)/python -m compileall -q -j 0 $(VENV)/lib/python*/site-packages > /dev/null || true
 	touch $(STAMP)
 
 install: $(STAMP)
