@@ -20,7 +20,7 @@ export PYTHONDONTWRITEBYTECODE :=
 
 DEMO_DIR ?= demo-out
 
-.PHONY: install demo test test-fast lint pytest clean
+.PHONY: install demo test test-fast test-extended lint pytest clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -42,9 +42,14 @@ lint: install
 	$(BIN)/mypy batch
 	$(BIN)/lint-imports
 
-# Every tier: unit, ray, cluster, slow (tests/conftest.py).
+# Every tier but extended: unit, ray, cluster, slow (tests/conftest.py).
 pytest: install
-	$(BIN)/pytest tests --durations=30
+	$(BIN)/pytest tests -m "not extended" --durations=30
+
+# The longest end-to-end loops (the annotation loop: run, export, annotate, import, retrain,
+# rerun), kept out of the 20-minute `make test`; CI runs them after it (.ci/run).
+test-extended: install
+	$(BIN)/pytest tests -m extended --durations=10
 
 test: lint pytest
 

@@ -35,7 +35,7 @@ S3_BUCKET = "slides"
 #: Test modules that start Ray clusters of their own (multi-node, job submission).
 CLUSTER_MODULES = frozenset({"test_multinode", "test_cluster_e2e"})
 #: Markers that put a test in a tier other than ``unit``.
-NON_UNIT_TIERS = ("ray", "cluster", "slow")
+NON_UNIT_TIERS = ("ray", "cluster", "slow", "extended")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
