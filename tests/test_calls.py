@@ -103,10 +103,12 @@ class _Fixed:
     def __init__(self, names: list[str]) -> None:
         self.names = names
         self.seen: list[int] = []
+        self.mpp: list[float | None] = []
 
-    def classify(self, crops, masks=None):  # type: ignore[no-untyped-def]
+    def classify(self, crops, masks=None, mpp=None):  # type: ignore[no-untyped-def]
         idx = [int(c[0, 0, 0]) % len(self.names) for c in crops]
         self.seen += [int(c[0, 0, 0]) for c in crops]
+        self.mpp += list(mpp) if mpp is not None else [None] * len(crops)
         probs = np.eye(len(self.names), dtype=np.float32)[idx]
         return [self.names[i] for i in idx], probs.max(axis=1), probs
 
@@ -118,9 +120,11 @@ def test_chain_runs_children_only_on_their_parent_labels() -> None:
     out = classify_chain(
         [ChainLink("wbc_type", types), ChainLink("all_subtype", subtypes, "wbc_type", ("blast",))],
         crops,
+        mpp=[0.25, 0.25, 0.25, 0.4, 0.4],  # two slides' crops at their own mpp
     )
     assert out[0][0] == ["blast", "lymphocyte", "neutrophil", "blast", "lymphocyte"]
     assert subtypes.seen == [0, 3]  # only the two blasts reach the subtype classifier
+    assert types.mpp == [0.25, 0.25, 0.25, 0.4, 0.4] and subtypes.mpp == [0.25, 0.4]
     labels, conf, probs = out[1]
     assert labels == ["early_pre_b", None, None, "pre_b", None]
     assert np.isnan(conf[[1, 2, 4]]).all() and probs[1] is None and probs[3] is not None

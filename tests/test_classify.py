@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
-from batch.stages.classify import MASK_FILL, WbcClassifier, render_input
+from batch.stages.classify import MASK_FILL, WbcClassifier, field_window, render_input
 
 LABELS = {0: "benign", 1: "early_pre_b", 2: "pre_b", 3: "pro_b"}
 SHIPPED = Path(__file__).resolve().parent.parent / "batch" / "models"
@@ -193,3 +194,80 @@ def test_calibration_job_fits_and_records_the_temperature(tiny_model: Path, tmp_
     assert "Temperature T" in path.with_suffix(".md").read_text()
     assert (tmp_path / "fit.png").is_file()
     assert WbcClassifier(path, name="t", device="cpu", imgsz=32).temperature == t
+
+
+def _cell_crop(diameter_um: float, mpp: float) -> np.ndarray:
+    """A crop as the pipeline cuts it (the cell's box plus 15 % a side) of one dark disc, at mpp."""
+    n = round(1.3 * diameter_um / mpp)
+    crop = np.full((n, n, 3), 232, np.uint8)
+    cv2.circle(crop, (n // 2, n // 2), round(diameter_um / mpp / 2), (90, 40, 130), -1)
+    return crop
+
+
+def _disc_width(image: np.ndarray) -> int:
+    return int((image[image.shape[0] // 2, :, 0] < 160).sum())
+
+
+def test_field_input_keeps_the_cell_size_in_microns_and_fit_does_not() -> None:
+    size, trained = 96, 0.2  # a 19.2 um window
+    field_widths, fit_widths = {}, {}
+    for d in (15.0, 11.5):  # a pro-B-sized and a pre-B-sized blast
+        for mpp in (0.2, 0.25, 0.4):  # the same cell scanned at three pixel sizes
+            crop = _cell_crop(d, mpp)
+            [field] = render_input(crop, None, "crop", size, field_scale=mpp / trained)
+            [fit] = render_input(crop, None, "crop", size)
+            field_widths[d, mpp], fit_widths[d, mpp] = _disc_width(field), _disc_width(fit)
+            # within the disc's rasterisation (a pixel a side at the source's scale)
+            assert abs(field_widths[d, mpp] - d / trained) <= 1 + 2 * mpp / trained, (d, mpp)
+            assert abs(fit_widths[d, mpp] - size / 1.3) <= 1 + 2 * size / (1.3 * d / mpp)
+    # field: the 15 um cell is 17.5 px wider at every mpp; fit: both fill the input alike
+    assert min(field_widths[15.0, m] - field_widths[11.5, m] for m in (0.2, 0.25, 0.4)) >= 14
+    assert max(abs(fit_widths[15.0, m] - fit_widths[11.5, m]) for m in (0.2, 0.25, 0.4)) <= 3
+    # A window smaller than the crop keeps its centre; a larger one pads with the fill.
+    big = np.arange(40 * 40 * 3, dtype=np.uint32).reshape(40, 40, 3).astype(np.uint8)
+    np.testing.assert_array_equal(field_window(big, 20, 1.0, (0, 0, 0)), big[10:30, 10:30])
+    padded = field_window(big[:10, :10], 20, 1.0, (7, 8, 9))
+    np.testing.assert_array_equal(padded[5:15, 5:15], big[:10, :10])
+    assert (padded[0, 0] == (7, 8, 9)).all() and (padded[19, 19] == (7, 8, 9)).all()
+    with pytest.raises(ValueError, match="needs a size"):
+        render_input(big, None, "crop", None, field_scale=1.0)
+
+
+def test_field_classifier_renders_each_crop_from_its_own_mpp(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    from batch.models import ModelCard, write_model_card
+
+    def carded(folder: str, trained_mpp: float | None) -> Path:
+        path = tmp_path / folder / tiny_model.name
+        path.parent.mkdir()
+        shutil.copyfile(tiny_model, path)
+        card = ModelCard(
+            name="t", task="classify", class_names=list(LABELS.values()), trained_mpp=trained_mpp,
+            extra={"input_mode": "crop", "input_scale": "field"},
+        )  # fmt: skip
+        write_model_card(card, path, embed=False, markdown=False)
+        return path
+
+    clf = WbcClassifier(carded("field", 0.2), name="t", device="cpu", imgsz=48)
+    assert clf.input_scale == "field"
+    crops = [_cell_crop(13.0, 0.25), _cell_crop(13.0, 0.4), _cell_crop(9.0, 0.25)]
+    mpps = [0.25, 0.4, 0.25]
+    expected = clf.predict_images(
+        [
+            render_input(c, None, "crop", 48, field_scale=m / 0.2)[0]
+            for c, m in zip(crops, mpps, strict=True)
+        ]
+    )
+    np.testing.assert_allclose(clf.classify(crops, mpp=mpps)[2], expected, atol=1e-6)
+    # Unknown mpp: the crops are taken to be at the trained mpp.
+    at_trained = clf.predict_images(
+        [render_input(c, None, "crop", 48, field_scale=1.0)[0] for c in crops]
+    )
+    np.testing.assert_allclose(clf.classify(crops)[2], at_trained, atol=1e-6)
+    with pytest.raises(ValueError, match="3 crops but 2 mpp"):
+        clf.classify(crops, mpp=mpps[:2])
+    with pytest.raises(ValueError, match="needs the card's trained_mpp"):
+        WbcClassifier(carded("no_mpp", None), name="t", device="cpu", imgsz=48)

@@ -83,6 +83,7 @@ def test_tiny_training_offline(image_folder: Path, tmp_path: Path, no_network: l
         [
             "--data", str(image_folder), "--out", str(out), "--name", "tiny",
             "--input", "dual", "--mpp", "0.25", "--imgsz", "32", "--epochs", "1",
+            "--input-scale", "field",
             "--batch", "8", "--group-regex", r"^(p\d+)_", "--group-desc", "patient",
             "--val-fraction", "0.25", "--test-fraction", "0.25",
             "--rename", "Benign=benign", "--rename", "Pro=pro_b",
@@ -127,7 +128,10 @@ def test_tiny_training_offline(image_folder: Path, tmp_path: Path, no_network: l
     assert card["extra"]["input_mode"] == "dual" and card["trained_mpp"] == 0.25
     # --augment reached ultralytics' trainer and the card.
     assert card["extra"]["augment"] == {"hsv_h": 0.1}
-    assert yaml.safe_load((out / "runs" / "tiny" / "args.yaml").read_text())["hsv_h"] == 0.1
+    args = yaml.safe_load((out / "runs" / "tiny" / "args.yaml").read_text())
+    assert args["hsv_h"] == 0.1
+    # The field input keeps cell sizes: recorded in the card, and no random zoom in training.
+    assert card["extra"]["input_scale"] == "field" and args["scale"] == 0.0
     assert "not for clinical diagnosis" in card["intended_use"]
     assert "Classification metrics" in (out / "tiny.md").read_text()
     t = card["extra"]["temperature"]
@@ -251,6 +255,14 @@ def test_config_validation(tmp_path: Path) -> None:
         TrainClassifierConfig(data=tmp_path, out=tmp_path, input_mode="mask").validate()
     with pytest.raises(ValueError, match="--freeze"):
         TrainClassifierConfig(data=tmp_path, out=tmp_path, input_mode="crop", freeze="x").validate()
+    with pytest.raises(ValueError, match="--input-scale field needs --mpp"):
+        TrainClassifierConfig(
+            data=tmp_path, out=tmp_path, input_mode="crop", input_scale="field"
+        ).validate()
+    with pytest.raises(ValueError, match="--input-scale must be"):
+        TrainClassifierConfig(
+            data=tmp_path, out=tmp_path, input_mode="crop", input_scale="zoom"
+        ).validate()
     with pytest.raises(ValueError, match="training split"):
         TrainClassifierConfig(
             data=tmp_path, out=tmp_path, input_mode="crop", val_fraction=0.5, test_fraction=0.5

@@ -21,9 +21,21 @@ and for inference, so the two cannot drift apart:
     are averaged. This is the simplest honest reading of the seeds'
     "original + mask" input; it is not their two-branch network.
 
-Every rendering is letterboxed to a square of the model's image size
-(`batch.stages.crop.letterbox`), so ultralytics' resize + centre-crop never
-cuts the cell off.
+How a rendering becomes the model's square input is the *input scale*
+(``extra.input_scale`` in the model card):
+
+``"fit"`` (the default)
+    Letterboxed to the model's image size (`batch.stages.crop.letterbox`), so
+    ultralytics' resize + centre-crop never cuts the cell off. Every cell
+    fills the input, whatever its size: a 15 um and an 11.5 um blast look
+    the same size to the model.
+``"field"``
+    A window of fixed microns: the crop resampled from its own mpp to the
+    card's ``trained_mpp`` and centred on an ``imgsz`` square (cut or padded
+    with the crop's background), so the window is ``imgsz * trained_mpp`` um
+    wide in training and inference alike and the cell's size is part of what
+    the model sees (`field_window`). A crop of unknown mpp is taken to be at
+    the trained mpp.
 
 Calibration: a model card may carry a *temperature* ``T`` (``extra.temperature``,
 fitted by `batch.eval.calibration.fit_temperature` on labelled validation
@@ -44,6 +56,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import cv2
 import numpy as np
 import numpy.typing as npt
 
@@ -53,11 +66,13 @@ from batch.stages.device import keep_torch_threads, select_device
 __all__ = [
     "DEFAULT_BATCH_SIZE",
     "INPUT_MODES",
+    "INPUT_SCALES",
     "MASK_FILL",
     "TEMPERATURE_KEY",
     "InputMode",
     "WbcClassifier",
     "apply_temperature",
+    "field_window",
     "render_input",
     "temperature_log_probs",
 ]
@@ -65,6 +80,8 @@ __all__ = [
 InputMode = Literal["mask", "crop", "dual"]
 #: The input modes a classifier knows.
 INPUT_MODES: tuple[str, ...] = ("mask", "crop", "dual")
+#: How a rendering fills the model's input: scaled to fit, or a window of fixed microns.
+INPUT_SCALES: tuple[str, ...] = ("fit", "field")
 #: Colour of the pixels outside the cell in ``"mask"`` renderings (RGB).
 MASK_FILL: tuple[int, int, int] = (0, 0, 0)
 #: Crops per forward pass.
@@ -114,6 +131,35 @@ def apply_temperature(probs: npt.ArrayLike, temperature: float) -> npt.NDArray[n
     return np.exp(temperature_log_probs(probs, temperature)).astype(np.float32)
 
 
+def field_window(
+    image: npt.NDArray[np.uint8], size: int, scale: float, fill: tuple[int, int, int]
+) -> npt.NDArray[np.uint8]:
+    """``image`` resized by ``scale`` and centred on a ``size`` x ``size`` square.
+
+    Where the resized image is larger than the square its centre is kept;
+    where it is smaller the rest is ``fill``. Unlike `letterbox` the pixel
+    size is the caller's (``scale``), not the image's: equal pixel sizes in,
+    equal sizes in microns out.
+    """
+    if size <= 0:
+        raise ValueError(f"size must be > 0, got {size}")
+    if not (np.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
+    h, w = image.shape[:2]
+    if scale != 1.0:
+        nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+        interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+        image = np.asarray(cv2.resize(image, (nw, nh), interpolation=interp), np.uint8)
+        h, w = nh, nw
+    top, left = (h - size) // 2, (w - size) // 2  # negative: the image is the smaller
+    cut = image[max(top, 0) : max(top, 0) + size, max(left, 0) : max(left, 0) + size]
+    out = np.empty((size, size, 3), dtype=np.uint8)
+    out[:] = np.asarray(fill, dtype=np.uint8)
+    oy, ox = max(-top, 0), max(-left, 0)
+    out[oy : oy + cut.shape[0], ox : ox + cut.shape[1]] = cut
+    return out
+
+
 def render_input(
     crop: npt.NDArray[np.uint8],
     mask: npt.NDArray[np.bool_] | None,
@@ -121,6 +167,7 @@ def render_input(
     size: int | None = None,
     *,
     fill: tuple[int, int, int] = MASK_FILL,
+    field_scale: float | None = None,
 ) -> list[npt.NDArray[np.uint8]]:
     """The image(s) a classifier sees for one crop.
 
@@ -137,6 +184,10 @@ def render_input(
         Letterbox the rendering(s) to ``size`` x ``size``; None keeps the crop's size.
     fill
         Colour of non-cell pixels in the masked rendering.
+    field_scale
+        None: the ``"fit"`` input scale (letterboxed to ``size``). A number:
+        the ``"field"`` scale, each rendering resized by it (crop mpp /
+        trained mpp) and centred on a ``size`` square (`field_window`).
 
     Returns
     -------
@@ -149,6 +200,16 @@ def render_input(
         raise ValueError(
             f"crop must be an RGB uint8 array (H, W, 3), got {crop.dtype} {crop.shape}"
         )
+    if field_scale is not None and not size:
+        raise ValueError("the field input scale needs a size")
+
+    def square(image: npt.NDArray[np.uint8], pad: tuple[int, int, int]) -> npt.NDArray[np.uint8]:
+        if not size:
+            return image
+        if field_scale is None:
+            return letterbox(image, size, pad)
+        return field_window(image, size, field_scale, pad)
+
     out: list[npt.NDArray[np.uint8]] = []
     if mode in ("mask", "dual"):
         if mask is None:
@@ -158,9 +219,9 @@ def render_input(
         masked = crop.copy()
         if mask.any():  # an empty mask (no cell found) leaves the crop as it is
             masked[~mask.astype(bool)] = np.asarray(fill, dtype=np.uint8)
-        out.append(letterbox(masked, size, fill) if size else masked)
+        out.append(square(masked, fill))
     if mode in ("crop", "dual"):
-        out.append(letterbox(crop, size, estimate_background(crop)) if size else crop)
+        out.append(square(crop, estimate_background(crop) if size else fill))
     return out
 
 
@@ -238,6 +299,10 @@ class WbcClassifier:
         if mode not in INPUT_MODES:
             raise ValueError(f"input_mode must be one of {INPUT_MODES}, got {mode!r}")
         self.input_mode: str = mode
+        scale = str(extra.get("input_scale", "fit"))
+        if scale not in INPUT_SCALES:
+            raise ValueError(f"{text}: input_scale must be one of {INPUT_SCALES}, got {scale!r}")
+        self.input_scale: str = scale
         fill = extra.get("mask_fill", MASK_FILL)
         self.mask_fill: tuple[int, int, int] = (int(fill[0]), int(fill[1]), int(fill[2]))
         self.device = select_device(device)
@@ -249,6 +314,8 @@ class WbcClassifier:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = batch_size
         self.trained_mpp: float | None = self.card.trained_mpp if self.card is not None else None
+        if self.input_scale == "field" and not self.trained_mpp:
+            raise ValueError(f"{text}: the field input scale needs the card's trained_mpp")
         t = float(extra.get(TEMPERATURE_KEY, 1.0) if temperature is None else temperature)
         if not (np.isfinite(t) and t > 0):
             raise ValueError(f"{text}: temperature must be a finite number > 0, got {t!r}")
@@ -294,12 +361,23 @@ class WbcClassifier:
         raw = np.stack(probs).astype(np.float32)
         return self.calibrate(raw) if calibrated else raw
 
+    def field_scales(self, n: int, mpp: float | Sequence[float | None] | None) -> list[float | None]:
+        """Per crop, the `render_input` ``field_scale``: None (``"fit"``) or crop mpp / trained mpp."""
+        if self.input_scale != "field":
+            return [None] * n
+        per_crop = [mpp] * n if mpp is None or isinstance(mpp, int | float) else list(mpp)
+        if len(per_crop) != n:
+            raise ValueError(f"got {n} crops but {len(per_crop)} mpp values")
+        trained = float(self.trained_mpp or 1.0)
+        return [1.0 if m is None or not np.isfinite(m) else float(m) / trained for m in per_crop]
+
     def probabilities(
         self,
         crops: Sequence[npt.NDArray[np.uint8]],
         masks: Sequence[npt.NDArray[np.bool_] | None] | None = None,
         *,
         calibrated: bool = True,
+        mpp: float | Sequence[float | None] | None = None,
     ) -> npt.NDArray[np.float32]:
         """``(N, C)`` class probabilities of crops (arguments as in `classify`).
 
@@ -321,8 +399,8 @@ class WbcClassifier:
         if len(mask_list) != n:
             raise ValueError(f"got {n} crops but {len(mask_list)} masks")
         views = [
-            render_input(c, m, self.input_mode, self.imgsz, fill=self.mask_fill)
-            for c, m in zip(crops, mask_list, strict=True)
+            render_input(c, m, self.input_mode, self.imgsz, fill=self.mask_fill, field_scale=s)
+            for c, m, s in zip(crops, mask_list, self.field_scales(n, mpp), strict=True)
         ]
         n_views = len(views[0])
         flat = [v for per_crop in views for v in per_crop]
@@ -335,6 +413,7 @@ class WbcClassifier:
         self,
         crops: Sequence[npt.NDArray[np.uint8]],
         masks: Sequence[npt.NDArray[np.bool_] | None] | None = None,
+        mpp: float | Sequence[float | None] | None = None,
     ) -> tuple[list[str], npt.NDArray[np.float32], npt.NDArray[np.float32]]:
         """Classify crops.
 
@@ -345,6 +424,9 @@ class WbcClassifier:
         masks
             One boolean cell mask per crop (``"mask"`` and ``"dual"`` modes);
             may be None in ``"crop"`` mode.
+        mpp
+            Microns per pixel of the crops (one value, or one per crop); used
+            by the ``"field"`` input scale only. None: at the trained mpp.
 
         Returns
         -------
@@ -356,7 +438,7 @@ class WbcClassifier:
             ``(N, C)`` calibrated class probabilities (`temperature`) in
             `class_names` order; rows sum to 1.
         """
-        probs = self.probabilities(crops, masks)
+        probs = self.probabilities(crops, masks, mpp=mpp)
         n = len(probs)
         if n == 0:
             return [], np.zeros(0, np.float32), probs

@@ -26,6 +26,7 @@ class CropClassifier(Protocol):
         self,
         crops: Sequence[npt.NDArray[np.uint8]],
         masks: Sequence[npt.NDArray[np.bool_] | None] | None = None,
+        mpp: Sequence[float | None] | None = None,
     ) -> tuple[list[str], npt.NDArray[np.float32], npt.NDArray[np.float32]]: ...
 
 
@@ -47,10 +48,13 @@ def classify_chain(
     links: Sequence[ChainLink],
     crops: Sequence[npt.NDArray[np.uint8]],
     masks: Sequence[npt.NDArray[np.bool_] | None] | None = None,
+    mpp: Sequence[float | None] | None = None,
 ) -> list[ChainResult]:
     """Run ``links`` in order over ``crops``; a child sees only the crops its parent selected.
 
-    Returns one `ChainResult` per link, each of ``len(crops)`` entries.
+    ``mpp``: microns per pixel of each crop (None: unknown), for classifiers
+    whose input keeps the cells' size. Returns one `ChainResult` per link,
+    each of ``len(crops)`` entries.
     """
     n = len(crops)
     done: dict[str, ChainResult] = {}
@@ -68,7 +72,8 @@ def classify_chain(
         probs: list[Any] = [None] * n
         if rows:
             sub_masks = None if masks is None else [masks[i] for i in rows]
-            lab, cf, pr = link.classifier.classify([crops[i] for i in rows], sub_masks)
+            sub_mpp = None if mpp is None else [mpp[i] for i in rows]
+            lab, cf, pr = link.classifier.classify([crops[i] for i in rows], sub_masks, sub_mpp)
             for j, i in enumerate(rows):
                 labels[i], conf[i], probs[i] = lab[j], cf[j], pr[j]
         done[link.name] = (labels, conf, probs)

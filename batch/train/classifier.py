@@ -80,7 +80,7 @@ from batch.eval.calibration import calibration_report, diagram_panels, fit_tempe
 from batch.eval.metrics import classification_metrics
 from batch.models import ModelCard, write_model_card
 from batch.plot import plot_reliability
-from batch.stages.classify import INPUT_MODES, MASK_FILL, WbcClassifier
+from batch.stages.classify import INPUT_MODES, INPUT_SCALES, MASK_FILL, WbcClassifier
 from batch.stages.device import select_device
 from batch.train.classifier_card import (
     CALIBRATION_KEY,
@@ -388,6 +388,10 @@ def train_classifier(cfg: TrainClassifierConfig) -> dict[str, Any]:
     }
     if n_frozen:
         train_kwargs["freeze"] = n_frozen
+    if cfg.input_scale == "field":
+        # ultralytics' random resized crop (area 0.5-1 by default) would zoom each cell by up
+        # to 1.4x, the very size the field input keeps: off unless --augment scale= asks.
+        train_kwargs["scale"] = 0.0
     train_kwargs.update(cfg.augment)
     t1 = time.time()
     weights = out / f"{cfg.name}.pt"
@@ -420,6 +424,7 @@ def train_classifier(cfg: TrainClassifierConfig) -> dict[str, Any]:
     summary = {
         "name": cfg.name,
         "input_mode": cfg.input_mode,
+        "input_scale": cfg.input_scale,
         "class_names": names,
         "split_note": note,
         "images_per_split": split_counts,
@@ -457,6 +462,7 @@ def train_classifier(cfg: TrainClassifierConfig) -> dict[str, Any]:
         notes=notes,
         extra={
             "input_mode": cfg.input_mode,
+            "input_scale": cfg.input_scale,
             "mask_fill": list(MASK_FILL),
             "freeze": cfg.freeze,
             "frozen_layers": n_frozen,
@@ -503,6 +509,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--name", default="classifier", help="model name (weights <out>/<name>.pt)")
     p.add_argument("--input", dest="input_mode", default="mask", choices=INPUT_MODES)
+    p.add_argument(
+        "--input-scale", default="fit", choices=INPUT_SCALES,
+        help="fit: each crop letterboxed to fill the input; field: a window of imgsz x mpp "
+        "microns, so the model sees each cell's size (needs --mpp; turns the scale "
+        "augmentation off unless --augment scale= is given)",
+    )  # fmt: skip
     p.add_argument(
         "--model", default="yolov8n-cls.yaml", help="ultralytics model yaml or a local .pt"
     )
@@ -603,6 +615,7 @@ def config_from_args(argv: Sequence[str] | None = None) -> TrainClassifierConfig
         out=args.out,
         name=args.name,
         input_mode=args.input_mode,
+        input_scale=args.input_scale,
         model=args.model,
         freeze=args.freeze,
         epochs=args.epochs,

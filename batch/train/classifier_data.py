@@ -36,7 +36,7 @@ import numpy.typing as npt
 
 from batch.config import SegmentationConfig
 from batch.datasets.folders import SPLITS, ImageRecord, read_rgb
-from batch.stages.classify import INPUT_MODES, MASK_FILL, render_input
+from batch.stages.classify import INPUT_MODES, INPUT_SCALES, MASK_FILL, render_input
 from batch.stages.preprocess import prepare_crop
 from batch.train.common import FREEZE_PATTERN
 
@@ -75,6 +75,9 @@ class TrainClassifierConfig:
     out: Path
     name: str = "classifier"
     input_mode: str = "mask"
+    #: ``"fit"`` (letterbox) or ``"field"`` (a window of ``imgsz * work_mpp`` um; see
+    #: `batch.stages.classify`), recorded in the card as ``extra.input_scale``.
+    input_scale: str = "fit"
     model: str = "yolov8n-cls.yaml"
     freeze: str = "all"
     epochs: int = 10
@@ -120,6 +123,10 @@ class TrainClassifierConfig:
         """Raise ``ValueError`` on an invalid field; return ``self``."""
         if self.input_mode not in INPUT_MODES:
             raise ValueError(f"--input must be one of {INPUT_MODES}, got {self.input_mode!r}")
+        if self.input_scale not in INPUT_SCALES:
+            raise ValueError(f"--input-scale must be one of {INPUT_SCALES}, got {self.input_scale!r}")
+        if self.input_scale == "field" and self.work_mpp is None:
+            raise ValueError("--input-scale field needs --mpp (the window is imgsz x mpp microns)")
         if not FREEZE_PATTERN.match(self.freeze):
             raise ValueError(
                 f"--freeze must be 'all' or 'lastN' (last10, last3), got {self.freeze!r}"
@@ -318,7 +325,10 @@ def render_dataset(
             box_margin=cfg.box_margin,
             needs_mask=needs_mask,
         )
-        views = render_input(crop, mask, cfg.input_mode, cfg.imgsz, fill=MASK_FILL)
+        views = render_input(
+            crop, mask, cfg.input_mode, cfg.imgsz, fill=MASK_FILL,
+            field_scale=1.0 if cfg.input_scale == "field" else None,  # images at work_mpp
+        )  # fmt: skip
         stem = _safe_stem(r)
         for view, img in zip(view_names(cfg.input_mode), views, strict=True):
             name = f"{stem}{NAME_SEP}{view}.png"
