@@ -44,7 +44,8 @@ lint: install
 
 # Every tier but extended: unit, ray, cluster, slow (tests/conftest.py).
 pytest: install
-	$(BIN)/pytest tests -m "not extended" --durations=30
+	$(BIN)/pytest tests -m "not extended" --durations=30 --junitxml=.cache/junit.xml
+	$(BIN)/python tests/suite_times.py .cache/junit.xml
 
 # The longest end-to-end loops (the annotation loop: run, export, annotate, import, retrain,
 # rerun), kept out of the 20-minute `make test`; CI runs them after it (.ci/run).
