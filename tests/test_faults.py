@@ -76,6 +76,10 @@ from batch.synth import synth_slides
 
 SIDE = 1024
 GOOD = ("slide_0000", "slide_0001")
+#: The real runs here start one model actor, not one per core: an actor's start (imports, four
+#: models) is most of a run of 8 tiles, and the count is placement only (not in the cell ids).
+#: The F3 crash test keeps the default pool; test_pipeline runs every placement.
+ONE_ACTOR = "detect.actors=1"
 
 
 def _stem(slide_id: Any) -> str:
@@ -265,7 +269,7 @@ def _cell_ids(out: Path, slides: set[str]) -> set[str]:
 @pytest.fixture(scope="module")
 def clean_run(good_dir: Path, tmp_path_factory: pytest.TempPathFactory, ray_local: None) -> Path:
     out = tmp_path_factory.mktemp("clean") / "out"
-    assert main(["run", str(good_dir), "--out", str(out)]) == 0
+    assert main(["run", str(good_dir), "--out", str(out), "--set", ONE_ACTOR]) == 0
     return out
 
 
@@ -280,7 +284,7 @@ def test_stage_fault_in_a_run_fails_only_that_slide(
     wbc = clean[(clean.slide_id.astype(str) == s1) & (clean.det_class == "WBC")].iloc[0]
     fault = f"{stage}:{s1}:{wbc.tile_row}:{wbc.tile_col}"
     config = load_config(
-        None, [f"execution.inject_fault={fault}", f"execution.placement={placement}"]
+        None, [f"execution.inject_fault={fault}", f"execution.placement={placement}", ONE_ACTOR]
     )
     out = tmp_path / "out"
     result = run_pipeline(resolve_inputs([str(good_dir)]), str(out), config)
@@ -379,7 +383,7 @@ def test_b1_to_b8_in_one_mixed_folder(good_dir: Path, clean_run: Path, tmp_path:
     out = tmp_path / "out"
     # The good slides are the clean run's own files (ids hash the URI), listed with the bad ones.
     good = [str(good_dir / f"{sid}.tif") for sid in GOOD]
-    assert main(["run", *good, str(d), "--out", str(out)]) == 2
+    assert main(["run", *good, str(d), "--out", str(out), "--set", ONE_ACTOR]) == 2
     failures = read_table(str(out), "failures").to_pandas()
     assert failures.slide_id.astype(str).is_unique  # exactly one row per bad slide
     assert {_stem(k): v for k, v in zip(failures.slide_id, failures.error_type, strict=True)} == bad
@@ -451,7 +455,7 @@ def test_f2_commit_dies_inside_a_multipart_upload_or_before_the_slides_row(
     cells = f"/{bucket}/out/cells/slide_id="
     dies = [Fault("reset", "POST", prefix=f"{cells}{a}/", query="uploadId=", persistent=True)]
     # Each dead call fails after 2 tries (botocore's backoff between them stays short).
-    settings = ["storage.max_attempts=2"]
+    settings = ["storage.max_attempts=2", ONE_ACTOR]
     with FaultProxy(s3["endpoint"], dies) as proxy:
         config = load_config(None, [f"storage.endpoint_url={proxy.endpoint}", *settings])
         first = run_pipeline(resolve_inputs([str(good_dir)]), out, config)
@@ -503,7 +507,7 @@ def test_f6_two_runs_at_once_on_local_and_s3_out_process_each_slide_once(
     local, remote = tmp_path / "out", f"s3://{bucket}/out"
     # One detector actor per driver (placement only, not in the cell ids): four drivers on two
     # cores start four model actors, not eight.
-    one_actor = ("--set", "detect.actors=1")
+    one_actor = ("--set", ONE_ACTOR)
     cmds = {
         "local": _run_cmd(good_dir, local, *one_actor),
         "s3": _run_cmd(good_dir, remote, "--endpoint-url", s3["endpoint"], *one_actor),
@@ -543,7 +547,7 @@ def test_f5_driver_killed_then_the_same_command_again(
     """SIGKILL of ``hemaray run`` mid-run (with its local Ray); the same command again finishes."""
     ids = {slide_id_for(str(good_dir / f"{sid}.tif")) for sid in GOOD}
     out = tmp_path / "out"
-    proc = subprocess.Popen(_run_cmd(good_dir, out), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(_run_cmd(good_dir, out, "--set", ONE_ACTOR), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
     deadline = time.time() + 300
     while time.time() < deadline and not list((out / "leases").glob("*.json")):
@@ -553,7 +557,7 @@ def test_f5_driver_killed_then_the_same_command_again(
     proc.wait(timeout=60)
     left = {p.stem for p in (out / "leases").glob("*.json")}
     assert left  # the killed driver could not release its leases
-    assert main(["run", str(good_dir), "--out", str(out)]) == 0  # its dead leases are free
+    assert main(["run", str(good_dir), "--out", str(out), "--set", ONE_ACTOR]) == 0  # leases free
     slides = read_table(str(out), "slides").to_pandas()
     assert set(slides.slide_id) == ids and (slides.status == "committed").all()
     assert _cell_ids(out, ids) == _cell_ids(clean_run, ids)
@@ -570,7 +574,7 @@ def test_f3_model_actor_killed_mid_batch_is_restarted_and_loses_nothing(
     tile = clean[clean.slide_id.astype(str) == s1].iloc[-1]
     fault = f"crash_once:{s1}:{tile.tile_row}:{tile.tile_col}"
     out = tmp_path / "out"
-    config = load_config(None, [f"execution.inject_fault={fault}"])
+    config = load_config(None, [f"execution.inject_fault={fault}", ONE_ACTOR])
     result = run_pipeline(resolve_inputs([str(good_dir)]), str(out), config)
     assert not first_crash(fault)  # the worker really died once
     assert result.exit_code == 0 and set(result.committed) == ids and not result.failed
