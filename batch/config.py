@@ -210,14 +210,17 @@ class DetectConfig:
     #: Threads of each CPU detector actor's runtime, for the runtimes that pick their own
     #: (ONNX Runtime, OpenVINO: every core, in every actor). -1: the runtime's own default;
     #: 0: the actor's share of the node's cores, as torch's (execution.torch_threads, else
-    #: cores / detector actors); N: N threads. Torch runs on the actor's share.
-    #: Measured with `hemaray bench placement --runtime openvino --json` (48 tiles, this 2-core
-    #: machine, quiet: load average 2, best of 2 alternating rounds): 2 actors x OpenVINO's
-    #: default (2 threads each) 12.15 tiles/s, 1 actor x default 13.50, 2 actors x 1 thread
-    #: 7.93. (A run of the same bench at load average ~20 ranked 2 x 1 first: contention, not
-    #: placement.) The fused placement's two actors therefore keep OpenVINO's default.
+    #: cores / detector actors); N: N threads. Torch runs on the actor's share. OpenVINO's
+    #: threads are never pinned to cores (batch.stages.runtime.configure_cpu_runtime).
+    #: Measured with `hemaray bench placement --runtime R --json` (48 tiles, this 2-core
+    #: machine, quiet, best of 2 alternating rounds), tiles/s for 2 actors x 1 thread /
+    #: 2 actors x the runtime's default / 1 actor x default: openvino 11.40 / 10.31 / 9.44,
+    #: openvino-int8 17.90 / 15.81 / 14.98. (Before OpenVINO's threads were unpinned, its
+    #: 1-thread actors were pinned to one core: 2 x 1 measured 7.93 against 13.50 for 1 x
+    #: default.) OpenVINO's actors therefore run on their share; ONNX Runtime, not
+    #: re-measured, keeps its default.
     runtime_threads: dict[str, int] = field(
-        default_factory=lambda: {"onnxruntime": -1, "openvino": -1, "openvino-int8": -1}
+        default_factory=lambda: {"onnxruntime": -1, "openvino": 0, "openvino-int8": 0}
     )
     #: Tiles per forward pass.
     batch_size: int = 8

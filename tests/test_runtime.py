@@ -146,7 +146,8 @@ def test_the_manifest_record_says_which_runtime_and_why() -> None:
 def test_runtime_threads_are_the_actors_share_unless_set() -> None:
     from batch.run.tasks import _runtime_threads
 
-    assert load_config().detect.runtime_threads["openvino"] == -1
+    threads = load_config().detect.runtime_threads
+    assert threads["openvino"] == threads["openvino-int8"] == 0 and threads["onnxruntime"] == -1
     assert [_runtime_threads(n, share=1) for n in (0, -1, 3)] == [1, 0, 3]
     assert _runtime_threads(0, share=0) == 0  # GPU actors: the runtime's own default
     with pytest.raises(ConfigError, match="runtime_threads"):
@@ -197,12 +198,14 @@ def test_exported_runtime_gives_torch_boxes(runtime: str, tiles: list[object], c
     one_thread = CellDetector(device="cpu", runtime=runtime, threads=1)
     assert exported_model(DEFAULT_DETECTOR, runtime) == path and path.stat().st_mtime_ns == stamp
     backend = one_thread._model.predictor.model.backend
-    if runtime == "openvino":
+    if runtime == "openvino":  # on its own core, not pinned to the first (another actor's)
         assert backend.ov_compiled_model.get_property("INFERENCE_NUM_THREADS") == 1
+        assert backend.ov_compiled_model.get_property("ENABLE_CPU_PINNING") is False
     else:
         assert backend.session.get_session_options().intra_op_num_threads == 1
     same = detection_parity(exported.detect(tiles, 0.25), one_thread.detect(tiles, 0.25))
     assert same["matched_fraction"] == 1.0 and same["max_conf_diff"] <= PARITY_CONF
+    assert same["n_other"] == same["n_reference"]
     assert path.is_relative_to(cache / EXPORTS_DIR)
     # The export's own parity check (made when it was exported) passed, on real boxes.
     record = read_parity(path)

@@ -35,7 +35,13 @@ from batch.models import ModelCard, file_sha256, load_yolo, read_model_card, res
 from batch.stages.autoruntime import RuntimeChoice, choose_runtime
 from batch.stages.device import keep_torch_threads, select_device
 from batch.stages.preprocess import resample
-from batch.stages.runtime import EXPORT_BATCH, EXPORT_IMGSZ, device_facts, exported_model
+from batch.stages.runtime import (
+    EXPORT_BATCH,
+    EXPORT_IMGSZ,
+    configure_cpu_runtime,
+    device_facts,
+    exported_model,
+)
 
 __all__ = [
     "DETECTOR_CLASSES",
@@ -232,8 +238,9 @@ class CellDetector:
     threads
         Intra-op threads of an exported runtime on CPU (ONNX Runtime, OpenVINO),
         or one count per runtime (the one that runs is used; ``auto`` resolved
-        first); 0: the runtime's default (every core). Torch's threads are the
-        process's.
+        first); 0: the runtime's default (every core). OpenVINO's threads are
+        not pinned to cores (`batch.stages.runtime.configure_cpu_runtime`).
+        Torch's threads are the process's.
     """
 
     def __init__(
@@ -408,7 +415,7 @@ class CellDetector:
             model.predict(np.full((side, side, 3), 255, np.uint8), imgsz=side,
                           device=self.device, verbose=False)  # fmt: skip
             if self.threads and not self.device.startswith("cuda"):
-                _limit_runtime_threads(model, self.runtime, export, self.threads)
+                configure_cpu_runtime(model, self.runtime, export, self.threads)
         ids = sorted(raw) if isinstance(raw, dict) else list(range(len(raw)))
         return model, [str(raw[i]) for i in ids]
 
@@ -527,40 +534,6 @@ class CellDetector:
             return math.exp(log_m + gap)
         final = estimate(crossing)
         return final if final is not None else crossing
-
-
-def _limit_runtime_threads(model: Any, runtime: str, export: Path, threads: int) -> None:
-    """Run an exported CPU model on ``threads`` intra-op threads.
-
-    Ultralytics compiles OpenVINO models (LATENCY hint) and opens ONNX Runtime
-    sessions with the runtimes' defaults: every core of the node, in every
-    actor. Both are recompiled here from ultralytics' own backend object with
-    the thread count set; torch's threads are set by the caller.
-    """
-    import functools
-
-    predictor = getattr(model, "predictor", None)
-    backend: Any = getattr(getattr(predictor, "model", None), "backend", None)
-    if runtime in ("openvino", "openvino-int8") and hasattr(backend, "compile_model"):
-        compile_model = backend.compile_model  # partial(core.compile_model, device_name, config)
-        config = {**compile_model.keywords.get("config", {}), "INFERENCE_NUM_THREADS": threads}
-        backend.compile_model = functools.partial(
-            compile_model.func, *compile_model.args, **{**compile_model.keywords, "config": config}
-        )
-        core = compile_model.func.__self__
-        (xml,) = sorted(export.glob("*.xml"))
-        backend.ov_compiled_model = backend.compile_model(core.read_model(str(xml)))
-    elif runtime == "onnxruntime" and hasattr(backend, "session"):
-        import onnxruntime
-
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        backend.session = onnxruntime.InferenceSession(
-            str(export), options, providers=backend.session.get_providers()
-        )
-    elif runtime != "torch":
-        log.warning("cannot set %s's threads on this ultralytics; it uses its default", runtime)
 
 
 def load_detector(
