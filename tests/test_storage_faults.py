@@ -146,8 +146,9 @@ F1_FAULTS = [
     Fault("reset", "GET", every=7),
     Fault("slowdown", "HEAD", every=4),
 ]
-#: The run's settings: one torch thread per detector actor on any machine (see _clean_cell_ids).
-RUN_SETTINGS = ["execution.torch_threads=1"]
+#: The run's settings: one torch thread per detector actor on any machine (see _clean_cell_ids),
+#: and one model actor (placement only; an actor's start is most of this small run).
+RUN_SETTINGS = ["execution.torch_threads=1", "detect.actors=1"]
 
 
 @pytest.fixture(scope="module")
