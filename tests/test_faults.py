@@ -78,7 +78,9 @@ SIDE = 1024
 GOOD = ("slide_0000", "slide_0001")
 #: The real runs here start one model actor, not one per core: an actor's start (imports, four
 #: models) is most of a run of 8 tiles, and the count is placement only (not in the cell ids).
-#: The F3 crash test keeps the default pool; test_pipeline runs every placement.
+#: Every run here uses it, so all compare with a clean run of the same threads per actor (the
+#: detector's float outputs, and so a rare id, can move with its thread count); test_pipeline
+#: and test_multinode run the default pools.
 ONE_ACTOR = "detect.actors=1"
 
 
@@ -406,7 +408,7 @@ def test_f3_deterministic_crash_is_retried_finitely_then_fails_its_slides(
     tile = clean[clean.slide_id.astype(str) == s1].iloc[0]
     fault = f"crash:{s1}:{tile.tile_row}:{tile.tile_col}"
     config = load_config(
-        None, [f"execution.inject_fault={fault}", "execution.max_worker_restarts=1"]
+        None, [f"execution.inject_fault={fault}", "execution.max_worker_restarts=1", ONE_ACTOR]
     )
     out = tmp_path / "out"
     result = run_pipeline(resolve_inputs([str(good_dir)]), str(out), config)
