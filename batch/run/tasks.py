@@ -533,7 +533,7 @@ class ClassifyStage:
             inject_fault(self.config, "classify", batch, i)
         crops = [c for i in rows_in for c in tiles[i].crops]
         masks = [m for i in rows_in for m in tiles[i].cell_masks]
-        mpps = [_detector_mpp(batch, i) for i in rows_in for _ in tiles[i].crops]  # crops' mpp
+        mpps = [m for i in rows_in for m in [_detector_mpp(batch, i)] * len(tiles[i].crops)]
         results = (
             classify_chain(self.links, crops, masks, mpps) if crops else [None] * len(self.links)
         )

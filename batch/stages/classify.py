@@ -56,11 +56,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import cv2
 import numpy as np
 import numpy.typing as npt
 
-from batch.stages.crop import estimate_background, letterbox
+from batch.stages.crop import estimate_background, field_window, letterbox
 from batch.stages.device import keep_torch_threads, select_device
 
 __all__ = [
@@ -129,35 +128,6 @@ def apply_temperature(probs: npt.ArrayLike, temperature: float) -> npt.NDArray[n
     if temperature == 1.0:
         return np.asarray(probs, dtype=np.float32)
     return np.exp(temperature_log_probs(probs, temperature)).astype(np.float32)
-
-
-def field_window(
-    image: npt.NDArray[np.uint8], size: int, scale: float, fill: tuple[int, int, int]
-) -> npt.NDArray[np.uint8]:
-    """``image`` resized by ``scale`` and centred on a ``size`` x ``size`` square.
-
-    Where the resized image is larger than the square its centre is kept;
-    where it is smaller the rest is ``fill``. Unlike `letterbox` the pixel
-    size is the caller's (``scale``), not the image's: equal pixel sizes in,
-    equal sizes in microns out.
-    """
-    if size <= 0:
-        raise ValueError(f"size must be > 0, got {size}")
-    if not (np.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
-    h, w = image.shape[:2]
-    if scale != 1.0:
-        nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
-        interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
-        image = np.asarray(cv2.resize(image, (nw, nh), interpolation=interp), np.uint8)
-        h, w = nh, nw
-    top, left = (h - size) // 2, (w - size) // 2  # negative: the image is the smaller
-    cut = image[max(top, 0) : max(top, 0) + size, max(left, 0) : max(left, 0) + size]
-    out = np.empty((size, size, 3), dtype=np.uint8)
-    out[:] = np.asarray(fill, dtype=np.uint8)
-    oy, ox = max(-top, 0), max(-left, 0)
-    out[oy : oy + cut.shape[0], ox : ox + cut.shape[1]] = cut
-    return out
 
 
 def render_input(

@@ -28,6 +28,7 @@ __all__ = [
     "crop_regions",
     "crop_wbcs",
     "estimate_background",
+    "field_window",
     "png_bytes",
     "letterbox",
 ]
@@ -107,15 +108,35 @@ def letterbox(
     """
     if size <= 0:
         raise ValueError(f"out_size must be > 0, got {size}")
+    return field_window(image, size, size / max(image.shape[:2]), fill)
+
+
+def field_window(
+    image: npt.NDArray[np.uint8], size: int, scale: float, fill: tuple[int, int, int]
+) -> npt.NDArray[np.uint8]:
+    """``image`` resized by ``scale`` and centred on a ``size`` x ``size`` square.
+
+    Where the resized image is larger than the square its centre is kept;
+    where it is smaller the rest is ``fill``. Unlike `letterbox` the pixel
+    size is the caller's (``scale``), not the image's: equal pixel sizes in,
+    equal sizes in microns out.
+    """
+    if size <= 0:
+        raise ValueError(f"size must be > 0, got {size}")
+    if not (np.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
     h, w = image.shape[:2]
-    scale = size / max(h, w)
-    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
-    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
-    resized = cv2.resize(image, (nw, nh), interpolation=interp)
+    if scale != 1.0:
+        nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+        interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+        image = np.asarray(cv2.resize(image, (nw, nh), interpolation=interp), np.uint8)
+        h, w = nh, nw
+    top, left = max(h - size, 0) // 2, max(w - size, 0) // 2  # where the larger is cut
+    cut = image[top : top + size, left : left + size]
     out = np.empty((size, size, 3), dtype=np.uint8)
     out[:] = np.asarray(fill, dtype=np.uint8)
-    top, left = (size - nh) // 2, (size - nw) // 2
-    out[top : top + nh, left : left + nw] = resized
+    oy, ox = (size - cut.shape[0]) // 2, (size - cut.shape[1]) // 2  # where the smaller sits
+    out[oy : oy + cut.shape[0], ox : ox + cut.shape[1]] = cut
     return out
 
 
