@@ -71,11 +71,13 @@ class LruCache(Generic[K, V]):
 
     @property
     def weight(self) -> int:
-        """Total weight of the entries kept now."""
-        return self._weight
+        """Total weight of the entries kept now (read under the lock: never mid-put)."""
+        with self._lock:
+            return self._weight
 
     def __len__(self) -> int:
-        return len(self._entries)
+        with self._lock:
+            return len(self._entries)
 
     def __contains__(self, key: object) -> bool:
         """Whether ``key`` is cached (does not count as a use)."""
