@@ -41,6 +41,7 @@ import json
 import logging
 import os
 import pickle
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +60,7 @@ __all__ = [
     "file_sha256",
     "load_checkpoint",
     "load_yolo",
+    "logs_to_stderr",
     "model_cache_dir",
     "read_model_card",
     "render_card_markdown",
@@ -429,10 +431,36 @@ def load_yolo(path: str | Path, *, task: str) -> Any:
     """
     from ultralytics import YOLO
 
+    logs_to_stderr("ultralytics")
     path = Path(path)
     if path.suffix == ".pt" and _file_identity(path) not in _VERIFIED:
         load_checkpoint(path)
     return YOLO(str(path), task=task)
+
+
+def logs_to_stderr(logger: str) -> None:
+    """Send a library's log lines to stderr, where hemaray's own go.
+
+    Ultralytics and NNCF log to handlers on ``sys.stdout`` (e.g. "Loading ...
+    for OpenVINO inference..." when an export loads), which would break the
+    one JSON object that ``--json`` commands print on stdout.
+    """
+    for handler in logging.getLogger(logger).handlers:
+        if isinstance(handler, logging.StreamHandler) and handler.stream is not _STDERR:
+            handler.setStream(_STDERR)
+
+
+class _Stderr:
+    """Whatever ``sys.stderr`` is when a line is written (it may be swapped after set-up)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+_STDERR = _Stderr()
 
 
 def read_model_card(weights: str | Path) -> ModelCard | None:

@@ -24,7 +24,13 @@ from batch.stages import quantize
 from batch.stages.autoruntime import PREFERENCE, choose_runtime, runtime_record
 from batch.stages.detect import CellDetector
 from batch.stages.device import select_device
-from batch.stages.parity import PARITY_CONF, PARITY_IOU, detection_parity, parity_passed
+from batch.stages.parity import (
+    PARITY_CONF,
+    PARITY_IOU,
+    QUANTIZED_IOU,
+    detection_parity,
+    parity_passed,
+)
 from batch.stages.runtime import (
     EXPORT_BATCH,
     EXPORTS_DIR,
@@ -124,14 +130,17 @@ def test_auto_on_cuda_takes_tensorrt_only_when_installed_and_in_parity(tmp_path:
     _fake_export(tmp_path, "tensorrt", other_gpu, passed=False)
     choice = choose_runtime(DEFAULT_DETECTOR, "cuda:0", facts=other_gpu, cache_dir=tmp_path)
     assert choice.runtime == "torch"
-    assert choice.passed_over["tensorrt"].startswith("failed its parity check: matched 0.8000")
+    assert choice.passed_over["tensorrt"].startswith(
+        "failed its parity check: fp32 rule: matched 0.8000"
+    )
 
 
 def test_auto_on_cpu_follows_the_order_past_a_missing_runtime(tmp_path: Path) -> None:
     no_ov = replace(CPU, versions={**CPU.versions, "openvino": None})
     _fake_export(tmp_path, "onnxruntime", no_ov, passed=True)
     choice = choose_runtime(DEFAULT_DETECTOR, "cpu", facts=no_ov, cache_dir=tmp_path)
-    assert choice.runtime == "onnxruntime" and choice.passed_over == {"openvino": "not installed"}
+    assert choice.runtime == "onnxruntime"
+    assert choice.passed_over == {"openvino-int8": "not installed", "openvino": "not installed"}
     assert json.loads(json.dumps(choice.to_dict()))["facts"]["versions"]["openvino"] is None
 
 
@@ -184,7 +193,9 @@ def test_bench_gpu_without_a_gpu_says_so() -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
-def test_exported_runtime_gives_torch_boxes(runtime: str, tiles: list[object], cache: Path) -> None:
+def test_exported_runtime_gives_torch_boxes(
+    runtime: str, tiles: list[object], cache: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
     reference = CellDetector(device="cpu").detect(tiles, 0.25)
     exported = CellDetector(device="cpu", runtime=runtime)
     parity = detection_parity(reference, exported.detect(tiles, 0.25))
@@ -195,7 +206,10 @@ def test_exported_runtime_gives_torch_boxes(runtime: str, tiles: list[object], c
     # (detect.runtime_threads) it gives the same boxes.
     path = exported_model(DEFAULT_DETECTOR, runtime)
     stamp = path.stat().st_mtime_ns
+    capfd.readouterr()
     one_thread = CellDetector(device="cpu", runtime=runtime, threads=1)
+    # Loading an export logs through ultralytics; stdout stays for --json's one object.
+    assert capfd.readouterr().out == ""
     assert exported_model(DEFAULT_DETECTOR, runtime) == path and path.stat().st_mtime_ns == stamp
     backend = one_thread._model.predictor.model.backend
     if runtime == "openvino":  # on its own core, not pinned to the first (another actor's)
@@ -213,15 +227,6 @@ def test_exported_runtime_gives_torch_boxes(runtime: str, tiles: list[object], c
 
 
 @pytest.mark.slow
-def test_auto_picks_openvino_on_this_cpu(cache: Path) -> None:
-    detector = CellDetector(device="cpu", runtime="auto")
-    assert detector.runtime == "openvino" and detector.runtime_choice is not None
-    assert detector.runtime_choice.passed_over == {}
-    assert "passed its parity check against torch" in detector.runtime_choice.reason
-    assert runtime_record(DEFAULT_DETECTOR, "auto", "cpu") == detector.runtime_choice.to_dict()
-
-
-@pytest.mark.slow
 def test_int8_export_quantizes_and_keeps_most_boxes(
     cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -235,3 +240,30 @@ def test_int8_export_quantizes_and_keeps_most_boxes(
     # Its parity record: INT8 against torch on the parity tiles, loaded through ultralytics.
     record = read_parity(path)
     assert record["n_reference"] > 1000 and record["matched_fraction"] >= 0.9, record
+    assert (record["rule"], record["iou"]) == ("quantized", QUANTIZED_IOU)
+
+
+def test_a_quantized_runtime_must_find_the_same_cells_not_the_same_confidences() -> None:
+    # INT8's figures on the shipped detector's parity tiles (matched at IoU 0.5).
+    int8 = {"matched_fraction": 0.9991, "worst_iou": 0.589, "max_conf_diff": 0.5998,
+            "n_reference": 2326, "n_other": 2320}  # fmt: skip
+    assert parity_passed(int8, quantized=True) and not parity_passed(int8)
+    lost = {**int8, "matched_fraction": 0.985}  # 35 of 2326 cells lost
+    assert not parity_passed(lost, quantized=True)
+    extra = {**int8, "n_other": 2380}  # 54 cells more than torch
+    assert not parity_passed(extra, quantized=True)
+    fp32 = {"matched_fraction": 1.0, "worst_iou": 0.97, "max_conf_diff": 0.004,
+            "n_reference": 2326, "n_other": 2326}  # fmt: skip
+    assert parity_passed(fp32) and parity_passed(fp32, quantized=True)
+
+
+@pytest.mark.slow
+def test_auto_picks_int8_on_this_cpu(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The INT8 export of the test above (same small calibration, same cache): auto takes it.
+    monkeypatch.setattr(quantize, "CALIBRATION_SLIDES", 1)
+    monkeypatch.setattr(quantize, "CALIBRATION_SIDE", 1280)
+    detector = CellDetector(device="cpu", runtime="auto")
+    assert detector.runtime == "openvino-int8" and detector.runtime_choice is not None
+    assert detector.runtime_choice.passed_over == {}
+    assert "passed its parity check against torch (quantized rule" in detector.runtime_choice.reason
+    assert runtime_record(DEFAULT_DETECTOR, "auto", "cpu") == detector.runtime_choice.to_dict()

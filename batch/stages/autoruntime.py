@@ -27,15 +27,16 @@ from batch.stages.runtime import DeviceFacts, device_facts, exported_model, read
 __all__ = ["PREFERENCE", "RuntimeChoice", "choose_runtime", "runtime_record"]
 
 #: Runtimes ``auto`` tries, fastest first, per device kind.
-#: CPU: measured with ``hemaray bench detector`` on this project's 2-core machine (48 tiles of
-#: 640 px, batch 8, best of 3): OpenVINO FP32 1.23x PyTorch, ONNX Runtime 1.13x (issue 17's
-#: first note). OpenVINO INT8 is not in the order: its boxes move beyond the parity tolerance
-#: (its figures: `hemaray bench detector --json`, ``openvino-int8_parity``), so it is a choice
-#: a user makes, after checking its accuracy on their data (``hemaray eval detector --runtime``).
+#: CPU: measured with ``hemaray bench detector --json`` on this project's 2-core AVX2 machine
+#: (48 tiles of 640 px, side by side, best of 3): OpenVINO INT8 1.94x PyTorch, OpenVINO FP32
+#: 1.21x, ONNX Runtime 1.09x. INT8 is taken when its export passed the quantized parity rule
+#: (the same cells as PyTorch, `batch.stages.parity`); its accuracy on real labelled data is in
+#: that module (map50 within 0.004 of PyTorch's). Its first use on a host quantizes the FP32
+#: export once (NNCF, 320 calibration tiles; a few minutes on 2 cores), then it is cached.
 #: CUDA: a TensorRT FP16 engine when TensorRT is installed, else PyTorch (FP16 on CUDA,
 #: `batch.stages.detect.CellDetector`'s ``half="auto"``), the standard order on NVIDIA GPUs.
 PREFERENCE: dict[str, tuple[str, ...]] = {
-    "cpu": ("openvino", "onnxruntime", "torch"),
+    "cpu": ("openvino-int8", "openvino", "onnxruntime", "torch"),
     "cuda": ("tensorrt", "torch"),
 }
 
@@ -59,8 +60,9 @@ class RuntimeChoice:
 
 def _parity_summary(parity: dict[str, Any]) -> str:
     return (
-        f"matched {parity['matched_fraction']:.4f} of {parity['n_reference']} boxes, "
-        f"worst IoU {parity['worst_iou']}, confidences within {parity['max_conf_diff']}"
+        f"{parity.get('rule', 'fp32')} rule: matched {parity['matched_fraction']:.4f} of "
+        f"{parity['n_reference']} boxes at IoU >= {parity.get('iou', 0.9)}, worst IoU "
+        f"{parity['worst_iou']}, confidences within {parity['max_conf_diff']}"
     )
 
 

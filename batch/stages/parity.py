@@ -17,6 +17,7 @@ __all__ = [
     "PARITY_CONF",
     "PARITY_IOU",
     "PARITY_MATCHED",
+    "QUANTIZED_IOU",
     "Boxes",
     "box_iou",
     "detection_parity",
@@ -30,6 +31,15 @@ __all__ = [
 PARITY_IOU = 0.9
 PARITY_CONF = 0.02
 PARITY_MATCHED = 0.99
+#: A quantized runtime (OpenVINO INT8) shifts confidences by several hundredths and moves some
+#: boxes by a pixel or two, so it cannot meet that rule. It passes when it finds the same
+#: cells: PARITY_MATCHED of PyTorch's boxes matched by a box of the same class at IoU >=
+#: QUANTIZED_IOU (the match rule of map50), box counts within the same share; its confidences
+#: are not bounded. The accuracy this keeps, measured on real labelled data (`hemaray eval
+#: detector --runtime openvino-int8 --json` against `--runtime torch`, the shipped detector, val
+#: splits): map50 0.8117 vs 0.8156 on TXL-PBC, 0.7284 vs 0.7318 on BCCD, within the 0.01 that
+#: INT8 is allowed (issue 17).
+QUANTIZED_IOU = 0.5
 
 
 class Boxes(NamedTuple):
@@ -97,12 +107,19 @@ def detection_parity(
     }
 
 
-def parity_passed(parity: dict[str, Any]) -> bool:
-    """Whether :func:`detection_parity` figures meet PARITY_MATCHED, PARITY_IOU and PARITY_CONF."""
+def parity_passed(parity: dict[str, Any], *, quantized: bool = False) -> bool:
+    """Whether :func:`detection_parity` figures meet the rule of a runtime.
+
+    FP32 runtimes: PARITY_MATCHED, PARITY_IOU and PARITY_CONF. A ``quantized``
+    runtime's figures, matched at QUANTIZED_IOU: PARITY_MATCHED only.
+    """
     n_ref, n_other = int(parity["n_reference"]), int(parity["n_other"])
-    return bool(
+    same_cells = (
         parity["matched_fraction"] >= PARITY_MATCHED
         and abs(n_other - n_ref) <= (1 - PARITY_MATCHED) * n_ref
-        and parity["worst_iou"] >= PARITY_IOU
-        and parity["max_conf_diff"] <= PARITY_CONF
+    )
+    if quantized:
+        return bool(same_cells and parity["worst_iou"] >= QUANTIZED_IOU)
+    return bool(
+        same_cells and parity["worst_iou"] >= PARITY_IOU and parity["max_conf_diff"] <= PARITY_CONF
     )

@@ -19,6 +19,7 @@ quantizing it costs box accuracy for little speed.
 
 from __future__ import annotations
 
+import logging
 import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -90,6 +91,11 @@ def quantize_openvino(
     """
     import nncf
     import openvino as ov
+
+    from batch.models import logs_to_stderr
+
+    logs_to_stderr("nncf")  # its INFO lines (one per layer it leaves in FP32) to stderr, fewer
+    logging.getLogger("nncf").setLevel(logging.WARNING)
 
     (xml,) = sorted(fp32_folder.glob("*.xml"))
     core = ov.Core()

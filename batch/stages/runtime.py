@@ -19,7 +19,9 @@ padding, NMS, box mapping) are the same code for every runtime.
 
 Every export is checked against PyTorch when it is made: both predict on the
 same synthetic slide tiles (:func:`parity_tiles`) and :func:`detection_parity`
-compares the boxes. The figures are kept beside the export (``parity.json``);
+compares the boxes (an FP32 export must give PyTorch's boxes up to rounding;
+a quantized one the same cells, see `batch.stages.parity`). The figures are
+kept beside the export (``parity.json``);
 ``detect.runtime = auto`` (`batch.stages.autoruntime`) never picks a runtime
 whose export failed them. Concurrent exports of one key (several actors
 starting at once) are serialised by a file lock, and an export appears under
@@ -49,10 +51,17 @@ import numpy.typing as npt
 from batch.config import RUNTIMES, DetectConfig
 from batch.errors import ModelLoadError
 from batch.models import file_sha256, load_yolo, model_cache_dir, read_model_card
-from batch.stages.parity import PARITY_IOU, Boxes, detection_parity, parity_passed
+from batch.stages.parity import (
+    PARITY_IOU,
+    QUANTIZED_IOU,
+    Boxes,
+    detection_parity,
+    parity_passed,
+)
 
 __all__ = [
     "EXPORT_FORMATS",
+    "QUANTIZED_RUNTIMES",
     "RUNTIMES",
     "RUNTIME_PACKAGES",
     "DeviceFacts",
@@ -60,6 +69,7 @@ __all__ = [
     "device_facts",
     "export_key",
     "exported_model",
+    "parity_iou",
     "parity_tiles",
     "read_parity",
 ]
@@ -100,6 +110,8 @@ PARITY_FILE = "parity.json"
 #: cut into EXPORT_IMGSZ tiles (9 tiles, ~2,300 boxes of the shipped detector).
 PARITY_SLIDE_PX = 1920
 PARITY_SEED = 20517
+#: Runtimes whose weights are quantized: their parity rule is the quantized one (same cells).
+QUANTIZED_RUNTIMES = frozenset({"openvino-int8"})
 #: Scale of the parity tiles of a detector without a trained mpp (the synthetic smears' own).
 SYNTH_MPP = 0.25
 
@@ -159,7 +171,7 @@ def export_key(sha256: str, runtime: str, facts: DeviceFacts) -> str:
     settings: dict[str, object] = {
         "runtime": runtime, "imgsz": EXPORT_IMGSZ, "batch": EXPORT_BATCH,
         "version": facts.versions.get(RUNTIME_PACKAGES[runtime]),
-        "parity": [PARITY_SLIDE_PX, PARITY_SEED],
+        "parity": [PARITY_SLIDE_PX, PARITY_SEED, parity_iou(runtime)],
         **EXPORT_SETTINGS.get(runtime, EXPORT_SETTINGS["openvino"]),
     }  # fmt: skip
     if runtime == "openvino-int8":
@@ -248,6 +260,10 @@ def _export(
     from batch.stages.device import keep_torch_threads
 
     final.parent.mkdir(parents=True, exist_ok=True)
+    log.info(
+        "exporting %s to %s once, into %s%s", weights.name, runtime, final,
+        " (NNCF quantization: a few minutes on 2 CPU cores)" if runtime in QUANTIZED_RUNTIMES else "",
+    )  # fmt: skip
     work = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
     try:
         local = work / weights.name
@@ -276,7 +292,9 @@ def _export(
                 if not out:
                     raise ModelLoadError(f"exporting {weights} to {runtime} produced nothing")
             local.unlink()
-            parity = _parity_record(weights, _find_export(work, runtime), facts.device, trained_mpp)
+            parity = _parity_record(
+                weights, _find_export(work, runtime), facts.device, trained_mpp, runtime
+            )
         (work / PARITY_FILE).write_text(json.dumps({**parity, "facts": facts.to_dict()}, indent=1))
         os.replace(work, final)
     except ModelLoadError:
@@ -401,13 +419,24 @@ def _predict_boxes(model: Any, tiles: Sequence[npt.NDArray[np.uint8]], device: s
     return out
 
 
+def parity_iou(runtime: str) -> float:
+    """IoU at which ``runtime``'s boxes must match PyTorch's (`batch.stages.parity`)."""
+    return QUANTIZED_IOU if runtime in QUANTIZED_RUNTIMES else PARITY_IOU
+
+
 def _parity_record(
-    weights: Path, export: Path, device: str, trained_mpp: float | None
+    weights: Path, export: Path, device: str, trained_mpp: float | None, runtime: str
 ) -> dict[str, Any]:
     tiles = list(parity_tiles(trained_mpp))
     reference = _predict_boxes(load_yolo(weights, task="detect"), tiles, device)
     other = _predict_boxes(load_yolo(export, task="detect"), tiles, device)
-    parity = detection_parity(reference, other, iou=PARITY_IOU)
-    return {**parity, "passed": parity_passed(parity), "tiles": len(tiles), "device": device}
+    iou = parity_iou(runtime)
+    parity = detection_parity(reference, other, iou=iou)
+    quantized = runtime in QUANTIZED_RUNTIMES
+    return {
+        **parity, "passed": parity_passed(parity, quantized=quantized),
+        "rule": "quantized" if quantized else "fp32", "iou": iou,
+        "tiles": len(tiles), "device": device,
+    }  # fmt: skip
 
 
