@@ -442,6 +442,8 @@ def _reproduce_command(cfg: TrainDetectorConfig) -> str:
         args += ["--synth-slides", str(cfg.synth_slides)]
     if cfg.cls_pw:
         args += ["--cls-pw", str(cfg.cls_pw)]
+    if cfg.scale_aug != TrainDetectorConfig.scale_aug:
+        args += ["--scale-aug", str(cfg.scale_aug)]
     return shlex.join(args)
 
 
@@ -509,6 +511,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="class weights (1/frequency)**CLS_PW in [0, 1] against class imbalance; 0 disables",
     )
     p.add_argument(
+        "--scale-aug",
+        type=float,
+        default=TrainDetectorConfig.scale_aug,
+        help="ultralytics' random zoom (gain): fields are shown at 1 +- SCALE_AUG of the trained "
+        "mpp; 0.5 also covers slides up to 1.5x coarser (a 0.15 um/px detector on 0.25 um/px "
+        "scans, which the pipeline never upsamples)",
+    )
+    p.add_argument(
         "--eval-mpp",
         default="labels",
         help="scale of validation images: labels (from labelled RBCs), "
@@ -555,6 +565,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         work_dir=args.work_dir,
         skip_training=args.skip_training,
         cls_pw=args.cls_pw,
+        scale_aug=args.scale_aug,
         labels=args.labels,
         slides=list(args.slides),
         labels_run=args.labels_run,
