@@ -446,7 +446,8 @@ def logs_to_stderr(logger: str) -> None:
     one JSON object that ``--json`` commands print on stdout.
     """
     for handler in logging.getLogger(logger).handlers:
-        if isinstance(handler, logging.StreamHandler) and handler.stream is not _STDERR:
+        # Plain stream handlers only: a subclass is someone's capture (e.g. pytest's caplog).
+        if type(handler) is logging.StreamHandler and handler.stream is not _STDERR:
             handler.setStream(_STDERR)
 
 
