@@ -171,11 +171,12 @@ def export_key(sha256: str, runtime: str, facts: DeviceFacts) -> str:
     settings: dict[str, object] = {
         "runtime": runtime, "imgsz": EXPORT_IMGSZ, "batch": EXPORT_BATCH,
         "version": facts.versions.get(RUNTIME_PACKAGES[runtime]),
-        "parity": [PARITY_SLIDE_PX, PARITY_SEED, parity_iou(runtime)],
+        "parity": [PARITY_SLIDE_PX, PARITY_SEED],
         **EXPORT_SETTINGS.get(runtime, EXPORT_SETTINGS["openvino"]),
     }  # fmt: skip
     if runtime == "openvino-int8":
         settings["quantize"] = {**quantize_settings(), "nncf": _module_version("nncf")}
+        settings["parity"] = [PARITY_SLIDE_PX, PARITY_SEED, parity_iou(runtime)]
     if runtime == "tensorrt":
         settings["gpu"] = facts.gpu_name
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
