@@ -218,9 +218,9 @@ def test_run_manifest_holds_per_stage_telemetry(small_run: tuple[RunResult, Path
     result, out = small_run
     assert result.committed and not result.failed
     manifest = json.loads(next(out.glob("runs/*/manifest.json")).read_text())
-    # The detector's runtime and why: auto on a CPU with OpenVINO installed (a dependency).
+    # The detector's runtime and why: auto on a CPU with OpenVINO installed (a dependency): INT8.
     runtime = manifest["detect_runtime"]
-    assert (runtime["runtime"], runtime["device"]) == ("openvino", "cpu") and runtime["reason"]
+    assert (runtime["runtime"], runtime["device"]) == ("openvino-int8", "cpu") and runtime["reason"]
     tel = manifest["telemetry"]
     jsonschema.validate(tel, schema())
     assert tel == result.telemetry
