@@ -241,6 +241,11 @@ def test_int8_export_quantizes_and_keeps_most_boxes(
     record = read_parity(path)
     assert record["n_reference"] > 1000 and record["matched_fraction"] >= 0.9, record
     assert (record["rule"], record["iou"]) == ("quantized", QUANTIZED_IOU)
+    # ... and both networks scored on the parity slide's ground truth (its every drawn cell).
+    truth, truth_torch = record["truth"], record["truth_torch"]
+    assert set(truth["ap50"]) == set(truth_torch["ap50"]) == {"RBC", "WBC", "platelet"}
+    assert truth_torch["ap50"]["RBC"] > 0.9 and 0 < truth["map50"] <= 1
+    assert record["passed"] is parity_passed(record, quantized=True)
 
 
 def test_a_quantized_runtime_must_find_the_same_cells_not_the_same_confidences() -> None:
@@ -252,6 +257,11 @@ def test_a_quantized_runtime_must_find_the_same_cells_not_the_same_confidences()
     assert not parity_passed(lost, quantized=True)
     extra = {**int8, "n_other": 2380}  # 54 cells more than torch
     assert not parity_passed(extra, quantized=True)
+    # Agreement is not enough: scored on ground truth it may lose at most 0.01 of map50.
+    truth = {**int8, "truth_torch": {"map50": 0.6937}, "truth": {"map50": 0.6933}}
+    assert parity_passed(truth, quantized=True)
+    reordered = {**truth, "truth": {"map50": 0.6817}}  # same cells, confidences reordered
+    assert not parity_passed(reordered, quantized=True)
     fp32 = {"matched_fraction": 1.0, "worst_iou": 0.97, "max_conf_diff": 0.004,
             "n_reference": 2326, "n_other": 2326}  # fmt: skip
     assert parity_passed(fp32) and parity_passed(fp32, quantized=True)

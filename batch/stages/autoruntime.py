@@ -30,8 +30,9 @@ __all__ = ["PREFERENCE", "RuntimeChoice", "choose_runtime", "runtime_record"]
 #: CPU: measured with ``hemaray bench detector --json`` on this project's 2-core AVX2 machine
 #: (48 tiles of 640 px, side by side, best of 3): OpenVINO INT8 1.94x PyTorch, OpenVINO FP32
 #: 1.21x, ONNX Runtime 1.09x. INT8 is taken when its export passed the quantized parity rule
-#: (the same cells as PyTorch, `batch.stages.parity`); its accuracy on real labelled data is in
-#: that module (map50 within 0.004 of PyTorch's). Its first use on a host quantizes the FP32
+#: (the same cells as PyTorch, and map50 on the parity slide's ground truth within 0.01 of
+#: PyTorch's, `batch.stages.parity`); its accuracy on real labelled data is in that module
+#: (map50 within 0.004 of PyTorch's). Its first use on a host quantizes the FP32
 #: export once (NNCF, 320 calibration tiles; a few minutes on 2 cores), then it is cached.
 #: CUDA: a TensorRT FP16 engine when TensorRT is installed, else PyTorch (FP16 on CUDA,
 #: `batch.stages.detect.CellDetector`'s ``half="auto"``), the standard order on NVIDIA GPUs.
@@ -59,11 +60,17 @@ class RuntimeChoice:
 
 
 def _parity_summary(parity: dict[str, Any]) -> str:
-    return (
+    summary = (
         f"{parity.get('rule', 'fp32')} rule: matched {parity['matched_fraction']:.4f} of "
         f"{parity['n_reference']} boxes at IoU >= {parity.get('iou', 0.9)}, worst IoU "
         f"{parity['worst_iou']}, confidences within {parity['max_conf_diff']}"
     )
+    if "truth" in parity:
+        summary += (
+            f"; map50 on the slide's ground truth {parity['truth']['map50']} vs torch's "
+            f"{parity['truth_torch']['map50']}"
+        )
+    return summary
 
 
 def choose_runtime(

@@ -18,6 +18,7 @@ __all__ = [
     "PARITY_IOU",
     "PARITY_MATCHED",
     "QUANTIZED_IOU",
+    "QUANTIZED_MAP50_DROP",
     "Boxes",
     "box_iou",
     "detection_parity",
@@ -40,6 +41,11 @@ PARITY_MATCHED = 0.99
 #: splits): map50 0.8117 vs 0.8156 on TXL-PBC, 0.7284 vs 0.7318 on BCCD, within the 0.01 that
 #: INT8 is allowed (issue 17).
 QUANTIZED_IOU = 0.5
+#: Agreement with PyTorch cannot see a quantized network reorder confidences between right and
+#: wrong boxes, so a quantized export is also scored against the parity slide's exact ground
+#: truth: its map50 may fall at most QUANTIZED_MAP50_DROP below PyTorch's on the same tiles
+#: (issue 17 allows INT8 0.01 of map50).
+QUANTIZED_MAP50_DROP = 0.01
 
 
 class Boxes(NamedTuple):
@@ -111,7 +117,9 @@ def parity_passed(parity: dict[str, Any], *, quantized: bool = False) -> bool:
     """Whether :func:`detection_parity` figures meet the rule of a runtime.
 
     FP32 runtimes: PARITY_MATCHED, PARITY_IOU and PARITY_CONF. A ``quantized``
-    runtime's figures, matched at QUANTIZED_IOU: PARITY_MATCHED only.
+    runtime's figures, matched at QUANTIZED_IOU: PARITY_MATCHED, and when
+    the figures hold ``truth`` / ``truth_torch`` (map50 on ground truth), a
+    map50 at most QUANTIZED_MAP50_DROP below PyTorch's.
     """
     n_ref, n_other = int(parity["n_reference"]), int(parity["n_other"])
     same_cells = (
@@ -119,7 +127,10 @@ def parity_passed(parity: dict[str, Any], *, quantized: bool = False) -> bool:
         and abs(n_other - n_ref) <= (1 - PARITY_MATCHED) * n_ref
     )
     if quantized:
-        return bool(same_cells and parity["worst_iou"] >= QUANTIZED_IOU)
+        accurate = "truth" not in parity or (
+            parity["truth"]["map50"] >= parity["truth_torch"]["map50"] - QUANTIZED_MAP50_DROP
+        )
+        return bool(same_cells and accurate and parity["worst_iou"] >= QUANTIZED_IOU)
     return bool(
         same_cells and parity["worst_iou"] >= PARITY_IOU and parity["max_conf_diff"] <= PARITY_CONF
     )

@@ -176,7 +176,7 @@ def export_key(sha256: str, runtime: str, facts: DeviceFacts) -> str:
     }  # fmt: skip
     if runtime == "openvino-int8":
         settings["quantize"] = {**quantize_settings(), "nncf": _module_version("nncf")}
-        settings["parity"] = [PARITY_SLIDE_PX, PARITY_SEED, parity_iou(runtime)]
+        settings["parity"] = [PARITY_SLIDE_PX, PARITY_SEED, parity_iou(runtime), "truth"]
     if runtime == "tensorrt":
         settings["gpu"] = facts.gpu_name
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
@@ -399,13 +399,15 @@ def parity_tiles(
                         yield slide.read_region(x, y, EXPORT_IMGSZ, EXPORT_IMGSZ)
 
 
-def _predict_boxes(model: Any, tiles: Sequence[npt.NDArray[np.uint8]], device: str) -> list[Boxes]:
-    """The network's boxes on RGB tiles, at the detector's default thresholds."""
+def _predict_boxes(
+    model: Any, tiles: Sequence[npt.NDArray[np.uint8]], device: str, conf: float = DetectConfig.conf
+) -> list[Boxes]:
+    """The network's boxes on RGB tiles, at the detector's default thresholds (or ``conf``)."""
     out: list[Boxes] = []
     for start in range(0, len(tiles), EXPORT_BATCH // 2):
         batch = [t[..., ::-1] for t in tiles[start : start + EXPORT_BATCH // 2]]  # BGR
         for res in model.predict(
-            batch, imgsz=EXPORT_IMGSZ, conf=DetectConfig.conf, iou=DetectConfig.iou,
+            batch, imgsz=EXPORT_IMGSZ, conf=conf, iou=DetectConfig.iou,
             max_det=DetectConfig.max_det, agnostic_nms=DetectConfig.agnostic_nms,
             device=device, verbose=False,
         ):  # fmt: skip
@@ -425,18 +427,76 @@ def parity_iou(runtime: str) -> float:
     return QUANTIZED_IOU if runtime in QUANTIZED_RUNTIMES else PARITY_IOU
 
 
+def _truth_tiles(
+    trained_mpp: float | None,
+) -> tuple[list[npt.NDArray[np.uint8]], list[tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]]]:
+    """The parity tiles and each one's ground-truth boxes (``xyxy`` in the tile, class ids).
+
+    The synthetic slide's own ground truth (every drawn cell's exact box), in
+    the id order of DETECTOR_CLASSES. A cell cut by a tile's edge keeps its
+    clipped box when at least half of it lies inside; smaller slivers are
+    dropped (whatever a detector makes of them, both runtimes see the same).
+    """
+    import pyarrow.parquet as pq
+
+    from batch.slides import open_slide
+    from batch.stages.detect import DETECTOR_CLASSES
+    from batch.synth import GROUND_TRUTH_FILE, synth_slides
+
+    tiles: list[npt.NDArray[np.uint8]] = []
+    truth: list[tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]] = []
+    with tempfile.TemporaryDirectory(prefix="hemaray-parity-") as tmp:
+        (path,) = synth_slides(
+            tmp, slides=1, width=PARITY_SLIDE_PX, height=PARITY_SLIDE_PX, seed=PARITY_SEED,
+            mpp=trained_mpp or SYNTH_MPP,
+        )  # fmt: skip
+        gt = pq.read_table(Path(tmp) / GROUND_TRUTH_FILE).to_pandas()
+        boxes = gt[["x0", "y0", "x1", "y1"]].to_numpy(np.float64)
+        ids = gt["class"].map({name: i for i, name in enumerate(DETECTOR_CLASSES)}).to_numpy()
+        area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+        with open_slide(path) as slide:
+            for y in range(0, PARITY_SLIDE_PX - EXPORT_IMGSZ + 1, EXPORT_IMGSZ):
+                for x in range(0, PARITY_SLIDE_PX - EXPORT_IMGSZ + 1, EXPORT_IMGSZ):
+                    tiles.append(slide.read_region(x, y, EXPORT_IMGSZ, EXPORT_IMGSZ))
+                    clipped = boxes - [x, y, x, y]
+                    clipped = clipped.clip(0, EXPORT_IMGSZ)
+                    inside = (clipped[:, 2] - clipped[:, 0]) * (clipped[:, 3] - clipped[:, 1])
+                    keep = inside >= 0.5 * area
+                    truth.append((clipped[keep], ids[keep].astype(np.int64)))
+    return tiles, truth
+
+
+def _truth_map50(
+    model: Any, tiles: Sequence[npt.NDArray[np.uint8]], truth: Sequence[Any], device: str
+) -> dict[str, Any]:
+    """map50 (and per-class AP50) of ``model`` on the parity tiles' ground truth."""
+    from batch.eval.metrics import AP_CONF, detection_metrics
+    from batch.stages.detect import DETECTOR_CLASSES
+
+    boxes = _predict_boxes(model, tiles, device, conf=AP_CONF)
+    m = detection_metrics(
+        [(b.boxes, b.labels, b.scores) for b in boxes], list(truth), DETECTOR_CLASSES
+    )
+    per_class = {k: v["ap50"] for k, v in m["per_class"].items() if v["ap50"] is not None}
+    return {"map50": round(m["map50"], 4), "ap50": {k: round(v, 4) for k, v in per_class.items()}}
+
+
 def _parity_record(
     weights: Path, export: Path, device: str, trained_mpp: float | None, runtime: str
 ) -> dict[str, Any]:
-    tiles = list(parity_tiles(trained_mpp))
-    reference = _predict_boxes(load_yolo(weights, task="detect"), tiles, device)
-    other = _predict_boxes(load_yolo(export, task="detect"), tiles, device)
+    tiles, truth = _truth_tiles(trained_mpp)
+    torch_model, other_model = load_yolo(weights, task="detect"), load_yolo(export, task="detect")
+    reference = _predict_boxes(torch_model, tiles, device)
+    other = _predict_boxes(other_model, tiles, device)
     iou = parity_iou(runtime)
     parity = detection_parity(reference, other, iou=iou)
     quantized = runtime in QUANTIZED_RUNTIMES
+    record: dict[str, Any] = {**parity, "rule": "quantized" if quantized else "fp32", "iou": iou}
+    if quantized:  # accuracy against the slide's ground truth, beside the agreement
+        record["truth_torch"] = _truth_map50(torch_model, tiles, truth, device)
+        record["truth"] = _truth_map50(other_model, tiles, truth, device)
     return {
-        **parity, "passed": parity_passed(parity, quantized=quantized),
-        "rule": "quantized" if quantized else "fp32", "iou": iou,
+        **record, "passed": parity_passed(record, quantized=quantized),
         "tiles": len(tiles), "device": device,
     }  # fmt: skip
 
