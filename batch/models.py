@@ -35,10 +35,12 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import functools
 import hashlib
 import inspect
 import json
 import logging
+import math
 import os
 import pickle
 import sys
@@ -432,6 +434,7 @@ def load_yolo(path: str | Path, *, task: str) -> Any:
     from ultralytics import YOLO
 
     logs_to_stderr("ultralytics")
+    _unbounded_nms()
     path = Path(path)
     if path.suffix == ".pt" and _file_identity(path) not in _VERIFIED:
         load_checkpoint(path)
@@ -449,6 +452,36 @@ def logs_to_stderr(logger: str) -> None:
         # Plain stream handlers only: a subclass is someone's capture (e.g. pytest's caplog).
         if type(handler) is logging.StreamHandler and handler.stream is not _STDERR:
             handler.setStream(_STDERR)
+
+
+def _unbounded_nms() -> None:
+    """Take away ultralytics' NMS time limit, in this process, once.
+
+    Ultralytics' ``non_max_suppression`` stops after 2 s + 50 ms per image of
+    a batch and returns every image it had not reached yet with no boxes (a
+    warning is all it says). On a busy node that drops whole tiles' cells,
+    and makes a slide's cells depend on the machine's load. Hemaray's
+    batches are bounded (``detect.batch_size`` tiles, ``max_det`` boxes), so
+    NMS runs to the end: ``max_time_img`` is made infinite.
+    """
+    from ultralytics.utils import nms
+
+    original = nms.non_max_suppression
+    if getattr(original, "_hemaray_unbounded", False):
+        return
+
+    at = list(inspect.signature(original).parameters).index("max_time_img")
+
+    @functools.wraps(original)
+    def unbounded(*args: Any, **kwargs: Any) -> Any:
+        if len(args) > at:
+            args = (*args[:at], math.inf, *args[at + 1 :])
+        else:
+            kwargs["max_time_img"] = math.inf
+        return original(*args, **kwargs)
+
+    unbounded._hemaray_unbounded = True  # type: ignore[attr-defined]
+    nms.non_max_suppression = unbounded
 
 
 class _Stderr:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import types
 from pathlib import Path
 from typing import Any
 
@@ -320,6 +321,28 @@ def test_shipped_detector_finds_synthetic_cells(
     found = det.boxes[det.labels == "RBC"]
     recall = (box_iou(gt_rbc, found).max(axis=1) >= 0.5).mean() if len(found) else 0.0
     assert recall > 0.5
+
+
+def test_a_slow_nms_keeps_every_tiles_boxes(
+    shipped: CellDetector, synth_field: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a busy machine no tile loses its cells to ultralytics' NMS time limit.
+
+    Ultralytics' NMS gives up after 2 s + 50 ms per image and returns the
+    images it had not reached without boxes; hemaray's detector runs it to the
+    end. Here every reading of NMS's clock is a minute after the last.
+    """
+    from ultralytics.utils import nms
+
+    rgb = synth_field["rgb"]
+    clock = iter(range(0, 10**9, 60))
+    monkeypatch.setattr(nms, "time", types.SimpleNamespace(time=lambda: float(next(clock))))
+    dets = shipped.detect([rgb] * 3, SYNTH_MPP)
+    assert [len(d.boxes) > 0 for d in dets] == [True, True, True]
+    # Ultralytics' own limit, on the same clock, drops the tiles after the first.
+    monkeypatch.setattr(nms, "non_max_suppression", nms.non_max_suppression.__wrapped__)
+    limited = shipped.detect([rgb] * 3, SYNTH_MPP)
+    assert [len(d.boxes) > 0 for d in limited] == [True, False, False]
 
 
 def test_shipped_detector_is_scale_aware(shipped: CellDetector, synth_field: dict[str, Any]) -> None:
