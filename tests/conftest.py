@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -63,13 +64,25 @@ def _yolo_config_dir(tmp_path_factory: pytest.TempPathFactory) -> None:
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[str]:
     """A moto S3 server on loopback for the whole session; yields its endpoint URL."""
+    from moto.s3.responses import S3Response
     from moto.server import ThreadedMotoServer
 
+    # S3 applies a conditional PUT (If-None-Match: *) atomically; moto checks, then stores, and
+    # two racing PUTs of one key can both succeed on a busy machine. One lock around moto's
+    # PUT handler gives the server S3's guarantee (the commit's exclusive writes rely on it).
+    put_object, lock = S3Response.put_object, threading.Lock()
+
+    def atomic_put_object(self: Any) -> Any:
+        with lock:
+            return put_object(self)
+
+    S3Response.put_object = atomic_put_object  # type: ignore[method-assign]
     port = _free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
     yield f"http://127.0.0.1:{port}"
     server.stop()
+    S3Response.put_object = put_object  # type: ignore[method-assign]
 
 
 @pytest.fixture()

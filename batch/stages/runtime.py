@@ -275,14 +275,17 @@ def _export(
                 from batch.stages import quantize as q
 
                 fp32 = exported_model(weights, "openvino", facts=facts, cache_dir=cache_dir)
-                q.quantize_openvino(
-                    fp32, work / f"{weights.stem}_int8_openvino_model",
-                    lambda: parity_tiles(
-                        trained_mpp, side=q.CALIBRATION_SIDE, slides=q.CALIBRATION_SLIDES,
+                # The calibration slides are drawn once and read on each of NNCF's passes.
+                with tempfile.TemporaryDirectory(prefix="hemaray-calibration-") as cal:
+                    paths = parity_slides(
+                        cal, trained_mpp, side=q.CALIBRATION_SIDE, slides=q.CALIBRATION_SLIDES,
                         seed=q.CALIBRATION_SEED,
-                    ),
-                    q.CALIBRATION_SLIDES * (q.CALIBRATION_SIDE // EXPORT_IMGSZ) ** 2,
-                )  # fmt: skip
+                    )  # fmt: skip
+                    q.quantize_openvino(
+                        fp32, work / f"{weights.stem}_int8_openvino_model",
+                        lambda: slide_tiles(paths),
+                        q.CALIBRATION_SLIDES * (q.CALIBRATION_SIDE // EXPORT_IMGSZ) ** 2,
+                    )
             else:
                 precision = dict(EXPORT_SETTINGS[runtime])
                 half = bool(precision.pop("half"))
@@ -384,19 +387,34 @@ def parity_tiles(
     read tile by tile, so a few hundred tiles (INT8 calibration) do not sit
     in memory at once.
     """
-    from batch.slides import open_slide
+    with tempfile.TemporaryDirectory(prefix="hemaray-parity-") as tmp:
+        yield from slide_tiles(parity_slides(tmp, trained_mpp, side=side, slides=slides, seed=seed))
+
+
+def parity_slides(
+    folder: str | Path, trained_mpp: float | None, *, side: int, slides: int, seed: int
+) -> list[Path]:
+    """Draw the synthetic smears of :func:`parity_tiles` into ``folder``; return their files."""
     from batch.synth import synth_slides
 
-    with tempfile.TemporaryDirectory(prefix="hemaray-parity-") as tmp:
-        paths = synth_slides(
-            tmp, slides=slides, width=side, height=side, seed=seed,
+    return list(
+        synth_slides(
+            folder, slides=slides, width=side, height=side, seed=seed,
             mpp=trained_mpp or SYNTH_MPP,
-        )  # fmt: skip
-        for path in paths:
-            with open_slide(path) as slide:
-                for y in range(0, side - EXPORT_IMGSZ + 1, EXPORT_IMGSZ):
-                    for x in range(0, side - EXPORT_IMGSZ + 1, EXPORT_IMGSZ):
-                        yield slide.read_region(x, y, EXPORT_IMGSZ, EXPORT_IMGSZ)
+        )
+    )  # fmt: skip
+
+
+def slide_tiles(paths: Sequence[Path]) -> Iterator[npt.NDArray[np.uint8]]:
+    """The whole EXPORT_IMGSZ tiles of each slide file, row by row."""
+    from batch.slides import open_slide
+
+    for path in paths:
+        with open_slide(path) as slide:
+            width, height = slide.info.width, slide.info.height
+            for y in range(0, height - EXPORT_IMGSZ + 1, EXPORT_IMGSZ):
+                for x in range(0, width - EXPORT_IMGSZ + 1, EXPORT_IMGSZ):
+                    yield slide.read_region(x, y, EXPORT_IMGSZ, EXPORT_IMGSZ)
 
 
 def _predict_boxes(
@@ -441,15 +459,14 @@ def _truth_tiles(
 
     from batch.slides import open_slide
     from batch.stages.detect import DETECTOR_CLASSES
-    from batch.synth import GROUND_TRUTH_FILE, synth_slides
+    from batch.synth import GROUND_TRUTH_FILE
 
     tiles: list[npt.NDArray[np.uint8]] = []
     truth: list[tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]] = []
     with tempfile.TemporaryDirectory(prefix="hemaray-parity-") as tmp:
-        (path,) = synth_slides(
-            tmp, slides=1, width=PARITY_SLIDE_PX, height=PARITY_SLIDE_PX, seed=PARITY_SEED,
-            mpp=trained_mpp or SYNTH_MPP,
-        )  # fmt: skip
+        (path,) = parity_slides(
+            tmp, trained_mpp, side=PARITY_SLIDE_PX, slides=1, seed=PARITY_SEED
+        )
         gt = pq.read_table(Path(tmp) / GROUND_TRUTH_FILE).to_pandas()
         boxes = gt[["x0", "y0", "x1", "y1"]].to_numpy(np.float64)
         ids = gt["class"].map({name: i for i, name in enumerate(DETECTOR_CLASSES)}).to_numpy()
