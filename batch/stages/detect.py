@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -33,6 +32,7 @@ from batch.config import DetectConfig
 from batch.errors import ModelLoadError
 from batch.models import ModelCard, file_sha256, load_yolo, read_model_card, resolve_model
 from batch.stages.autoruntime import RuntimeChoice, choose_runtime
+from batch.stages.boxscore import DETECTOR_CLASSES, normalize_class_name
 from batch.stages.device import keep_torch_threads, select_device
 from batch.stages.preprocess import resample
 from batch.stages.runtime import (
@@ -59,8 +59,6 @@ log = logging.getLogger(__name__)
 
 #: Side of the blank image of the warm-up prediction (a multiple of the network stride).
 WARMUP_PX = 64
-#: Canonical detector class names, in the id order of the project's own models.
-DETECTOR_CLASSES: tuple[str, ...] = ("RBC", "WBC", "platelet")
 #: Diameter of a normal red blood cell (micrometres) used to estimate an image's scale.
 RBC_DIAMETER_UM = 7.5
 #: Fewest RBC boxes from which a scale estimate is trusted.
@@ -74,31 +72,6 @@ HALF_BITS = 16
 #: Assumed scales tried by ``CellDetector.estimate_mpp`` (um/px): 100x oil to 20x,
 #: a factor ~1.4 apart, so any true scale is within ~1.2x of one of them.
 MPP_CANDIDATES: tuple[float, ...] = (0.045, 0.065, 0.09, 0.125, 0.18, 0.25, 0.35, 0.5)
-
-_ALIASES = {
-    "rbc": "RBC",
-    "redbloodcell": "RBC",
-    "erythrocyte": "RBC",
-    "wbc": "WBC",
-    "whitebloodcell": "WBC",
-    "leukocyte": "WBC",
-    "platelet": "platelet",
-    "platelets": "platelet",
-    "plt": "platelet",
-    "thrombocyte": "platelet",
-}
-
-
-def normalize_class_name(name: str) -> str:
-    """Map a dataset's or model's class name to the canonical one.
-
-    ``"Platelets"``, ``"platelet"`` -> ``"platelet"``; ``"rbc"`` -> ``"RBC"``;
-    ``"White Blood Cell"`` -> ``"WBC"``. Unknown names are returned stripped
-    but otherwise unchanged.
-    """
-    key = re.sub(r"[^a-z]", "", name.lower())
-    return _ALIASES.get(key, name.strip())
-
 
 def estimate_mpp_from_rbc(
     boxes: npt.ArrayLike,

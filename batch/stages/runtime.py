@@ -458,7 +458,7 @@ def _truth_tiles(
     import pyarrow.parquet as pq
 
     from batch.slides import open_slide
-    from batch.stages.detect import DETECTOR_CLASSES
+    from batch.stages.boxscore import DETECTOR_CLASSES
     from batch.synth import GROUND_TRUTH_FILE
 
     tiles: list[npt.NDArray[np.uint8]] = []
@@ -487,8 +487,7 @@ def _truth_map50(
     model: Any, tiles: Sequence[npt.NDArray[np.uint8]], truth: Sequence[Any], device: str
 ) -> dict[str, Any]:
     """map50 (and per-class AP50) of ``model`` on the parity tiles' ground truth."""
-    from batch.eval.metrics import AP_CONF, detection_metrics
-    from batch.stages.detect import DETECTOR_CLASSES
+    from batch.stages.boxscore import AP_CONF, DETECTOR_CLASSES, detection_metrics
 
     boxes = _predict_boxes(model, tiles, device, conf=AP_CONF)
     m = detection_metrics(
