@@ -56,8 +56,8 @@ def bench_detector(
     from batch.run.tasks import PlanStage, read_tiles
     from batch.stages.autoruntime import choose_runtime
     from batch.stages.detect import load_detector
-    from batch.stages.parity import detection_parity, parity_passed
-    from batch.stages.runtime import QUANTIZED_RUNTIMES, parity_iou
+    from batch.stages.parity import detection_parity
+    from batch.stages.runtime import judge_parity, parity_iou
     from batch.synth import synth_slides
 
     chosen = runtimes or DEFAULT_RUNTIMES["cuda" if device.startswith("cuda") else "cpu"]
@@ -98,12 +98,8 @@ def bench_detector(
             result[f"{rt}_seconds_each"] = [round(x, 3) for x in each]
             if rt != "torch":
                 result[f"{rt}_over_torch"] = round(tps / torch_tps, 3)
-                quantized = rt in QUANTIZED_RUNTIMES
                 parity = detection_parity(outputs["torch"], outputs[rt], iou=parity_iou(rt))
-                result[f"{rt}_parity"] = {
-                    **parity, "passed": parity_passed(parity, quantized=quantized),
-                    "rule": "quantized" if quantized else "fp32", "iou": parity_iou(rt),
-                }  # fmt: skip
+                result[f"{rt}_parity"] = judge_parity(rt, parity)
         result.update(
             auto_runtime=choice.runtime, auto_reason=choice.reason,
             tiles=len(tiles), tile_size=config.tiling.tile_size, device=torch_det.device,

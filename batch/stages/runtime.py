@@ -69,6 +69,7 @@ __all__ = [
     "device_facts",
     "export_key",
     "exported_model",
+    "judge_parity",
     "parity_iou",
     "parity_tiles",
     "read_parity",
@@ -407,6 +408,12 @@ def parity_slides(
 
 def slide_tiles(paths: Sequence[Path]) -> Iterator[npt.NDArray[np.uint8]]:
     """The whole EXPORT_IMGSZ tiles of each slide file, row by row."""
+    for _, tile in _tiles_at(paths):
+        yield tile
+
+
+def _tiles_at(paths: Sequence[Path]) -> Iterator[tuple[tuple[int, int], npt.NDArray[np.uint8]]]:
+    """Each whole EXPORT_IMGSZ tile of each slide file, row by row, with its ``(x, y)`` origin."""
     from batch.slides import open_slide
 
     for path in paths:
@@ -414,7 +421,7 @@ def slide_tiles(paths: Sequence[Path]) -> Iterator[npt.NDArray[np.uint8]]:
             width, height = slide.info.width, slide.info.height
             for y in range(0, height - EXPORT_IMGSZ + 1, EXPORT_IMGSZ):
                 for x in range(0, width - EXPORT_IMGSZ + 1, EXPORT_IMGSZ):
-                    yield slide.read_region(x, y, EXPORT_IMGSZ, EXPORT_IMGSZ)
+                    yield (x, y), slide.read_region(x, y, EXPORT_IMGSZ, EXPORT_IMGSZ)
 
 
 def _predict_boxes(
@@ -445,6 +452,13 @@ def parity_iou(runtime: str) -> float:
     return QUANTIZED_IOU if runtime in QUANTIZED_RUNTIMES else PARITY_IOU
 
 
+def judge_parity(runtime: str, figures: dict[str, Any]) -> dict[str, Any]:
+    """``figures`` (matched at :func:`parity_iou`) with the rule of ``runtime`` and its verdict."""
+    quantized = runtime in QUANTIZED_RUNTIMES
+    record = {**figures, "rule": "quantized" if quantized else "fp32", "iou": parity_iou(runtime)}
+    return {**record, "passed": parity_passed(record, quantized=quantized)}
+
+
 def _truth_tiles(
     trained_mpp: float | None,
 ) -> tuple[list[npt.NDArray[np.uint8]], list[tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]]]:
@@ -457,7 +471,6 @@ def _truth_tiles(
     """
     import pyarrow.parquet as pq
 
-    from batch.slides import open_slide
     from batch.stages.boxscore import DETECTOR_CLASSES
     from batch.synth import GROUND_TRUTH_FILE
 
@@ -471,15 +484,12 @@ def _truth_tiles(
         boxes = gt[["x0", "y0", "x1", "y1"]].to_numpy(np.float64)
         ids = gt["class"].map({name: i for i, name in enumerate(DETECTOR_CLASSES)}).to_numpy()
         area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-        with open_slide(path) as slide:
-            for y in range(0, PARITY_SLIDE_PX - EXPORT_IMGSZ + 1, EXPORT_IMGSZ):
-                for x in range(0, PARITY_SLIDE_PX - EXPORT_IMGSZ + 1, EXPORT_IMGSZ):
-                    tiles.append(slide.read_region(x, y, EXPORT_IMGSZ, EXPORT_IMGSZ))
-                    clipped = boxes - [x, y, x, y]
-                    clipped = clipped.clip(0, EXPORT_IMGSZ)
-                    inside = (clipped[:, 2] - clipped[:, 0]) * (clipped[:, 3] - clipped[:, 1])
-                    keep = inside >= 0.5 * area
-                    truth.append((clipped[keep], ids[keep].astype(np.int64)))
+        for (x, y), tile in _tiles_at([path]):
+            tiles.append(tile)
+            clipped = (boxes - [x, y, x, y]).clip(0, EXPORT_IMGSZ)
+            inside = (clipped[:, 2] - clipped[:, 0]) * (clipped[:, 3] - clipped[:, 1])
+            keep = inside >= 0.5 * area
+            truth.append((clipped[keep], ids[keep].astype(np.int64)))
     return tiles, truth
 
 
@@ -504,16 +514,10 @@ def _parity_record(
     torch_model, other_model = load_yolo(weights, task="detect"), load_yolo(export, task="detect")
     reference = _predict_boxes(torch_model, tiles, device)
     other = _predict_boxes(other_model, tiles, device)
-    iou = parity_iou(runtime)
-    parity = detection_parity(reference, other, iou=iou)
-    quantized = runtime in QUANTIZED_RUNTIMES
-    record: dict[str, Any] = {**parity, "rule": "quantized" if quantized else "fp32", "iou": iou}
-    if quantized:  # accuracy against the slide's ground truth, beside the agreement
-        record["truth_torch"] = _truth_map50(torch_model, tiles, truth, device)
-        record["truth"] = _truth_map50(other_model, tiles, truth, device)
-    return {
-        **record, "passed": parity_passed(record, quantized=quantized),
-        "tiles": len(tiles), "device": device,
-    }  # fmt: skip
+    figures: dict[str, Any] = detection_parity(reference, other, iou=parity_iou(runtime))
+    if runtime in QUANTIZED_RUNTIMES:  # accuracy against the slide's ground truth, beside agreement
+        figures["truth_torch"] = _truth_map50(torch_model, tiles, truth, device)
+        figures["truth"] = _truth_map50(other_model, tiles, truth, device)
+    return {**judge_parity(runtime, figures), "tiles": len(tiles), "device": device}
 
 
