@@ -220,6 +220,16 @@ def test_exported_runtime_gives_torch_boxes(
     same = detection_parity(exported.detect(tiles, 0.25), one_thread.detect(tiles, 0.25))
     assert same["matched_fraction"] == 1.0 and same["max_conf_diff"] <= PARITY_CONF
     assert same["n_other"] == same["n_reference"]
+    if runtime == "openvino":
+        # The 1-thread compile went into OpenVINO's blob cache beside the export; the next
+        # actor's detector is compiled from that blob, and finds the very same boxes.
+        (blob,) = (path.parent / "ov_cache").glob("*.blob")
+        stamp = blob.stat().st_mtime_ns
+        from_blob = CellDetector(device="cpu", runtime=runtime, threads=1)
+        assert blob.stat().st_mtime_ns == stamp
+        again = detection_parity(one_thread.detect(tiles, 0.25), from_blob.detect(tiles, 0.25))
+        assert again["matched_fraction"] == 1.0 and again["max_conf_diff"] <= PARITY_CONF
+        assert again["n_other"] == again["n_reference"]
     assert path.is_relative_to(cache / EXPORTS_DIR)
     # The export's own parity check (made when it was exported) passed, on real boxes.
     record = read_parity(path)

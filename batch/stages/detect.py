@@ -377,7 +377,6 @@ class CellDetector:
                 self.weights_path, self.runtime, facts=device_facts(self.device)
             )
             model = load_yolo(export, task="detect")
-            raw = model.names
             # Ultralytics fuses conv + batch-norm on its first prediction, and fused layers give
             # boxes a hair different from unfused ones: predict once on a blank image here, so
             # every real batch (the first of an actor too) runs the same fused network and the
@@ -387,6 +386,9 @@ class CellDetector:
             side = WARMUP_PX if self.runtime == "torch" else EXPORT_IMGSZ
             model.predict(np.full((side, side, 3), 255, np.uint8), imgsz=side,
                           device=self.device, verbose=False)  # fmt: skip
+            # Names after that prediction: an exported model has none until ultralytics builds
+            # its backend, and reading them first built (compiled) a second one to read them from.
+            raw = model.names
             if self.threads and not self.device.startswith("cuda"):
                 configure_cpu_runtime(model, self.runtime, export, self.threads)
         ids = sorted(raw) if isinstance(raw, dict) else list(range(len(raw)))

@@ -329,6 +329,24 @@ def _trained_mpp(weights: Path) -> float | None:
 # ------------------------------------------------------------------ CPU threads
 
 
+def openvino_cache_dir(export: Path) -> Path | None:
+    """OpenVINO's compiled-model cache for ``export`` (an ``*_openvino_model`` folder), or None.
+
+    Beside the export in its cache entry (``<key>/ov_cache``), so it goes
+    with the export it was compiled from. OpenVINO keys each blob by the
+    model, device, properties and its own version, and compiles afresh when a
+    blob does not match or cannot be read. A cached compile of the INT8
+    detector took 0.18 s against 0.52 s here, in every actor of every run.
+    None when the entry is not writable (a read-only shared cache): compile.
+    """
+    cache = export.parent / "ov_cache"
+    try:
+        cache.mkdir(exist_ok=True)
+    except OSError:
+        return None
+    return cache if os.access(cache, os.W_OK) else None
+
+
 def configure_cpu_runtime(model: Any, runtime: str, export: Path, threads: int) -> None:
     """Run an exported CPU detector on ``threads`` intra-op threads (0: its default, every core).
 
@@ -343,7 +361,8 @@ def configure_cpu_runtime(model: Any, runtime: str, export: Path, threads: int) 
     7.93 tiles/s, 1 actor on both cores 13.50). With 0 the
     runtime keeps ultralytics' settings: the THROUGHPUT hint with a request
     per image measured no faster through the detector (12.73 against 12.79
-    tiles/s, alternating).
+    tiles/s, alternating). The OpenVINO recompile reads and writes the
+    compiled-model cache (:func:`openvino_cache_dir`).
     """
     import functools
 
@@ -357,6 +376,9 @@ def configure_cpu_runtime(model: Any, runtime: str, export: Path, threads: int) 
             **compile_model.keywords.get("config", {}),
             "INFERENCE_NUM_THREADS": threads, "ENABLE_CPU_PINNING": False,
         }  # fmt: skip
+        cache = openvino_cache_dir(export)
+        if cache is not None:
+            config["CACHE_DIR"] = str(cache)
         backend.compile_model = functools.partial(
             compile_model.func, *compile_model.args, **{**compile_model.keywords, "config": config}
         )
