@@ -25,6 +25,10 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("YOLO_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+# The suite's INT8 detector export calibrates on 4 tiles (1 smear of 1280 px), not 320: its first
+# `auto` run quantizes in seconds, not ~2 minutes. The setting is in the export's cache key, so a
+# user's cache never mixes the two (batch.stages.quantize.CALIBRATION_ENV).
+os.environ.setdefault("HEMARAY_INT8_CALIBRATION", "1x1280")
 # The standard AWS chain of every process the tests start (Ray workers included, which
 # inherit the environment at ray.init) finds these fake keys for the moto server, as a
 # cluster's workers would find theirs in a Kubernetes Secret. Never real credentials.

@@ -258,6 +258,26 @@ def test_int8_export_quantizes_and_keeps_most_boxes(
     assert record["passed"] is parity_passed(record, quantized=True)
 
 
+def test_the_calibration_set_is_set_by_environment_and_keyed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv(quantize.CALIBRATION_ENV, raising=False)
+    assert quantize._calibration((5, 5120)) == (5, 5120)
+    monkeypatch.setenv(quantize.CALIBRATION_ENV, "2x1920")
+    assert quantize._calibration((5, 5120)) == (2, 1920)
+    for bad in ("2", "0x1280", "2x320", "axb"):
+        monkeypatch.setenv(quantize.CALIBRATION_ENV, bad)
+        with pytest.raises(ValueError, match=quantize.CALIBRATION_ENV):
+            quantize._calibration((5, 5120))
+    # Another calibration set is another export: never taken for the default one.
+    sha = file_sha256(DEFAULT_DETECTOR)
+    keys = set()
+    for slides in (5, 1):
+        monkeypatch.setattr(quantize, "CALIBRATION_SLIDES", slides)
+        keys.add(export_key(sha, "openvino-int8", CPU))
+    assert len(keys) == 2
+
+
 def test_a_quantized_runtime_must_find_the_same_cells_not_the_same_confidences() -> None:
     # INT8's figures on the shipped detector's parity tiles (matched at IoU 0.5).
     int8 = {"matched_fraction": 0.9991, "worst_iou": 0.589, "max_conf_diff": 0.5998,

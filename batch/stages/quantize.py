@@ -20,6 +20,7 @@ quantizing it costs box accuracy for little speed.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -29,15 +30,34 @@ import numpy as np
 import numpy.typing as npt
 
 __all__ = [
-    "CALIBRATION_SEED", "CALIBRATION_SIDE", "CALIBRATION_SLIDES", "quantize_openvino",
+    "CALIBRATION_ENV", "CALIBRATION_SEED", "CALIBRATION_SIDE", "CALIBRATION_SLIDES",
+    "quantize_openvino",
     "quantize_settings",
 ]  # fmt: skip
 
+#: Environment variable for a smaller calibration set, ``SLIDESxSIDE`` (e.g. ``1x1280``: 4
+#: tiles): the test suite's setting, so its first INT8 export takes seconds, not minutes. It is
+#: part of the export's cache key, so such an export is never taken for the default one.
+CALIBRATION_ENV = "HEMARAY_INT8_CALIBRATION"
+
+
+def _calibration(default: tuple[int, int]) -> tuple[int, int]:
+    value = os.environ.get(CALIBRATION_ENV, "").strip()
+    if not value:
+        return default
+    try:
+        slides, side = (int(v) for v in value.lower().split("x"))
+    except ValueError:
+        slides = side = 0
+    if slides < 1 or side < 640:
+        raise ValueError(f"{CALIBRATION_ENV} is SLIDESxSIDE (slides >= 1, side >= 640); got {value!r}")
+    return slides, side
+
+
 #: Calibration tiles: CALIBRATION_SLIDES synthetic smears of CALIBRATION_SIDE px a side at the
 #: detector's trained scale, cut into 640 px tiles: 5 x 64 = 320 tiles, just over the 300 NNCF
-#: and ultralytics recommend for INT8 calibration.
-CALIBRATION_SLIDES = 5
-CALIBRATION_SIDE = 5120
+#: and ultralytics recommend for INT8 calibration (unless CALIBRATION_ENV says otherwise).
+CALIBRATION_SLIDES, CALIBRATION_SIDE = _calibration((5, 5120))
 CALIBRATION_SEED = 8
 
 
