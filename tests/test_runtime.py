@@ -238,12 +238,16 @@ def test_exported_runtime_gives_torch_boxes(
 
 @pytest.mark.slow
 def test_int8_export_quantizes_and_keeps_most_boxes(
-    cache: Path, monkeypatch: pytest.MonkeyPatch
+    cache: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
 ) -> None:
     # A small calibration set keeps the test short; the shipped one is 320 tiles.
     monkeypatch.setattr(quantize, "CALIBRATION_SLIDES", 1)
     monkeypatch.setattr(quantize, "CALIBRATION_SIDE", 1280)
+    capfd.readouterr()
     path = exported_model(DEFAULT_DETECTOR, "openvino-int8")
+    # Quantizing logs and draws NNCF's progress bars on stderr; stdout stays for --json.
+    out, err = capfd.readouterr()
+    assert out == "" and "Statistics collection" in err
     assert path.name.endswith("_int8_openvino_model") and path.is_relative_to(cache / EXPORTS_DIR)
     xml = (path / "detector.xml").read_text()
     assert "FakeQuantize" in xml  # quantized, not a copy of the FP32 model

@@ -19,9 +19,11 @@ quantizing it costs box accuracy for little speed.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
+import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -129,13 +131,15 @@ def quantize_openvino(
             return n_tiles
 
     ignored = _head_scope(model)
-    quantized = nncf.quantize(
-        model=model,
-        calibration_dataset=nncf.Dataset(_Tiles(), _to_input),
-        preset=nncf.QuantizationPreset.MIXED,
-        subset_size=n_tiles,
-        ignored_scope=nncf.IgnoredScope(names=ignored) if ignored else None,
-    )
+    # NNCF draws its progress bars (rich) on stdout, which carries --json's one object: stderr.
+    with contextlib.redirect_stdout(sys.stderr):
+        quantized = nncf.quantize(
+            model=model,
+            calibration_dataset=nncf.Dataset(_Tiles(), _to_input),
+            preset=nncf.QuantizationPreset.MIXED,
+            subset_size=n_tiles,
+            ignored_scope=nncf.IgnoredScope(names=ignored) if ignored else None,
+        )
     out_folder.mkdir(parents=True, exist_ok=True)
     ov.save_model(quantized, str(out_folder / xml.name), compress_to_fp16=False)
     shutil.copyfile(fp32_folder / "metadata.yaml", out_folder / "metadata.yaml")
