@@ -44,13 +44,13 @@ DEFAULT_OVERLAP_UM = 32.0
 class TilingConfig:
     """How a slide is cut into detector tiles.
 
-    ``tile_size`` and ``overlap_px`` are in pixels at the target mpp (the
-    detector's input scale); when the slide's mpp is unknown they are level-0
-    pixels.
+    ``tile_size`` and ``overlap_px`` are in the pixels the detector sees: at
+    the target mpp, or at the slide's own when the target is finer (tiles are
+    never upsampled); when the slide's mpp is unknown they are level-0 pixels.
     """
 
     tile_size: int = 640
-    #: None: derive from ``overlap_um`` and the target mpp.
+    #: None: derive from ``overlap_um`` in the pixels the detector sees.
     overlap_px: int | None = None
     overlap_um: float = DEFAULT_OVERLAP_UM
     #: Microns per pixel the detector expects; None: the model file's trained mpp.

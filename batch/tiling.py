@@ -233,7 +233,9 @@ def plan_tiles(
     level, scale = choose_level(downsamples, info.mpp, target)
     lv = info.levels[level]
     ds = downsamples[level]
-    det_mpp = target if (target is not None and info.mpp is not None) else (info.mpp or config.fallback_mpp)
+    # The mpp of the pixels the detector sees: the target, or the level's own when the target is
+    # finer than the slide (tiles are never upsampled), so overlap_um is measured in real pixels.
+    det_mpp = info.mpp * ds / scale if info.mpp is not None else config.fallback_mpp
     overlap_det = (
         config.overlap_px
         if config.overlap_px is not None

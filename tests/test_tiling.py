@@ -110,3 +110,24 @@ def test_level_choice_and_scale_on_pyramid(smear: tuple[Path, pd.DataFrame]) -> 
         assert plan.level == 0 and plan.scale == pytest.approx(0.625)
         # The detector sees tile_size px: read regions are tile_size / scale level pixels.
         assert plan.tasks[0].w == round(640 / 0.625)
+
+
+def test_overlap_is_in_the_pixels_the_detector_sees(smear: tuple[Path, pd.DataFrame]) -> None:
+    """``overlap_um`` in the tiles' own pixels, also for a detector trained finer than the slide.
+
+    Tiles are never upsampled: a 0.25 um/px slide goes to a 0.15 um/px detector at
+    0.25 um/px, so 32 um of overlap is 128 px, not the 213 px it would be at 0.15 um/px
+    (25 % more tiles on a large slide for nothing).
+    """
+    path, _ = smear
+    config = TilingConfig(tile_size=640, overlap_um=32.0)
+    with open_slide(path) as slide:
+        assert slide.info.mpp == pytest.approx(0.25)
+        finer = plan_tiles(slide, config, slide_id=path.stem, target_mpp=0.15)
+        same = plan_tiles(slide, config, slide_id=path.stem, target_mpp=0.25)
+        coarser = plan_tiles(slide, config, slide_id=path.stem, target_mpp=0.4)
+    assert (finer.level, finer.scale) == (0, 1.0)
+    assert finer.overlap == same.overlap == 128
+    assert len(finer.tasks) == len(same.tasks)
+    # Downsampled tiles: 32 um at 0.4 um/px is 80 detector px, 128 level-0 px.
+    assert coarser.overlap == 128
