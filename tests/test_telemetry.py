@@ -221,6 +221,12 @@ def test_run_manifest_holds_per_stage_telemetry(small_run: tuple[RunResult, Path
     # The detector's runtime and why: auto on a CPU with OpenVINO installed (a dependency): INT8.
     runtime = manifest["detect_runtime"]
     assert (runtime["runtime"], runtime["device"]) == ("openvino-int8", "cpu") and runtime["reason"]
+    # Each classifier's runtime and why: auto on a CPU takes OpenVINO once its export kept torch's
+    # probabilities (batch.stages.classify_runtime).
+    for name in ("wbc_type", "all_subtype"):
+        choice = manifest["classify_runtime"][name]
+        assert choice["runtime"] == "openvino" and choice["parity"]["passed"] is True, name
+        assert "passed its parity check" in choice["reason"], name
     tel = manifest["telemetry"]
     jsonschema.validate(tel, schema())
     assert tel == result.telemetry

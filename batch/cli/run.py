@@ -114,7 +114,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
         result = eval_classifier(
             args.data, args.model or "all_subtype", mpp=args.mpp, limit_per_class=args.limit,
-            png=args.png,
+            png=args.png, runtime=args.runtime,
         )  # fmt: skip
     else:
         from batch.eval.images import eval_images
@@ -198,7 +198,8 @@ def add_commands(sub: Any) -> None:
     e.add_argument("--split", help="detector: which split of a YOLO/VOC set (default val)")
     e.add_argument(
         "--runtime", default=DetectConfig.runtime, choices=DETECT_RUNTIMES,
-        help="detector: inference runtime (exported once into the model cache; default: a run's)",
+        help="detector, classifier: inference runtime (exported once into the model cache; "
+        "default: a run's, auto); a classifier runs in auto, torch, openvino or onnxruntime",
     )  # fmt: skip
     e.add_argument(
         "--limit", type=int, help="at most this many images (per class for ImageFolders)"

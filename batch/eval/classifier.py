@@ -132,6 +132,7 @@ def eval_classifier(
     device: str = "auto",
     png: str | Path | None = None,
     bins: int = DEFAULT_BINS,
+    runtime: str = "auto",
 ) -> dict[str, Any]:
     """Accuracy, macro F1, per-class P/R/F1/FNR, MAE, confusion and calibration on ``data``.
 
@@ -141,8 +142,11 @@ def eval_classifier(
     ``png``: also write a reliability diagram, before and after, there.
     See `load_labelled_crops` for ``mpp`` and ``limit_per_class``; folders
     whose name is not in the model's label set are reported and skipped.
+    ``runtime``: ``classify.runtime`` (reported with why it was chosen).
     """
-    clf = WbcClassifier(shipped_or_path(model), name=Path(model).stem, device=device)
+    clf = WbcClassifier(
+        shipped_or_path(model), name=Path(model).stem, device=device, runtime=runtime
+    )
     names = list(clf.class_names)
     data_ = load_labelled_crops(clf, data, mpp=mpp, limit_per_class=limit_per_class)
     raw = clf.probabilities(data_.crops, data_.masks, calibrated=False)
@@ -152,6 +156,8 @@ def eval_classifier(
     extra = clf.card.extra if clf.card else {}
     result.update(
         model=str(clf.model_path),
+        runtime=clf.runtime,
+        runtime_reason=clf.runtime_choice.reason,
         input_mode=clf.input_mode,
         source_mpp=data_.source_mpp,
         trained_mpp=data_.trained_mpp,

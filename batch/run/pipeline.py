@@ -55,7 +55,7 @@ from batch.config import Config
 from batch.inputs import SlideInput
 from batch.run.lease import LeaseBook
 from batch.run.ledger import RunLedger, RunResult
-from batch.run.provenance import label_sets, run_manifest, trained_mpp
+from batch.run.provenance import classifier_runtimes, label_sets, run_manifest, trained_mpp
 from batch.run.sink import OutputStore, cells_schema
 from batch.run.tasks import (
     CellStage,
@@ -160,6 +160,11 @@ def run_pipeline(
         runtime = runtime_record(detector_file, config.detect.runtime, device)
         manifest["detect_runtime"] = runtime
         echo(f"detector runtime: {runtime['runtime']} on {device} ({runtime['reason']})")
+        manifest["classify_runtime"] = classifier_runtimes(config, device)
+        echo(
+            "classifier runtime: "
+            + ", ".join(f"{k} {v['runtime']}" for k, v in manifest["classify_runtime"].items())
+        )
     ledger = RunLedger(
         store, cells_schema(labels, config.export.crops), result, config, echo, leases
     )

@@ -27,7 +27,14 @@ from batch.models import (
 from batch.stages.classify import WbcClassifier
 from batch.storage import redact_credentials
 
-__all__ = ["label_sets", "local_hashes", "model_files", "run_manifest", "trained_mpp"]
+__all__ = [
+    "classifier_runtimes",
+    "label_sets",
+    "local_hashes",
+    "model_files",
+    "run_manifest",
+    "trained_mpp",
+]
 
 
 def trained_mpp(config: Config) -> tuple[float | None, str]:
@@ -57,6 +64,32 @@ def label_sets(config: Config) -> dict[str, list[str]]:
             out[spec.name] = list(card.class_names)
         else:
             out[spec.name] = list(WbcClassifier(local, name=spec.name, device="cpu").class_names)
+    return out
+
+
+def classifier_runtimes(config: Config, device: str) -> dict[str, dict[str, Any]]:
+    """The run manifest's ``classify_runtime``: each classifier's runtime on ``device``, and why.
+
+    ``classify.runtime = auto`` is resolved here as each classifier resolves it
+    (exports made once, here, before any actor starts). Reads model cards, not
+    models, unless a classifier has no card (then it is loaded for its size).
+    """
+    from batch.stages.classify_runtime import choose_classifier_runtime
+
+    out: dict[str, dict[str, Any]] = {}
+    for spec in config.classifiers:
+        local = resolve_model(
+            shipped_or_path(spec.model),
+            storage_options=config.storage.storage_options(),
+            sha256=spec.sha256,
+        )
+        card = read_model_card(local)
+        if card is not None and card.imgsz:
+            choice = choose_classifier_runtime(local, config.classify.runtime, card.imgsz, device)
+        else:
+            clf = WbcClassifier(local, name=spec.name, device=device, runtime=config.classify.runtime)
+            choice = clf.runtime_choice
+        out[spec.name] = choice.to_dict()
     return out
 
 

@@ -489,6 +489,7 @@ class ClassifyStage:
                 local, name=spec.name, input_mode=spec.input_mode,
                 device=config.detect.device, batch_size=config.execution.classify_batch_size,
                 storage_options=config.storage.storage_options(),
+                runtime=config.classify.runtime, threads=threads,
             )  # fmt: skip
             self.classifiers.append((spec, clf, file_sha256(clf.model_path)[:12]))
         self.links = [

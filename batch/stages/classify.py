@@ -59,8 +59,9 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
+from batch.stages.classify_runtime import to_input
 from batch.stages.crop import estimate_background, field_window, letterbox
-from batch.stages.device import keep_torch_threads, select_device
+from batch.stages.device import select_device
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
@@ -195,15 +196,6 @@ def render_input(
     return out
 
 
-def _precision_kwargs(half: bool) -> dict[str, Any]:
-    """fp16/fp32 inference arguments: ``quantize`` on newer ultralytics, ``half`` on older."""
-    from ultralytics.cfg import DEFAULT_CFG_DICT
-
-    if "quantize" in DEFAULT_CFG_DICT:
-        return {"quantize": 16 if half else None}
-    return {"half": half}
-
-
 class WbcClassifier:
     """WBC subtype / type classifier over crops (ultralytics ``-cls`` model).
 
@@ -231,6 +223,13 @@ class WbcClassifier:
     temperature
         Calibration temperature; None: the model card's (``extra.temperature``),
         else 1.0 (the model's probabilities unchanged).
+    runtime
+        ``classify.runtime``: ``"torch"``, ``"openvino"``, ``"onnxruntime"`` or
+        ``"auto"`` (`batch.stages.classify_runtime`); ``runtime_choice`` says
+        which ran and why. A model ``.yaml`` runs in torch.
+    threads
+        Intra-op threads of an OpenVINO / ONNX Runtime classifier (0: the
+        runtime's default); torch uses the process's setting.
     """
 
     def __init__(
@@ -245,8 +244,18 @@ class WbcClassifier:
         batch_size: int = DEFAULT_BATCH_SIZE,
         storage_options: dict[str, Any] | None = None,
         temperature: float | None = None,
+        runtime: str = "torch",
+        threads: int = 0,
     ) -> None:
         from batch.models import load_yolo, read_model_card, resolve_model
+        from batch.stages.classify_runtime import (
+            CLASSIFY_RUNTIMES,
+            choose_classifier_runtime,
+            load_backend,
+        )
+
+        if runtime not in CLASSIFY_RUNTIMES:
+            raise ValueError(f"runtime must be one of {CLASSIFY_RUNTIMES}, got {runtime!r}")
 
         text = str(model_path)
         if text.endswith((".yaml", ".yml")):
@@ -278,7 +287,6 @@ class WbcClassifier:
         self.device = select_device(device)
         on_cuda = self.device.startswith("cuda")
         self.half = on_cuda if half == "auto" else bool(half) and on_cuda
-        self._precision = _precision_kwargs(self.half)
         self.imgsz = int(imgsz or self._model_imgsz())
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -290,6 +298,16 @@ class WbcClassifier:
         if not (np.isfinite(t) and t > 0):
             raise ValueError(f"{text}: temperature must be a finite number > 0, got {t!r}")
         self.temperature: float = t
+        if local.suffix != ".pt" and runtime not in ("auto", "torch"):
+            raise ValueError(f"{text}: only a .pt checkpoint is exported to another runtime")
+        self.runtime_choice = choose_classifier_runtime(
+            local, runtime if local.suffix == ".pt" else "torch", self.imgsz, self.device
+        )
+        self.runtime: str = self.runtime_choice.runtime
+        self._forward = load_backend(
+            self.model, local, self.runtime, self.imgsz, device=self.device, half=self.half,
+            threads=threads,
+        )  # fmt: skip
 
     def _model_imgsz(self) -> int:
         if self.card is not None and self.card.imgsz:
@@ -317,18 +335,11 @@ class WbcClassifier:
         """
         if len(images) == 0:
             return np.zeros((0, len(self.class_names)), np.float32)
-        probs: list[npt.NDArray[np.float32]] = []
-        for start in range(0, len(images), self.batch_size):
-            chunk = [
-                np.ascontiguousarray(im[..., ::-1])
-                for im in images[start : start + self.batch_size]
-            ]
-            with keep_torch_threads():
-                results: Any = self.model.predict(
-                    chunk, imgsz=self.imgsz, device=self.device, verbose=False, **self._precision
-                )
-            probs.extend(r.probs.data.float().cpu().numpy() for r in results)
-        raw = np.stack(probs).astype(np.float32)
+        probs = [
+            self._forward(to_input(list(images[start : start + self.batch_size]), self.imgsz))
+            for start in range(0, len(images), self.batch_size)
+        ]
+        raw = np.concatenate(probs).astype(np.float32)
         return self.calibrate(raw) if calibrated else raw
 
     def field_scales(self, n: int, mpp: float | Sequence[float | None] | None) -> list[float | None]:

@@ -69,6 +69,7 @@ __all__ = [
     "device_facts",
     "export_key",
     "exported_model",
+    "file_lock",
     "judge_parity",
     "parity_iou",
     "parity_tiles",
@@ -185,7 +186,8 @@ def export_key(sha256: str, runtime: str, facts: DeviceFacts) -> str:
 
 
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def file_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (created) for the block: one export per key at a time."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -240,7 +242,7 @@ def exported_model(
     final = root / export_key(file_sha256(weights), runtime, facts)
     if runtime == "openvino-int8":  # quantized from the FP32 export, made (or reused) first
         exported_model(weights, "openvino", facts=facts, cache_dir=cache_dir)
-    with _locked(root / f".{final.name}.lock"):
+    with file_lock(root / f".{final.name}.lock"):
         if not final.exists():
             _export(weights, runtime, final, facts, cache_dir)
     return _find_export(final, runtime)
