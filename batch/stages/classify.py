@@ -247,10 +247,12 @@ class WbcClassifier:
         runtime: str = "torch",
         threads: int = 0,
     ) -> None:
-        from batch.models import load_yolo, read_model_card, resolve_model
+        from batch.models import read_model_card, resolve_model
         from batch.stages.classify_runtime import (
             CLASSIFY_RUNTIMES,
             choose_classifier_runtime,
+            export_names,
+            exported_classifier,
             load_backend,
         )
 
@@ -266,13 +268,30 @@ class WbcClassifier:
             self.card = read_model_card(local)
         self.model_path = local
         self.name = name
-        self.model = load_yolo(local, task="classify")  # checkpoint checked before unpickling
-        if self.model.task != "classify":
-            raise ValueError(
-                f"{text}: expected a classification model, got task {self.model.task!r}"
-            )
-        names = dict(self.model.names)
-        self.class_names: list[str] = [str(names[i]) for i in sorted(names)]
+        self.device = select_device(device)
+        on_cuda = self.device.startswith("cuda")
+        self.half = on_cuda if half == "auto" else bool(half) and on_cuda
+        # The network is loaded only to run in torch (or to learn a card-less model's size): an
+        # exported classifier needs neither the checkpoint nor torchvision, which unpickling
+        # its saved transforms imports.
+        self.model: Any = None
+        size = imgsz or (self.card.imgsz if self.card is not None else None)
+        if not size or local.suffix != ".pt":
+            self.model = self._load_torch(local, text)
+            size = size or self._checkpoint_imgsz()
+        self.imgsz = int(size)
+        if local.suffix != ".pt" and runtime not in ("auto", "torch"):
+            raise ValueError(f"{text}: only a .pt checkpoint is exported to another runtime")
+        self.runtime_choice = choose_classifier_runtime(
+            local, runtime if local.suffix == ".pt" else "torch", self.imgsz, self.device
+        )
+        self.runtime: str = self.runtime_choice.runtime
+        if self.runtime == "torch":
+            self.model = self.model or self._load_torch(local, text)
+            names = {int(k): str(v) for k, v in dict(self.model.names).items()}
+        else:
+            names = dict(enumerate(export_names(exported_classifier(local, self.runtime, self.imgsz))))
+        self.class_names: list[str] = [names[i] for i in sorted(names)]
         extra = self.card.extra if self.card is not None else {}
         mode = input_mode or str(extra.get("input_mode", "mask"))
         if mode not in INPUT_MODES:
@@ -284,10 +303,6 @@ class WbcClassifier:
         self.input_scale: str = scale
         fill = extra.get("mask_fill", MASK_FILL)
         self.mask_fill: tuple[int, int, int] = (int(fill[0]), int(fill[1]), int(fill[2]))
-        self.device = select_device(device)
-        on_cuda = self.device.startswith("cuda")
-        self.half = on_cuda if half == "auto" else bool(half) and on_cuda
-        self.imgsz = int(imgsz or self._model_imgsz())
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = batch_size
@@ -298,20 +313,21 @@ class WbcClassifier:
         if not (np.isfinite(t) and t > 0):
             raise ValueError(f"{text}: temperature must be a finite number > 0, got {t!r}")
         self.temperature: float = t
-        if local.suffix != ".pt" and runtime not in ("auto", "torch"):
-            raise ValueError(f"{text}: only a .pt checkpoint is exported to another runtime")
-        self.runtime_choice = choose_classifier_runtime(
-            local, runtime if local.suffix == ".pt" else "torch", self.imgsz, self.device
-        )
-        self.runtime: str = self.runtime_choice.runtime
         self._forward = load_backend(
             self.model, local, self.runtime, self.imgsz, device=self.device, half=self.half,
             threads=threads,
         )  # fmt: skip
 
-    def _model_imgsz(self) -> int:
-        if self.card is not None and self.card.imgsz:
-            return int(self.card.imgsz)
+    @staticmethod
+    def _load_torch(local: Path, text: str) -> Any:
+        from batch.models import load_yolo
+
+        model = load_yolo(local, task="classify")  # checkpoint checked before unpickling
+        if model.task != "classify":
+            raise ValueError(f"{text}: expected a classification model, got task {model.task!r}")
+        return model
+
+    def _checkpoint_imgsz(self) -> int:
         args = getattr(self.model.model, "args", None)
         if isinstance(args, dict) and args.get("imgsz"):
             sz = args["imgsz"]

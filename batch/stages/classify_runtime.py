@@ -50,6 +50,7 @@ __all__ = [
     "ClassifierRuntime",
     "choose_classifier_runtime",
     "classifier_parity",
+    "export_names",
     "exported_classifier",
     "load_backend",
     "to_input",
@@ -182,7 +183,7 @@ def _export_key(sha256: str, runtime: str, imgsz: int) -> str:
     version = device_facts("cpu").versions.get(RUNTIME_PACKAGES[runtime])
     settings = {
         "task": "classify", "runtime": runtime, "imgsz": imgsz, "batch": EXPORT_BATCH,
-        "dynamic": True, "half": False, "version": version,
+        "dynamic": True, "half": False, "version": version, "record": ["names"],
         "parity": [PARITY_AGREEMENT, PARITY_MAX_PROB_DIFF],
     }  # fmt: skip
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
@@ -225,6 +226,14 @@ def _find(folder: Path, runtime: str) -> Path:
     return found[0]
 
 
+def export_names(export: Path) -> list[str]:
+    """The class names of an exported classifier, by id (kept in its parity record)."""
+    try:
+        return [str(n) for n in json.loads((export.parent / PARITY_FILE).read_text())["names"]]
+    except (OSError, KeyError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"export {export} has no class names in its {PARITY_FILE}: {e}") from e
+
+
 def _export(weights: Path, runtime: str, imgsz: int, final: Path) -> None:
     from batch.models import load_yolo
     from batch.stages.device import keep_torch_threads
@@ -235,8 +244,12 @@ def _export(weights: Path, runtime: str, imgsz: int, final: Path) -> None:
     try:
         local = work / weights.name
         shutil.copyfile(weights, local)
+        yolo = load_yolo(local, task="classify")
+        if yolo.task != "classify":
+            raise ModelLoadError(f"{weights} is a {yolo.task} model, not a classifier")
+        names = {int(k): str(v) for k, v in dict(yolo.names).items()}
         with keep_torch_threads():
-            out = load_yolo(local, task="classify").export(
+            out = yolo.export(
                 format=_FORMATS[runtime], imgsz=imgsz, batch=EXPORT_BATCH, dynamic=True,
                 half=False, device="cpu", verbose=False,
             )  # fmt: skip
@@ -244,6 +257,7 @@ def _export(weights: Path, runtime: str, imgsz: int, final: Path) -> None:
             raise ModelLoadError(f"exporting {weights} to {runtime} produced nothing")
         local.unlink()
         parity = classifier_parity(weights, _find(work, runtime), runtime, imgsz)
+        parity["names"] = [names[i] for i in sorted(names)]
         (work / PARITY_FILE).write_text(json.dumps(parity, indent=1))
         os.replace(work, final)
     except ModelLoadError:
