@@ -73,17 +73,6 @@ HALF_BITS = 16
 #: a factor ~1.4 apart, so any true scale is within ~1.2x of one of them.
 MPP_CANDIDATES: tuple[float, ...] = (0.045, 0.065, 0.09, 0.125, 0.18, 0.25, 0.35, 0.5)
 
-def _skip_cpu_warmup(predictor: Any) -> None:
-    """Skip ultralytics' predictor warm-up: on a CPU it runs no forward pass.
-
-    All it does there is import torchvision, so that NMS uses torchvision's
-    kernel: about 2 s of every worker's start-up, most of it importing
-    ``torch._dynamo``. Without it ultralytics' own NMS runs, which keeps the
-    same boxes as torchvision's (tested: ``test_detect``).
-    """
-    predictor.done_warmup = True
-
-
 def estimate_mpp_from_rbc(
     boxes: npt.ArrayLike,
     classes: Sequence[str] | npt.ArrayLike,
@@ -395,8 +384,6 @@ class CellDetector:
             # An exported model is compiled by that first prediction too (at a full tile's size:
             # a TensorRT engine's smallest input is not known here).
             side = WARMUP_PX if self.runtime == "torch" else EXPORT_IMGSZ
-            if not self.device.startswith("cuda"):
-                model.add_callback("on_predict_start", _skip_cpu_warmup)
             model.predict(np.full((side, side, 3), 255, np.uint8), imgsz=side,
                           device=self.device, verbose=False)  # fmt: skip
             # Names after that prediction: an exported model has none until ultralytics builds
