@@ -5,10 +5,10 @@ draws each crop as an ``imgsz`` square, so ultralytics' resize and centre-crop
 leave it as it is and what is left is RGB / 255 in NCHW (:func:`to_input`;
 other sizes are resized and cut the way ultralytics' ``classify_transforms``
 do). Every runtime therefore gets the same array and returns the network's
-softmax, without ultralytics' predictor (its per-image PIL round trip took
-about half the time of the forward pass) and without torchvision, which that
-predictor imports (about 2 s of a worker's start-up, most of it
-``torch._dynamo``).
+softmax, without ultralytics' predictor and without torchvision, which that
+predictor and the checkpoint's saved transforms import (about 2 s of a
+worker's start-up, most of it ``torch._dynamo``; the detector still imports
+it for NMS).
 
 - ``torch``: the checkpoint's network, Conv and BatchNorm fused as
   ultralytics fuses them for inference; FP16 on CUDA.
@@ -20,8 +20,8 @@ predictor imports (about 2 s of a worker's start-up, most of it
   figures kept beside the export.
 - ``auto``: the first of :data:`PREFERENCE` for the device that is installed
   and passed its check; PyTorch ends every order. Measured on this project's
-  2-core machine (324 crops of 96 px, one thread): OpenVINO 0.57 s, PyTorch
-  0.77 s, ultralytics' predict 1.2 s. On CUDA, PyTorch FP16: a 1.4 M
+  2-core machine (324 crops of 96 px, one thread, best of 3): OpenVINO
+  0.41 s, ultralytics' predict 0.55 s, PyTorch 0.64 s. On CUDA, PyTorch FP16: a 1.4 M
   parameter network gains nothing worth an engine build per GPU model.
 """
 
