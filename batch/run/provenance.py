@@ -12,13 +12,16 @@ No URL in the manifest carries credentials (`batch.storage.redact_credentials`).
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from batch import __version__
-from batch.config import Config
+from batch.config import ClassifierSpec, Config
 from batch.models import (
     DEFAULT_DETECTOR,
+    ModelCard,
     file_sha256,
     read_model_card,
     resolve_model,
@@ -50,16 +53,21 @@ def trained_mpp(config: Config) -> tuple[float | None, str]:
     )
 
 
-def label_sets(config: Config) -> dict[str, list[str]]:
-    """Each classifier's label set, from its model card (the model is loaded only without one)."""
-    out: dict[str, list[str]] = {}
+def _classifier_files(config: Config) -> Iterator[tuple[ClassifierSpec, Path, ModelCard | None]]:
+    """Each configured classifier with its local file (pinned hash checked) and model card."""
     for spec in config.classifiers:
         local = resolve_model(
             shipped_or_path(spec.model),
             storage_options=config.storage.storage_options(),
             sha256=spec.sha256,
         )
-        card = read_model_card(local)
+        yield spec, local, read_model_card(local)
+
+
+def label_sets(config: Config) -> dict[str, list[str]]:
+    """Each classifier's label set, from its model card (the model is loaded only without one)."""
+    out: dict[str, list[str]] = {}
+    for spec, local, card in _classifier_files(config):
         if card is not None and card.class_names:
             out[spec.name] = list(card.class_names)
         else:
@@ -77,18 +85,12 @@ def classifier_runtimes(config: Config, device: str) -> dict[str, dict[str, Any]
     from batch.stages.classify_runtime import choose_classifier_runtime
 
     out: dict[str, dict[str, Any]] = {}
-    for spec in config.classifiers:
-        local = resolve_model(
-            shipped_or_path(spec.model),
-            storage_options=config.storage.storage_options(),
-            sha256=spec.sha256,
-        )
-        card = read_model_card(local)
+    runtime = config.classify.runtime
+    for spec, local, card in _classifier_files(config):
         if card is not None and card.imgsz:
-            choice = choose_classifier_runtime(local, config.classify.runtime, card.imgsz, device)
+            choice = choose_classifier_runtime(local, runtime, card.imgsz, device)
         else:
-            clf = WbcClassifier(local, name=spec.name, device=device, runtime=config.classify.runtime)
-            choice = clf.runtime_choice
+            choice = WbcClassifier(local, name=spec.name, device=device, runtime=runtime).runtime_choice
         out[spec.name] = choice.to_dict()
     return out
 
