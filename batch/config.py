@@ -508,8 +508,8 @@ class ClassifyConfig:
     #: "onnxruntime" (FP32 exports made once, offline, and checked against torch), or "auto":
     #: on a CPU the first of openvino, onnxruntime, torch that is installed and passed its
     #: check; on CUDA torch (FP16). Measured on this project's 2-core machine, 324 crops of
-    #: 96 px on one thread, best of 3: OpenVINO 0.41 s, torch 0.64 s. Probabilities agree to float rounding
-    #: (tested); cell ids do not depend on it.
+    #: 96 px on one thread, best of 3: OpenVINO 0.41 s, torch 0.64 s. Probabilities agree to
+    #: float rounding (tested); cell ids do not depend on it.
     runtime: str = "auto"
 
     def validate(self) -> None:

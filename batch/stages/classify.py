@@ -251,9 +251,10 @@ class WbcClassifier:
         from batch.stages.classify_runtime import (
             CLASSIFY_RUNTIMES,
             choose_classifier_runtime,
+            export_backend,
             export_names,
             exported_classifier,
-            load_backend,
+            torch_backend,
         )
 
         if runtime not in CLASSIFY_RUNTIMES:
@@ -289,8 +290,11 @@ class WbcClassifier:
         if self.runtime == "torch":
             self.model = self.model or self._load_torch(local, text)
             names = {int(k): str(v) for k, v in dict(self.model.names).items()}
+            self._forward = torch_backend(self.model, device=self.device, half=self.half)
         else:
-            names = dict(enumerate(export_names(exported_classifier(local, self.runtime, self.imgsz))))
+            export = exported_classifier(local, self.runtime, self.imgsz)
+            names = dict(enumerate(export_names(export)))
+            self._forward = export_backend(export, self.runtime, threads=threads)
         self.class_names: list[str] = [names[i] for i in sorted(names)]
         extra = self.card.extra if self.card is not None else {}
         mode = input_mode or str(extra.get("input_mode", "mask"))
@@ -313,10 +317,6 @@ class WbcClassifier:
         if not (np.isfinite(t) and t > 0):
             raise ValueError(f"{text}: temperature must be a finite number > 0, got {t!r}")
         self.temperature: float = t
-        self._forward = load_backend(
-            self.model, local, self.runtime, self.imgsz, device=self.device, half=self.half,
-            threads=threads,
-        )  # fmt: skip
 
     @staticmethod
     def _load_torch(local: Path, text: str) -> Any:

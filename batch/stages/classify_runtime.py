@@ -52,8 +52,9 @@ __all__ = [
     "classifier_parity",
     "export_names",
     "exported_classifier",
-    "load_backend",
+    "export_backend",
     "to_input",
+    "torch_backend",
 ]
 
 log = logging.getLogger(__name__)
@@ -164,13 +165,13 @@ class _OnnxBackend:
         return np.asarray(self.session.run(None, {self.input: x})[0], np.float32)
 
 
-def load_backend(
-    yolo: Any, weights: Path, runtime: str, imgsz: int, *, device: str, half: bool, threads: int
-) -> Any:
-    """A callable ``(N, 3, imgsz, imgsz) float32 -> (N, C) probabilities`` in ``runtime``."""
-    if runtime == "torch":
-        return _TorchBackend(yolo, device, half)
-    export = exported_classifier(weights, runtime, imgsz)
+def torch_backend(yolo: Any, *, device: str, half: bool) -> Any:
+    """A callable ``(N, 3, imgsz, imgsz) float32 -> (N, C) probabilities``: the checkpoint's network."""
+    return _TorchBackend(yolo, device, half)
+
+
+def export_backend(export: Path, runtime: str, *, threads: int) -> Any:
+    """The same callable over an export of :func:`exported_classifier` (0 threads: the default)."""
     return _OpenVinoBackend(export, threads) if runtime == "openvino" else _OnnxBackend(export, threads)
 
 
@@ -286,9 +287,9 @@ def classifier_parity(weights: Path, export: Path, runtime: str, imgsz: int) -> 
 
     card = read_model_card(weights)
     x = to_input(parity_crops(imgsz, card.trained_mpp if card else None), imgsz)
-    torch_backend = _TorchBackend(load_yolo(weights, task="classify"), "cpu", False)
-    other = _OpenVinoBackend(export, 0) if runtime == "openvino" else _OnnxBackend(export, 0)
-    ref = np.concatenate([torch_backend(x[i : i + EXPORT_BATCH]) for i in range(0, len(x), EXPORT_BATCH)])
+    reference = torch_backend(load_yolo(weights, task="classify"), device="cpu", half=False)
+    other = export_backend(export, runtime, threads=0)
+    ref = np.concatenate([reference(x[i : i + EXPORT_BATCH]) for i in range(0, len(x), EXPORT_BATCH)])
     got = np.concatenate([other(x[i : i + EXPORT_BATCH]) for i in range(0, len(x), EXPORT_BATCH)])
     agreement = float((ref.argmax(1) == got.argmax(1)).mean())
     diff = float(np.abs(ref - got).max())
