@@ -33,6 +33,7 @@ refuses any other file.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import functools
@@ -62,6 +63,7 @@ __all__ = [
     "file_sha256",
     "load_checkpoint",
     "load_yolo",
+    "import_ultralytics",
     "logs_to_stderr",
     "model_cache_dir",
     "read_model_card",
@@ -391,6 +393,8 @@ def load_checkpoint(path: str | Path) -> Any:
         cannot load checkpoints with ``weights_only=True``.
     """
     import torch
+
+    import_ultralytics()
     from ultralytics.nn.tasks import torch_safe_load
 
     path = Path(path)
@@ -431,14 +435,29 @@ def load_yolo(path: str | Path, *, task: str) -> Any:
     ``.yaml`` files are not pickles and load as they are. A checkpoint is
     checked once per process (by path, inode, size and mtime).
     """
+    import_ultralytics()
     from ultralytics import YOLO
 
-    logs_to_stderr("ultralytics")
     _unbounded_nms()
     path = Path(path)
     if path.suffix == ".pt" and _file_identity(path) not in _VERIFIED:
         load_checkpoint(path)
     return YOLO(str(path), task=task)
+
+
+def import_ultralytics() -> None:
+    """Import ultralytics with its log lines on stderr, the first import's included.
+
+    Its first import on a machine writes its settings file and says so
+    ("Creating new Ultralytics Settings ...") on a handler it opens on
+    ``sys.stdout`` at that moment: that line came before the one JSON object
+    of a ``--json`` command. The import runs with stdout pointed at stderr,
+    and the handler is then moved to stderr for good (`logs_to_stderr`).
+    """
+    if "ultralytics" not in sys.modules:
+        with contextlib.redirect_stdout(sys.stderr):
+            import ultralytics  # noqa: F401
+    logs_to_stderr("ultralytics")
 
 
 def logs_to_stderr(logger: str) -> None:

@@ -398,3 +398,25 @@ def test_predict_keeps_the_processes_torch_threads() -> None:
         assert torch.get_num_threads() == wanted
     finally:
         torch.set_num_threads(before)
+
+
+def test_ultralytics_first_import_keeps_stdout_clean(tmp_path: Path) -> None:
+    """On a fresh machine ultralytics' first import announces its new settings file; not on stdout.
+
+    ``--json`` commands print one JSON object on stdout, so that line (and every
+    later ultralytics log line) goes to stderr.
+    """
+    import subprocess
+    import sys
+
+    env = {**os.environ, "YOLO_CONFIG_DIR": str(tmp_path / "fresh")}
+    code = (
+        "from batch.models import DEFAULT_DETECTOR, load_yolo; "
+        "load_yolo(DEFAULT_DETECTOR, task='detect')"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )  # fmt: skip
+    assert "Settings" in done.stderr  # the first import did write its settings file, and said so
+    assert done.stdout == ""

@@ -27,6 +27,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from batch.models import import_ultralytics
+
 __all__ = [
     "FREEZE_PATTERN",
     "FREEZE_STRATEGIES",
@@ -82,6 +84,7 @@ def freeze_count(model: str, freeze: str) -> tuple[int, int]:
     m = FREEZE_PATTERN.match(freeze)
     if m is None:
         raise ValueError(f"freeze must be 'all' or 'lastN', got {freeze!r}")
+    import_ultralytics()
     from ultralytics import YOLO
 
     net: Any = YOLO(model, task="classify").model
@@ -104,6 +107,7 @@ def offline_ultralytics(config_dir: Path) -> Iterator[None]:
     """
     os.environ.setdefault("YOLO_OFFLINE", "1")
     os.environ.setdefault("YOLO_CONFIG_DIR", str(config_dir))
+    import_ultralytics()
     import ultralytics.data.utils as data_utils
     import ultralytics.engine.trainer as trainer
     from ultralytics import settings
