@@ -211,7 +211,7 @@ class DetectConfig:
     #: (ONNX Runtime, OpenVINO: every core, in every actor). -1: the runtime's own default;
     #: 0: the actor's share of the node's cores, as torch's (execution.torch_threads, else
     #: cores / detector actors); N: N threads. Torch runs on the actor's share. OpenVINO's
-    #: threads are never pinned to cores (batch.stages.runtime.configure_cpu_runtime).
+    #: threads are never pinned to cores (batch.stages.netrun).
     #: Measured with `hemaray bench placement --runtime R --json` (48 tiles, this 2-core
     #: machine, quiet, best of 2 alternating rounds), tiles/s for 2 actors x 1 thread /
     #: 2 actors x the runtime's default / 1 actor x default: openvino 11.40 / 10.31 / 9.44,

@@ -7,6 +7,9 @@ faked device facts and a prepared cache: no test needs a GPU.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -20,7 +23,7 @@ from batch.models import DEFAULT_DETECTOR, file_sha256
 from batch.run.pipeline import Resources, placement
 from batch.run.tasks import model_key
 from batch.slides import open_slide
-from batch.stages import quantize
+from batch.stages import device, quantize
 from batch.stages.autoruntime import PREFERENCE, choose_runtime, runtime_record
 from batch.stages.detect import CellDetector
 from batch.stages.device import select_device
@@ -182,7 +185,14 @@ def test_gpu_placement_and_device_choice(monkeypatch: pytest.MonkeyPatch) -> Non
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(device, "cuda_possible", lambda: True)  # as on a host with a driver
     assert select_device("auto") == "cuda:0" and select_device("cpu") == "cpu"
+    monkeypatch.undo()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    # GPUs hidden: "auto" is the CPU without asking torch (which would say True here).
+    for hidden in ("", "-1"):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", hidden)
+        assert not device.cuda_possible() and select_device("auto") == "cpu"
 
 
 def test_bench_gpu_without_a_gpu_says_so() -> None:
@@ -211,10 +221,14 @@ def test_exported_runtime_gives_torch_boxes(
     # Loading an export logs through ultralytics; stdout stays for --json's one object.
     assert capfd.readouterr().out == ""
     assert exported_model(DEFAULT_DETECTOR, runtime) == path and path.stat().st_mtime_ns == stamp
-    backend = one_thread._model.predictor.model.backend
+    backend = one_thread._model.net  # the export in its own runtime (batch.stages.netrun)
     if runtime == "openvino":  # on its own core, not pinned to the first (another actor's)
-        assert backend.ov_compiled_model.get_property("INFERENCE_NUM_THREADS") == 1
-        assert backend.ov_compiled_model.get_property("ENABLE_CPU_PINNING") is False
+        assert backend.compiled.get_property("INFERENCE_NUM_THREADS") == 1
+        assert backend.compiled.get_property("ENABLE_CPU_PINNING") is False
+        # FP32 also on CPUs where OpenVINO would pick BF16 by default
+        import openvino as ov
+
+        assert backend.compiled.get_property("INFERENCE_PRECISION_HINT") == ov.Type.f32
     else:
         assert backend.session.get_session_options().intra_op_num_threads == 1
     same = detection_parity(exported.detect(tiles, 0.25), one_thread.detect(tiles, 0.25))
@@ -231,6 +245,18 @@ def test_exported_runtime_gives_torch_boxes(
         assert again["matched_fraction"] == 1.0 and again["max_conf_diff"] <= PARITY_CONF
         assert again["n_other"] == again["n_reference"]
     assert path.is_relative_to(cache / EXPORTS_DIR)
+    # A CPU worker's exported detector needs neither torch nor ultralytics (their import and
+    # first call were ~4.5 s of every actor's start-up): a fresh process loads none of them.
+    code = (
+        "import sys; from batch.stages.detect import CellDetector; "
+        f"d = CellDetector(runtime={runtime!r}, threads=1); "
+        "print(d.device, sorted(m for m in ('torch', 'torchvision', 'ultralytics') if m in sys.modules))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, cwd=Path(__file__).resolve().parent.parent,
+    )  # fmt: skip
+    assert done.stdout.split("\n")[-2] == "cpu []"
     # The export's own parity check (made when it was exported) passed, on real boxes.
     record = read_parity(path)
     assert record["passed"] is True and record["n_reference"] > 1000

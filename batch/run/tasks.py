@@ -57,6 +57,7 @@ from batch.slides.deadline import within_deadline
 from batch.stages.classify import WbcClassifier
 from batch.stages.crop import crop_regions, crop_wbcs, estimate_background, png_bytes
 from batch.stages.detect import load_detector
+from batch.stages.device import torch_threads_if_loaded
 from batch.stages.hierarchy import ChainLink, classify_chain
 from batch.stages.segment import MORPHOMETRIC_KEYS, segment_wbc
 from batch.tiling import plan_tiles
@@ -269,10 +270,6 @@ class DetectStage:
     """Run the detector over the tile images; keep boxes whose centre the tile's core owns."""
 
     def __init__(self, config: Config, threads: int = 0) -> None:
-        import torch
-
-        if threads:
-            torch.set_num_threads(threads)
         d = config.detect
         self.config = config
         self.detector = load_detector(
@@ -281,6 +278,7 @@ class DetectStage:
             agnostic_nms=d.agnostic_nms, runtime=d.runtime,
             threads={rt: _runtime_threads(d.runtime_threads.get(rt, 0), threads) for rt in RUNTIMES},
         )  # fmt: skip
+        torch_threads_if_loaded(threads)
         self.version = self.detector.sha256[:12]
         self.model_key = model_key(config, self.detector.sha256, self.detector.runtime)
 
@@ -474,10 +472,6 @@ class ClassifyStage:
     """Run every configured classifier over the WBC crops; adds NAME_* columns per classifier."""
 
     def __init__(self, config: Config, threads: int = 0) -> None:
-        import torch
-
-        if threads:
-            torch.set_num_threads(threads)
         self.config = config
         self.classifiers: list[tuple[ClassifierSpec, Any, str]] = []
         for spec in config.classifiers:
@@ -495,6 +489,7 @@ class ClassifyStage:
         self.links = [
             ChainLink(s.name, c, s.parent, tuple(s.parent_labels)) for s, c, _ in self.classifiers
         ]
+        torch_threads_if_loaded(threads)
 
     @timed("classify")
     def __call__(self, batch: Batch) -> Batch:

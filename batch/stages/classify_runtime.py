@@ -128,43 +128,6 @@ class _TorchBackend:
             return np.asarray(y.float().cpu().numpy(), np.float32)
 
 
-class _OpenVinoBackend:
-    def __init__(self, export: Path, threads: int) -> None:
-        import openvino as ov
-
-        from batch.stages.runtime import openvino_cache_dir
-
-        core = ov.Core()
-        config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}
-        if threads:  # not pinned: two one-thread actors must not share the first core
-            config |= {"INFERENCE_NUM_THREADS": threads, "ENABLE_CPU_PINNING": False}
-        cache = openvino_cache_dir(export)
-        if cache is not None:
-            config["CACHE_DIR"] = str(cache)
-        (xml,) = sorted(export.glob("*.xml"))
-        self.compiled = core.compile_model(core.read_model(str(xml)), "CPU", config)
-
-    def __call__(self, x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-        return np.asarray(self.compiled(x)[0], np.float32)
-
-
-class _OnnxBackend:
-    def __init__(self, export: Path, threads: int) -> None:
-        import onnxruntime
-
-        options = onnxruntime.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
-        self.session = onnxruntime.InferenceSession(
-            str(export), options, providers=["CPUExecutionProvider"]
-        )
-        self.input = self.session.get_inputs()[0].name
-
-    def __call__(self, x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-        return np.asarray(self.session.run(None, {self.input: x})[0], np.float32)
-
-
 def torch_backend(yolo: Any, *, device: str, half: bool) -> Any:
     """A callable ``(N, 3, imgsz, imgsz) float32 -> (N, C) probabilities``: the checkpoint's network."""
     return _TorchBackend(yolo, device, half)
@@ -172,7 +135,9 @@ def torch_backend(yolo: Any, *, device: str, half: bool) -> Any:
 
 def export_backend(export: Path, runtime: str, *, threads: int) -> Any:
     """The same callable over an export of :func:`exported_classifier` (0 threads: the default)."""
-    return _OpenVinoBackend(export, threads) if runtime == "openvino" else _OnnxBackend(export, threads)
+    from batch.stages.netrun import exported_net
+
+    return exported_net(export, runtime, threads=threads)
 
 
 # ------------------------------------------------------------------ exports

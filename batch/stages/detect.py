@@ -34,11 +34,11 @@ from batch.models import ModelCard, file_sha256, load_yolo, read_model_card, res
 from batch.stages.autoruntime import RuntimeChoice, choose_runtime
 from batch.stages.boxscore import DETECTOR_CLASSES, normalize_class_name
 from batch.stages.device import keep_torch_threads, select_device
+from batch.stages.netrun import DIRECT_RUNTIMES, ExportedDetector
 from batch.stages.preprocess import resample
 from batch.stages.runtime import (
     EXPORT_BATCH,
     EXPORT_IMGSZ,
-    configure_cpu_runtime,
     device_facts,
     exported_model,
 )
@@ -212,7 +212,7 @@ class CellDetector:
         Intra-op threads of an exported runtime on CPU (ONNX Runtime, OpenVINO),
         or one count per runtime (the one that runs is used; ``auto`` resolved
         first); 0: the runtime's default (every core). OpenVINO's threads are
-        not pinned to cores (`batch.stages.runtime.configure_cpu_runtime`).
+        not pinned to cores (`batch.stages.netrun`).
         Torch's threads are the process's.
     """
 
@@ -371,6 +371,12 @@ class CellDetector:
 
     def _load(self) -> tuple[Any, list[str]]:
         """Load the network; return it and its raw class names by id."""
+        if self.runtime in DIRECT_RUNTIMES and not self.device.startswith("cuda"):
+            # OpenVINO / ONNX Runtime on CPU: the export in its runtime, NumPy around it; no torch,
+            # no ultralytics in the process (`batch.stages.netrun`).
+            export = exported_model(self.weights_path, self.runtime, facts=device_facts(self.device))
+            direct = ExportedDetector(export, self.runtime, threads=self.threads)
+            return direct, direct.names
         # An exported model is loaded (and a device selected) when its names are first read.
         with keep_torch_threads():
             export = exported_model(
@@ -389,8 +395,6 @@ class CellDetector:
             # Names after that prediction: an exported model has none until ultralytics builds
             # its backend, and reading them first built (compiled) a second one to read them from.
             raw = model.names
-            if self.threads and not self.device.startswith("cuda"):
-                configure_cpu_runtime(model, self.runtime, export, self.threads)
         ids = sorted(raw) if isinstance(raw, dict) else list(range(len(raw)))
         return model, [str(raw[i]) for i in ids]
 
@@ -414,6 +418,10 @@ class CellDetector:
         ``imgsz`` equals the images' shape (a multiple of ``STRIDE``), so
         ultralytics' letterbox neither resizes nor pads them.
         """
+        if isinstance(self._model, ExportedDetector):
+            return self._model.predict(
+                batch, conf=conf, iou=self.iou, max_det=self.max_det, agnostic=self.agnostic_nms
+            )
         height, width = batch[0].shape[:2]
         with keep_torch_threads():
             results = self._model.predict(

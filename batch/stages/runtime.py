@@ -7,9 +7,11 @@ model cache (`batch.models.model_cache_dir`) under a key made of the weights'
 SHA-256, the export settings and the runtime package's version (and, for a
 TensorRT engine, the GPU model: an engine runs only on the GPU model and
 TensorRT version that built it), so new weights, settings, packages or GPUs
-never reuse a stale export. Ultralytics loads the exported model behind the
-same ``predict`` API, so the detector's pre- and post-processing (resampling,
-padding, NMS, box mapping) are the same code for every runtime.
+never reuse a stale export. The detector's resampling, padding and box mapping
+are the same code for every runtime. TensorRT engines (and PyTorch) run
+through ultralytics' ``predict``; OpenVINO and ONNX Runtime exports on CPU run
+in their runtime with NumPy around them, ultralytics' NMS included
+(`batch.stages.netrun`), so a CPU worker imports neither torch nor ultralytics.
 
 - ``onnxruntime``, ``openvino``: FP32, dynamic in batch and image size (the
   detector pads a batch to a multiple of the stride, whatever its tiles' sizes).
@@ -51,6 +53,7 @@ import numpy.typing as npt
 from batch.config import RUNTIMES, DetectConfig
 from batch.errors import ModelLoadError
 from batch.models import file_sha256, load_yolo, model_cache_dir, read_model_card
+from batch.stages.netrun import DIRECT_RUNTIMES, ExportedDetector
 from batch.stages.parity import (
     PARITY_IOU,
     QUANTIZED_IOU,
@@ -65,7 +68,6 @@ __all__ = [
     "RUNTIMES",
     "RUNTIME_PACKAGES",
     "DeviceFacts",
-    "configure_cpu_runtime",
     "device_facts",
     "export_key",
     "exported_model",
@@ -176,6 +178,8 @@ def export_key(sha256: str, runtime: str, facts: DeviceFacts) -> str:
         "parity": [PARITY_SLIDE_PX, PARITY_SEED],
         **EXPORT_SETTINGS.get(runtime, EXPORT_SETTINGS["openvino"]),
     }  # fmt: skip
+    if runtime in DIRECT_RUNTIMES:  # checked (parity) and run through batch.stages.netrun
+        settings["runner"] = "netrun"
     if runtime == "openvino-int8":
         settings["quantize"] = {**quantize_settings(), "nncf": _module_version("nncf")}
         settings["parity"] = [PARITY_SLIDE_PX, PARITY_SEED, parity_iou(runtime), "truth"]
@@ -328,78 +332,6 @@ def _trained_mpp(weights: Path) -> float | None:
     return card.trained_mpp if card is not None else None
 
 
-# ------------------------------------------------------------------ CPU threads
-
-
-def openvino_cache_dir(export: Path) -> Path | None:
-    """OpenVINO's compiled-model cache for ``export`` (an ``*_openvino_model`` folder), or None.
-
-    Beside the export in its cache entry (``<key>/ov_cache``), so it goes
-    with the export it was compiled from. OpenVINO keys each blob by the
-    model, device, properties and its own version, and compiles afresh when a
-    blob does not match or cannot be read. A cached compile of the INT8
-    detector took 0.18 s against 0.52 s here, in every actor of every run.
-    None when the entry is not writable (a read-only shared cache): compile.
-    """
-    cache = export.parent / "ov_cache"
-    try:
-        cache.mkdir(exist_ok=True)
-    except OSError:
-        return None
-    return cache if os.access(cache, os.W_OK) else None
-
-
-def configure_cpu_runtime(model: Any, runtime: str, export: Path, threads: int) -> None:
-    """Run an exported CPU detector on ``threads`` intra-op threads (0: its default, every core).
-
-    ``model`` is ultralytics' model after its first prediction (its backend
-    built). Ultralytics compiles OpenVINO models with the LATENCY hint and
-    opens ONNX Runtime sessions with their defaults: every core of the node,
-    in every actor. Both are recompiled here from ultralytics' own backend
-    object with the thread count set; OpenVINO's threads are also left
-    unpinned, since OpenVINO pins a process's threads to cores counted from
-    the first on Linux, and two 1-thread actors then shared one core (`hemaray
-    bench placement` on this project's 2-core machine: 2 pinned 1-thread actors
-    7.93 tiles/s, 1 actor on both cores 13.50). With 0 the
-    runtime keeps ultralytics' settings: the THROUGHPUT hint with a request
-    per image measured no faster through the detector (12.73 against 12.79
-    tiles/s, alternating). The OpenVINO recompile reads and writes the
-    compiled-model cache (:func:`openvino_cache_dir`).
-    """
-    import functools
-
-    if not threads:
-        return
-    predictor = getattr(model, "predictor", None)
-    backend: Any = getattr(getattr(predictor, "model", None), "backend", None)
-    if runtime in ("openvino", "openvino-int8") and hasattr(backend, "compile_model"):
-        compile_model = backend.compile_model  # partial(core.compile_model, device_name, config)
-        config = {
-            **compile_model.keywords.get("config", {}),
-            "INFERENCE_NUM_THREADS": threads, "ENABLE_CPU_PINNING": False,
-        }  # fmt: skip
-        cache = openvino_cache_dir(export)
-        if cache is not None:
-            config["CACHE_DIR"] = str(cache)
-        backend.compile_model = functools.partial(
-            compile_model.func, *compile_model.args, **{**compile_model.keywords, "config": config}
-        )
-        core = compile_model.func.__self__
-        (xml,) = sorted(export.glob("*.xml"))
-        backend.ov_compiled_model = backend.compile_model(core.read_model(str(xml)))
-    elif runtime == "onnxruntime" and hasattr(backend, "session"):
-        import onnxruntime
-
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        backend.session = onnxruntime.InferenceSession(
-            str(export), options, providers=backend.session.get_providers()
-        )
-    elif runtime != "torch":
-        log.warning("cannot set %s's threads on this ultralytics; it uses its default", runtime)
-
-
 # ------------------------------------------------------------------ parity
 
 
@@ -451,10 +383,23 @@ def _tiles_at(paths: Sequence[Path]) -> Iterator[tuple[tuple[int, int], npt.NDAr
 def _predict_boxes(
     model: Any, tiles: Sequence[npt.NDArray[np.uint8]], device: str, conf: float = DetectConfig.conf
 ) -> list[Boxes]:
-    """The network's boxes on RGB tiles, at the detector's default thresholds (or ``conf``)."""
+    """The network's boxes on RGB tiles, at the detector's default thresholds (or ``conf``).
+
+    ``model`` is ultralytics' ``YOLO`` or an `ExportedDetector` (the CPU path of
+    OpenVINO and ONNX Runtime exports), whichever runs the runtime in a run.
+    """
     out: list[Boxes] = []
     for start in range(0, len(tiles), EXPORT_BATCH // 2):
         batch = [t[..., ::-1] for t in tiles[start : start + EXPORT_BATCH // 2]]  # BGR
+        if isinstance(model, ExportedDetector):
+            out.extend(
+                Boxes(*found)
+                for found in model.predict(
+                    batch, conf=conf, iou=DetectConfig.iou, max_det=DetectConfig.max_det,
+                    agnostic=DetectConfig.agnostic_nms,
+                )  # fmt: skip
+            )
+            continue
         for res in model.predict(
             batch, imgsz=EXPORT_IMGSZ, conf=conf, iou=DetectConfig.iou,
             max_det=DetectConfig.max_det, agnostic_nms=DetectConfig.agnostic_nms,
@@ -535,7 +480,12 @@ def _parity_record(
     weights: Path, export: Path, device: str, trained_mpp: float | None, runtime: str
 ) -> dict[str, Any]:
     tiles, truth = _truth_tiles(trained_mpp)
-    torch_model, other_model = load_yolo(weights, task="detect"), load_yolo(export, task="detect")
+    torch_model = load_yolo(weights, task="detect")
+    other_model: Any = (
+        ExportedDetector(export, runtime)
+        if runtime in DIRECT_RUNTIMES and not device.startswith("cuda")
+        else load_yolo(export, task="detect")
+    )
     reference = _predict_boxes(torch_model, tiles, device)
     other = _predict_boxes(other_model, tiles, device)
     figures: dict[str, Any] = detection_parity(reference, other, iou=parity_iou(runtime))
