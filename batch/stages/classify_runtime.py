@@ -7,8 +7,8 @@ other sizes are resized and cut the way ultralytics' ``classify_transforms``
 do). Every runtime therefore gets the same array and returns the network's
 softmax, without ultralytics' predictor and without torchvision, which that
 predictor and the checkpoint's saved transforms import (about 2 s of a
-worker's start-up, most of it ``torch._dynamo``; the detector still imports
-it for NMS).
+worker's start-up, most of it ``torch._dynamo``). The exported runtimes run
+through `batch.stages.netrun`, as the detector's do on CPU.
 
 - ``torch``: the checkpoint's network, Conv and BatchNorm fused as
   ultralytics fuses them for inference; FP16 on CUDA.
