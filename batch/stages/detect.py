@@ -341,10 +341,11 @@ class CellDetector:
         height = _round_up(max(r.shape[0] for r in resized), STRIDE)
         width = _round_up(max(r.shape[1] for r in resized), STRIDE)
         batch = []
+        rgb = isinstance(self._model, ExportedDetector)  # takes RGB as it is
         for r in resized:
             canvas = np.full((height, width, 3), PAD_VALUE, dtype=np.uint8)
             # ultralytics takes BGR arrays (the cv2 convention).
-            canvas[: r.shape[0], : r.shape[1]] = r[..., ::-1]
+            canvas[: r.shape[0], : r.shape[1]] = r if rgb else r[..., ::-1]
             batch.append(canvas)
         out = []
         for tile, r, (xyxy, cls, score) in zip(
@@ -413,15 +414,16 @@ class CellDetector:
     def _predict(
         self, batch: list[npt.NDArray[np.uint8]], conf: float
     ) -> list[tuple[npt.NDArray[np.float32], npt.NDArray[np.int64], npt.NDArray[np.float32]]]:
-        """Run the network on same-shape BGR images; boxes in those images' pixels.
+        """Run the network on same-shape images (BGR; RGB for an `ExportedDetector`), in their pixels.
 
         ``imgsz`` equals the images' shape (a multiple of ``STRIDE``), so
         ultralytics' letterbox neither resizes nor pads them.
         """
         if isinstance(self._model, ExportedDetector):
             return self._model.predict(
-                batch, conf=conf, iou=self.iou, max_det=self.max_det, agnostic=self.agnostic_nms
-            )
+                batch, conf=conf, iou=self.iou, max_det=self.max_det, agnostic=self.agnostic_nms,
+                bgr=False,
+            )  # fmt: skip
         height, width = batch[0].shape[:2]
         with keep_torch_threads():
             results = self._model.predict(

@@ -203,11 +203,12 @@ class ExportedDetector:
 
         ``bgr``: the images are BGR (ultralytics' and cv2's convention), else RGB.
         """
-        stack = np.stack(images)
-        if bgr:
-            stack = stack[..., ::-1]
-        x = np.ascontiguousarray(stack.transpose(0, 3, 1, 2), dtype=np.float32) / np.float32(255)
-        height, width = stack.shape[1:3]
+        height, width = images[0].shape[:2]
+        x = np.empty((len(images), 3, height, width), np.float32)
+        for i, image in enumerate(images):  # RGB planes, one plane at a time (no 4-D copies)
+            for c in range(3):
+                x[i, c] = image[..., 2 - c if bgr else c]
+        np.divide(x, np.float32(255), out=x)  # as ultralytics does: / 255, not * (1 / 255)
         out = []
         for xyxy, cls, score in yolo_nms(
             self.net(x), conf=conf, iou=iou, max_det=max_det, agnostic=agnostic
