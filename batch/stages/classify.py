@@ -251,11 +251,11 @@ class WbcClassifier:
         from batch.stages.classify_runtime import (
             CLASSIFY_RUNTIMES,
             choose_classifier_runtime,
-            export_backend,
             export_names,
             exported_classifier,
             torch_backend,
         )
+        from batch.stages.netrun import exported_net
 
         if runtime not in CLASSIFY_RUNTIMES:
             raise ValueError(f"runtime must be one of {CLASSIFY_RUNTIMES}, got {runtime!r}")
@@ -294,7 +294,7 @@ class WbcClassifier:
         else:
             export = exported_classifier(local, self.runtime, self.imgsz)
             names = dict(enumerate(export_names(export)))
-            self._forward = export_backend(export, self.runtime, threads=threads)
+            self._forward = exported_net(export, self.runtime, threads=threads)
         self.class_names: list[str] = [names[i] for i in sorted(names)]
         extra = self.card.extra if self.card is not None else {}
         mode = input_mode or str(extra.get("input_mode", "mask"))

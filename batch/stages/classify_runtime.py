@@ -43,6 +43,7 @@ import numpy.typing as npt
 from batch.config import CLASSIFY_RUNTIMES
 from batch.errors import ModelLoadError
 from batch.models import file_sha256, model_cache_dir
+from batch.stages.netrun import exported_net
 
 __all__ = [
     "CLASSIFY_RUNTIMES",
@@ -52,7 +53,6 @@ __all__ = [
     "classifier_parity",
     "export_names",
     "exported_classifier",
-    "export_backend",
     "to_input",
     "torch_backend",
 ]
@@ -131,13 +131,6 @@ class _TorchBackend:
 def torch_backend(yolo: Any, *, device: str, half: bool) -> Any:
     """A callable ``(N, 3, imgsz, imgsz) float32 -> (N, C) probabilities``: the checkpoint's network."""
     return _TorchBackend(yolo, device, half)
-
-
-def export_backend(export: Path, runtime: str, *, threads: int) -> Any:
-    """The same callable over an export of :func:`exported_classifier` (0 threads: the default)."""
-    from batch.stages.netrun import exported_net
-
-    return exported_net(export, runtime, threads=threads)
 
 
 # ------------------------------------------------------------------ exports
@@ -253,7 +246,7 @@ def classifier_parity(weights: Path, export: Path, runtime: str, imgsz: int) -> 
     card = read_model_card(weights)
     x = to_input(parity_crops(imgsz, card.trained_mpp if card else None), imgsz)
     reference = torch_backend(load_yolo(weights, task="classify"), device="cpu", half=False)
-    other = export_backend(export, runtime, threads=0)
+    other = exported_net(export, runtime, threads=0)
     ref = np.concatenate([reference(x[i : i + EXPORT_BATCH]) for i in range(0, len(x), EXPORT_BATCH)])
     got = np.concatenate([other(x[i : i + EXPORT_BATCH]) for i in range(0, len(x), EXPORT_BATCH)])
     agreement = float((ref.argmax(1) == got.argmax(1)).mean())

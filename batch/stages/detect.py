@@ -34,7 +34,7 @@ from batch.models import ModelCard, file_sha256, load_yolo, read_model_card, res
 from batch.stages.autoruntime import RuntimeChoice, choose_runtime
 from batch.stages.boxscore import DETECTOR_CLASSES, normalize_class_name
 from batch.stages.device import keep_torch_threads, select_device
-from batch.stages.netrun import DIRECT_RUNTIMES, ExportedDetector
+from batch.stages.netrun import ExportedDetector, runs_direct
 from batch.stages.preprocess import resample
 from batch.stages.runtime import (
     EXPORT_BATCH,
@@ -372,7 +372,7 @@ class CellDetector:
 
     def _load(self) -> tuple[Any, list[str]]:
         """Load the network; return it and its raw class names by id."""
-        if self.runtime in DIRECT_RUNTIMES and not self.device.startswith("cuda"):
+        if runs_direct(self.runtime, self.device):
             # OpenVINO / ONNX Runtime on CPU: the export in its runtime, NumPy around it; no torch,
             # no ultralytics in the process (`batch.stages.netrun`).
             export = exported_model(self.weights_path, self.runtime, facts=device_facts(self.device))
@@ -421,9 +421,8 @@ class CellDetector:
         """
         if isinstance(self._model, ExportedDetector):
             return self._model.predict(
-                batch, conf=conf, iou=self.iou, max_det=self.max_det, agnostic=self.agnostic_nms,
-                bgr=False,
-            )  # fmt: skip
+                batch, conf=conf, iou=self.iou, max_det=self.max_det, agnostic=self.agnostic_nms
+            )
         height, width = batch[0].shape[:2]
         with keep_torch_threads():
             results = self._model.predict(

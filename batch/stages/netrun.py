@@ -45,6 +45,7 @@ __all__ = [
     "OpenVinoNet",
     "exported_net",
     "openvino_cache_dir",
+    "runs_direct",
     "yolo_nms",
 ]
 
@@ -117,6 +118,11 @@ class OnnxNet:
         return np.asarray(self.session.run(None, {self.input: x})[0], np.float32)
 
 
+def runs_direct(runtime: str, device: str) -> bool:
+    """Whether a detector in ``runtime`` on ``device`` runs through :class:`ExportedDetector`."""
+    return runtime in DIRECT_RUNTIMES and not device.startswith("cuda")
+
+
 def exported_net(export: Path, runtime: str, *, threads: int) -> OpenVinoNet | OnnxNet:
     """The callable network of an export in ``runtime`` (one of :data:`DIRECT_RUNTIMES`)."""
     if runtime not in DIRECT_RUNTIMES:
@@ -173,7 +179,7 @@ def _greedy_nms(
 
     if not len(boxes):
         return np.zeros(0, np.intp)
-    xywh = np.asarray(boxes, np.float64).copy()
+    xywh = np.array(boxes, np.float64)
     xywh[:, 2:] -= xywh[:, :2]
     nms: Any = cv2.dnn.NMSBoxes  # takes arrays; its stubs say sequences
     kept = nms(xywh, np.asarray(scores, np.float32), 0.0, iou)
@@ -197,17 +203,13 @@ class ExportedDetector:
         iou: float,
         max_det: int,
         agnostic: bool,
-        bgr: bool = True,
     ) -> list[Detected]:
-        """Boxes on same-shape images (sides multiples of the stride), in their pixels.
-
-        ``bgr``: the images are BGR (ultralytics' and cv2's convention), else RGB.
-        """
+        """Boxes on same-shape RGB images (sides multiples of the stride), in their pixels."""
         height, width = images[0].shape[:2]
         x = np.empty((len(images), 3, height, width), np.float32)
         for i, image in enumerate(images):  # RGB planes, one plane at a time (no 4-D copies)
             for c in range(3):
-                x[i, c] = image[..., 2 - c if bgr else c]
+                x[i, c] = image[..., c]
         np.divide(x, np.float32(255), out=x)  # as ultralytics does: / 255, not * (1 / 255)
         out = []
         for xyxy, cls, score in yolo_nms(

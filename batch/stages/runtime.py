@@ -53,7 +53,7 @@ import numpy.typing as npt
 from batch.config import RUNTIMES, DetectConfig
 from batch.errors import ModelLoadError
 from batch.models import file_sha256, load_yolo, model_cache_dir, read_model_card
-from batch.stages.netrun import DIRECT_RUNTIMES, ExportedDetector
+from batch.stages.netrun import DIRECT_RUNTIMES, ExportedDetector, runs_direct
 from batch.stages.parity import (
     PARITY_IOU,
     QUANTIZED_IOU,
@@ -390,16 +390,17 @@ def _predict_boxes(
     """
     out: list[Boxes] = []
     for start in range(0, len(tiles), EXPORT_BATCH // 2):
-        batch = [t[..., ::-1] for t in tiles[start : start + EXPORT_BATCH // 2]]  # BGR
-        if isinstance(model, ExportedDetector):
+        chunk = tiles[start : start + EXPORT_BATCH // 2]
+        if isinstance(model, ExportedDetector):  # takes RGB
             out.extend(
                 Boxes(*found)
                 for found in model.predict(
-                    batch, conf=conf, iou=DetectConfig.iou, max_det=DetectConfig.max_det,
+                    chunk, conf=conf, iou=DetectConfig.iou, max_det=DetectConfig.max_det,
                     agnostic=DetectConfig.agnostic_nms,
                 )  # fmt: skip
             )
             continue
+        batch = [t[..., ::-1] for t in chunk]  # ultralytics takes BGR
         for res in model.predict(
             batch, imgsz=EXPORT_IMGSZ, conf=conf, iou=DetectConfig.iou,
             max_det=DetectConfig.max_det, agnostic_nms=DetectConfig.agnostic_nms,
@@ -483,7 +484,7 @@ def _parity_record(
     torch_model = load_yolo(weights, task="detect")
     other_model: Any = (
         ExportedDetector(export, runtime)
-        if runtime in DIRECT_RUNTIMES and not device.startswith("cuda")
+        if runs_direct(runtime, device)
         else load_yolo(export, task="detect")
     )
     reference = _predict_boxes(torch_model, tiles, device)
