@@ -340,13 +340,11 @@ class CellDetector:
             resized.append(resample(tile, scales[i]))
         height = _round_up(max(r.shape[0] for r in resized), STRIDE)
         width = _round_up(max(r.shape[1] for r in resized), STRIDE)
-        batch = []
-        rgb = isinstance(self._model, ExportedDetector)  # takes RGB as it is
-        for r in resized:
-            canvas = np.full((height, width, 3), PAD_VALUE, dtype=np.uint8)
+        rgb = isinstance(self._model, ExportedDetector)  # takes RGB as it is, in one array
+        batch = np.full((len(resized), height, width, 3), PAD_VALUE, dtype=np.uint8)
+        for canvas, r in zip(batch, resized, strict=True):
             # ultralytics takes BGR arrays (the cv2 convention).
             canvas[: r.shape[0], : r.shape[1]] = r if rgb else r[..., ::-1]
-            batch.append(canvas)
         out = []
         for tile, r, (xyxy, cls, score) in zip(
             tiles, resized, self._predict(batch, conf), strict=True
@@ -412,7 +410,7 @@ class CellDetector:
         return {"quantize": HALF_BITS} if "quantize" in DEFAULT_CFG_DICT else {"half": True}
 
     def _predict(
-        self, batch: list[npt.NDArray[np.uint8]], conf: float
+        self, batch: npt.NDArray[np.uint8], conf: float
     ) -> list[tuple[npt.NDArray[np.float32], npt.NDArray[np.int64], npt.NDArray[np.float32]]]:
         """Run the network on same-shape images (BGR; RGB for an `ExportedDetector`), in their pixels.
 
@@ -426,7 +424,7 @@ class CellDetector:
         height, width = batch[0].shape[:2]
         with keep_torch_threads():
             results = self._model.predict(
-                batch,
+                list(batch),  # a list of images (ultralytics reads one array as one image)
                 imgsz=[height, width],
                 conf=conf,
                 iou=self.iou,
