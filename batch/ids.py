@@ -105,7 +105,8 @@ def cell_ids(
     """
     rounded = np.round(np.asarray(boxes, dtype=np.float64).reshape(-1, 4), CELL_ID_DECIMALS)
     out = []
-    for box, cls in zip(rounded, classes, strict=True):
-        key = f"{slide_id}|{box[0]:.2f},{box[1]:.2f},{box[2]:.2f},{box[3]:.2f}|{cls}|{model_key}"
+    # Python floats format as NumPy's float64 do (the same text), in a third of the time.
+    for (a, b, c, d), cls in zip(rounded.tolist(), classes, strict=True):
+        key = f"{slide_id}|{a:.2f},{b:.2f},{c:.2f},{d:.2f}|{cls}|{model_key}"
         out.append(hashlib.sha256(key.encode()).hexdigest()[:24])
     return out

@@ -37,8 +37,10 @@ __all__ = [
 WHITE: tuple[int, int, int] = (255, 255, 255)
 #: Pixels brighter than this percentile of the grey level are background candidates.
 BACKGROUND_PERCENTILE = 75.0
-#: At most this many pixels (a regular subsample) are used to estimate the background.
-BACKGROUND_SAMPLE = 65_536
+#: At most this many pixels (a regular subsample) are used to estimate the background: on 96
+#: synthetic tiles and 60 TXL-PBC images the colour moved by at most 1 level of 255 against
+#: 65,536 pixels, at 0.8 ms an image instead of 2.9 (it runs for every tile with a WBC).
+BACKGROUND_SAMPLE = 16_384
 
 
 def estimate_background(image: npt.NDArray[np.uint8]) -> tuple[int, int, int]:
