@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             cells, align_truth_ids(pd.read_parquet(truth), slides), args.out, source=f"synthetic{i}",
             max_per_class=args.run_max_per_class, seed=args.seed, label_column=args.run_label,
             unmatched=None if args.run_unmatched == "skip" else args.run_unmatched,
+            target_mpp=args.target_mpp,
         )  # fmt: skip
     (args.out / "sources.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     print(json.dumps(report, indent=2, default=str))

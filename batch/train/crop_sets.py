@@ -35,6 +35,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+import numpy.typing as npt
 import pandas as pd
 
 from batch.config import SegmentationConfig
@@ -219,6 +220,7 @@ def crops_from_run(
     seed: int = 0,
     label_column: str = "wbc_type",
     unmatched: str | None = OTHER_LABEL,
+    target_mpp: float | None = None,
 ) -> dict[str, int]:
     """Label a run's WBC crops with a synthetic ground truth and write them as an ImageFolder.
 
@@ -228,6 +230,12 @@ def crops_from_run(
     `truth_labels` (ambiguous overlaps and truth WBCs without a
     ``label_column`` value are skipped). Writes ``<out>/<label>/<source>__<cell_id>.png`` and appends
     to ``<out>/groups.csv`` (group: the slide). Returns crops per label.
+
+    A run's crops are at the pixel size of the tile they were cut from (the
+    slide level's, ``mpp`` x level-0 box width / tile box width), not the
+    set's: with ``target_mpp`` each is resampled to it as `build_crop_set`
+    resamples its sources (and as the classifier's ``field`` input scale
+    expects every training crop to be). Without, crops are written as cut.
     """
     out = Path(out)
     wbc = cells[(cells["det_class"] == "WBC") & cells["crop_png"].notna()]
@@ -237,9 +245,12 @@ def crops_from_run(
             dets[["x0", "y0", "x1", "y1"]].to_numpy(np.float64), truth[truth["slide_id"] == sid],
             iou=iou, label_column=label_column, unmatched=unmatched,
         )  # fmt: skip
-        for label, cell_id, png in zip(labels, dets["cell_id"], dets["crop_png"], strict=True):
+        scales = _run_crop_scales(dets, target_mpp)
+        for label, cell_id, png, scale in zip(
+            labels, dets["cell_id"], dets["crop_png"], scales, strict=True
+        ):
             if label is not None:  # None: an ambiguous overlap, or a truth WBC without this label
-                picked[label].append((str(sid), str(cell_id), bytes(png)))
+                picked[label].append((str(sid), str(cell_id), _rescaled_png(bytes(png), scale)))
     counts: dict[str, int] = {}
     rows = []
     for label, items in sorted(picked.items()):
@@ -254,3 +265,35 @@ def crops_from_run(
         counts[label] = len(items)
     _append_groups(out / "groups.csv", rows)
     return counts
+
+
+def _run_crop_scales(dets: pd.DataFrame, target_mpp: float | None) -> npt.NDArray[np.float64]:
+    """Per detection, the factor that takes its crop to ``target_mpp`` (1 without one)."""
+    if target_mpp is None:
+        return np.ones(len(dets))
+    missing = {"mpp", "tx0", "tx1"} - set(dets.columns)
+    if missing:
+        raise ValueError(f"resampling run crops needs the cells' {sorted(missing)} columns")
+    tile_w = (dets["tx1"] - dets["tx0"]).to_numpy(np.float64)
+    level0_w = (dets["x1"] - dets["x0"]).to_numpy(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        crop_mpp = dets["mpp"].to_numpy(np.float64) * level0_w / tile_w
+    if not np.isfinite(crop_mpp).all() or (crop_mpp <= 0).any():
+        raise ValueError("run crops without a known mpp cannot be resampled to target_mpp")
+    return crop_mpp / target_mpp
+
+
+def _rescaled_png(png: bytes, scale: float) -> bytes:
+    """PNG bytes resized by ``scale`` as `batch.stages.crop.field_window` resizes (as is at ~1)."""
+    if abs(scale - 1.0) < 1e-3:
+        return png
+    image = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
+    if image is None:
+        raise ValueError("a run crop's PNG bytes do not decode")
+    h, w = image.shape[:2]
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+    ok, buf = cv2.imencode(".png", cv2.resize(image, size, interpolation=interp))
+    if not ok:
+        raise ValueError("could not re-encode a resampled crop")
+    return bytes(buf.tobytes())
