@@ -49,10 +49,17 @@ HEAD_KEY_ID = "e2ehead" + uuid.uuid4().hex[:12]
 SHIPPED_ALL_SUBTYPE = Path(__file__).resolve().parents[1] / "batch" / "models" / "all_subtype.pt"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports: every socket stays bound until all are chosen.
+
+    One at a time, the kernel may hand the port it just freed out again: two Ray
+    components then got the same port and ``ray start`` refused (seen once in CI).
+    """
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
 
 
 @dataclass
@@ -106,7 +113,8 @@ def ray_head() -> Iterator[Head]:
     token = uuid.uuid4().hex + uuid.uuid4().hex
     token_file = temp_dir / "auth_token"
     token_file.write_text(token)
-    dash_port = _free_port()
+    (dash_port, gcs, client, agent, agent_grpc, metrics, node_manager, object_manager,
+     runtime_env) = _free_ports(9)  # fmt: skip
     worker_min = WORKER_PORT_BASE + random.randrange(0, WORKER_PORT_SPAN, WORKER_PORT_WINDOW)
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
     env.update(
@@ -124,12 +132,12 @@ def ray_head() -> Iterator[Head]:
     )
     cmd = [
         str(RAY_BIN), "start", "--head", "--node-ip-address=127.0.0.1",
-        f"--port={_free_port()}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
+        f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
         "--include-dashboard=true", "--num-cpus=2", "--num-gpus=0", f"--temp-dir={temp_dir}",
-        f"--ray-client-server-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}",
-        f"--dashboard-agent-grpc-port={_free_port()}", f"--metrics-export-port={_free_port()}",
-        f"--node-manager-port={_free_port()}", f"--object-manager-port={_free_port()}",
-        f"--runtime-env-agent-port={_free_port()}", f"--min-worker-port={worker_min}",
+        f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
+        f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
+        f"--node-manager-port={node_manager}", f"--object-manager-port={object_manager}",
+        f"--runtime-env-agent-port={runtime_env}", f"--min-worker-port={worker_min}",
         f"--max-worker-port={worker_min + WORKER_PORT_WINDOW - 1}",
         "--object-store-memory=300000000", "--disable-usage-stats",
     ]  # fmt: skip
