@@ -31,6 +31,7 @@ __all__ = [
     "field_window",
     "png_bytes",
     "letterbox",
+    "resize_by",
 ]
 
 #: Fallback fill colour (RGB) when the background cannot be estimated.
@@ -113,6 +114,14 @@ def letterbox(
     return field_window(image, size, size / max(image.shape[:2]), fill)
 
 
+def resize_by(image: npt.NDArray[np.uint8], scale: float) -> npt.NDArray[np.uint8]:
+    """``image`` resized by ``scale`` (sides rounded, at least 1 px): area-averaged down, linear up."""
+    h, w = image.shape[:2]
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+    return np.asarray(cv2.resize(image, size, interpolation=interp), np.uint8)
+
+
 def field_window(
     image: npt.NDArray[np.uint8], size: int, scale: float, fill: tuple[int, int, int]
 ) -> npt.NDArray[np.uint8]:
@@ -127,12 +136,9 @@ def field_window(
         raise ValueError(f"size must be > 0, got {size}")
     if not (np.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
-    h, w = image.shape[:2]
     if scale != 1.0:
-        nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
-        interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
-        image = np.asarray(cv2.resize(image, (nw, nh), interpolation=interp), np.uint8)
-        h, w = nh, nw
+        image = resize_by(image, scale)
+    h, w = image.shape[:2]
     top, left = max(h - size, 0) // 2, max(w - size, 0) // 2  # where the larger is cut
     cut = image[top : top + size, left : left + size]
     out = np.empty((size, size, 3), dtype=np.uint8)

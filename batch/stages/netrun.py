@@ -171,11 +171,18 @@ def runs_direct(runtime: str, device: str) -> bool:
     return runtime in DIRECT_RUNTIMES and not device.startswith("cuda")
 
 
-def exported_net(export: Path, runtime: str, *, threads: int) -> OpenVinoNet | OnnxNet:
-    """The callable network of an export in ``runtime`` (one of :data:`DIRECT_RUNTIMES`)."""
+def exported_net(
+    export: Path, runtime: str, *, threads: int, images: bool = False
+) -> OpenVinoNet | OnnxNet:
+    """The callable network of an export in ``runtime`` (one of :data:`DIRECT_RUNTIMES`).
+
+    ``images``: an OpenVINO network takes uint8 images (see :class:`OpenVinoNet`).
+    """
     if runtime not in DIRECT_RUNTIMES:
         raise ModelLoadError(f"{runtime!r} exports do not run directly; use {DIRECT_RUNTIMES}")
-    return OnnxNet(export, threads) if runtime == "onnxruntime" else OpenVinoNet(export, threads)
+    if runtime == "onnxruntime":
+        return OnnxNet(export, threads)
+    return OpenVinoNet(export, threads, images=images)
 
 
 def yolo_nms(
@@ -326,11 +333,7 @@ class ExportedDetector:
     def __init__(self, export: Path, runtime: str, *, threads: int = 0) -> None:
         self.export = export
         self.runtime = runtime
-        self.net: OpenVinoNet | OnnxNet = (
-            OnnxNet(export, threads)
-            if runtime == "onnxruntime"
-            else OpenVinoNet(export, threads, images=True)
-        )
+        self.net = exported_net(export, runtime, threads=threads, images=True)
         self.names = _export_class_names(export, self.net)
 
     def predict(

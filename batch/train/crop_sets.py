@@ -41,6 +41,7 @@ import pandas as pd
 from batch.config import SegmentationConfig
 from batch.datasets.folders import class_dirs, list_images, read_rgb
 from batch.eval.metrics import box_iou
+from batch.stages.crop import resize_by
 from batch.stages.preprocess import prepare_crop
 
 __all__ = ["CropSource", "build_crop_set", "crops_from_run", "truth_labels", "OTHER_LABEL"]
@@ -239,7 +240,7 @@ def crops_from_run(
     """
     out = Path(out)
     wbc = cells[(cells["det_class"] == "WBC") & cells["crop_png"].notna()]
-    picked: dict[str, list[tuple[str, str, bytes]]] = defaultdict(list)
+    picked: dict[str, list[tuple[str, str, bytes, float]]] = defaultdict(list)
     for sid, dets in wbc.groupby("slide_id"):
         labels = truth_labels(
             dets[["x0", "y0", "x1", "y1"]].to_numpy(np.float64), truth[truth["slide_id"] == sid],
@@ -250,17 +251,17 @@ def crops_from_run(
             labels, dets["cell_id"], dets["crop_png"], scales, strict=True
         ):
             if label is not None:  # None: an ambiguous overlap, or a truth WBC without this label
-                picked[label].append((str(sid), str(cell_id), _rescaled_png(bytes(png), scale)))
+                picked[label].append((str(sid), str(cell_id), bytes(png), float(scale)))
     counts: dict[str, int] = {}
     rows = []
     for label, items in sorted(picked.items()):
         if max_per_class is not None and len(items) > max_per_class:
             items = random.Random(f"{seed}:{source}:{label}").sample(items, max_per_class)
         (out / label).mkdir(parents=True, exist_ok=True)
-        for sid, cell_id, png in items:
+        for sid, cell_id, png, scale in items:
             rel = f"{label}/{source}__{cell_id}.png"
             # crop_png holds BGR PNG bytes (cv2.imencode of the RGB crop flipped): write as is
-            (out / rel).write_bytes(png)
+            (out / rel).write_bytes(_rescaled_png(png, scale))
             rows.append({"file": rel, "group": f"{source}:{sid}"})
         counts[label] = len(items)
     _append_groups(out / "groups.csv", rows)
@@ -284,16 +285,13 @@ def _run_crop_scales(dets: pd.DataFrame, target_mpp: float | None) -> npt.NDArra
 
 
 def _rescaled_png(png: bytes, scale: float) -> bytes:
-    """PNG bytes resized by ``scale`` as `batch.stages.crop.field_window` resizes (as is at ~1)."""
+    """PNG bytes resized by ``scale`` as the field input resizes (`resize_by`; as is at ~1)."""
     if abs(scale - 1.0) < 1e-3:
         return png
     image = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
     if image is None:
         raise ValueError("a run crop's PNG bytes do not decode")
-    h, w = image.shape[:2]
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
-    ok, buf = cv2.imencode(".png", cv2.resize(image, size, interpolation=interp))
+    ok, buf = cv2.imencode(".png", resize_by(np.asarray(image, np.uint8), scale))
     if not ok:
         raise ValueError("could not re-encode a resampled crop")
     return bytes(buf.tobytes())
