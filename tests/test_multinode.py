@@ -60,6 +60,8 @@ NODE_HEALTH_CHECKS = {
     "health_check_period_ms": 1000, "health_check_timeout_ms": 3000,
     "health_check_failure_threshold": 5,
 }  # fmt: skip
+#: How long F4 waits, after its run, for the killed node to be declared dead (~5 s, above).
+NODE_DEATH_WAIT_S = 30
 RESULT_MARKER = "HEMARAY_MULTINODE_RESULT "
 #: Ray Data names the detector's actors after the stage (and any task stage fused into it). On
 #: this CPU-only cluster the default placement is "fused": the detector runs inside CellStage.
@@ -184,12 +186,20 @@ def _run_losing_a_node(
     finally:
         done.set()
         watcher.join()
+    seconds = round(time.time() - t0, 1)
+    # The run may end within a health-check period of the kill (CI once saw it 0.1 s after):
+    # wait for the GCS to declare the node dead before reading which nodes are alive.
+    deadline = time.time() + NODE_DEATH_WAIT_S
+    while removed and time.time() < deadline and any(
+        n["NodeID"] == removed["node_id"] and n["Alive"] for n in ray.nodes()
+    ):
+        time.sleep(0.2)
     return {
         "committed": sorted(result.committed),
         "failed": result.failed,
         "removed_node": removed.get("node_id"),
         "removed_after_s": round(removed["at"] - t0, 1) if removed else None,
-        "seconds": round(time.time() - t0, 1),
+        "seconds": seconds,
         "alive_nodes": sorted(n["NodeID"] for n in ray.nodes() if n["Alive"]),
         # Detector batches that finished on a retry (the state API lists each attempt).
         "retried_batches": sum(
