@@ -124,12 +124,21 @@ class TilePlan:
 
 
 def choose_level(
-    downsamples: list[float], mpp: float | None, target_mpp: float | None
+    downsamples: list[float],
+    mpp: float | None,
+    target_mpp: float | None,
+    *,
+    min_cell_scale: float = 0.0,
 ) -> tuple[int, float]:
     """Pick the coarsest level that is still at least as fine as ``target_mpp``.
 
-    Returns ``(level, scale)`` where ``scale`` (<= 1) resizes that level's
-    pixels to the target mpp. Without an mpp on either side, level 0 at scale 1.
+    Returns ``(level, scale)`` where ``scale`` resizes that level's pixels
+    for the detector: below 1, down to the target mpp. A slide coarser than
+    the target is cut at its own pixels (scale 1) unless it is coarser than
+    ``target_mpp / min_cell_scale``, where its cells would be drawn at under
+    ``min_cell_scale`` of the size the detector was trained on: then it is
+    upsampled to that mpp (scale > 1). ``min_cell_scale`` 0 never upsamples.
+    Without an mpp on either side, level 0 at scale 1.
     """
     if mpp is None or target_mpp is None:
         return 0, 1.0
@@ -138,6 +147,10 @@ def choose_level(
         if mpp * ds <= target_mpp * MPP_TOLERANCE:
             best = i if ds >= downsamples[best] else best
     level_mpp = mpp * downsamples[best]
+    if min_cell_scale > 0:
+        coarsest = target_mpp / min_cell_scale
+        if level_mpp > coarsest * MPP_TOLERANCE:
+            return best, level_mpp / coarsest
     return best, min(1.0, level_mpp / target_mpp)
 
 
@@ -230,11 +243,11 @@ def plan_tiles(
     info = slide.info  # type: ignore[attr-defined]
     target = config.target_mpp if config.target_mpp is not None else target_mpp
     downsamples = [float(lv.downsample) for lv in info.levels]
-    level, scale = choose_level(downsamples, info.mpp, target)
+    level, scale = choose_level(downsamples, info.mpp, target, min_cell_scale=config.min_cell_scale)
     lv = info.levels[level]
     ds = downsamples[level]
-    # The mpp of the pixels the detector sees: the target, or the level's own when the target is
-    # finer than the slide (tiles are never upsampled), so overlap_um is measured in real pixels.
+    # The mpp of the pixels the detector sees: the target; the level's own when the target is
+    # finer than the slide; target / min_cell_scale when the slide is coarser still (upsampled).
     det_mpp = info.mpp * ds / scale if info.mpp is not None else config.fallback_mpp
     overlap_det = (
         config.overlap_px

@@ -42,6 +42,20 @@ def test_choose_level_picks_coarsest_fine_enough() -> None:
     assert np.isclose(choose_level(ds, 0.26, 0.5)[1], 1.0)
 
 
+def test_a_very_coarse_slide_is_upsampled_to_the_detectors_range() -> None:
+    """Coarser than ``target / min_cell_scale``: upsampled to that mpp; finer: cut as it is."""
+    ds = [1.0, 2.0, 4.0]
+    # The ALL set's ~0.55 um/px fields for a 0.15 um/px detector: up to 0.25 um/px (x2.2).
+    assert choose_level(ds, 0.55, 0.15, min_cell_scale=0.6) == (0, pytest.approx(2.2))
+    # 0.25 um/px (cells at 0.6x) and anything finer are not upsampled; nor is anything at 0.
+    assert choose_level(ds, 0.25, 0.15, min_cell_scale=0.6) == (0, 1.0)
+    assert choose_level(ds, 0.2, 0.15, min_cell_scale=0.6) == (0, 1.0)
+    assert choose_level(ds, 0.55, 0.15) == (0, 1.0)
+    # Levels are still chosen first: a fine slide's coarse level is downsampled, never upsampled.
+    level, scale = choose_level(ds, 0.1, 0.25, min_cell_scale=0.6)
+    assert level == 1 and scale == pytest.approx(0.8)
+
+
 # --- on generated slides, against their exact ground truth -------------------
 
 from pathlib import Path  # noqa: E402
@@ -112,11 +126,24 @@ def test_level_choice_and_scale_on_pyramid(smear: tuple[Path, pd.DataFrame]) -> 
         assert plan.tasks[0].w == round(640 / 0.625)
 
 
+def test_upsampled_tiles_read_a_smaller_region(smear: tuple[Path, pd.DataFrame]) -> None:
+    """A 0.25 um/px slide for a 0.1 um/px detector at min_cell_scale 0.6: seen at 1/6 um/px."""
+    path, _ = smear
+    config = TilingConfig(tile_size=640, overlap_um=32.0, min_cell_scale=0.6)
+    with open_slide(path) as slide:
+        plan = plan_tiles(slide, config, slide_id=path.stem, target_mpp=0.1)
+    assert (plan.level, plan.scale) == (0, pytest.approx(1.5))
+    assert plan.tasks[0].w == round(640 / 1.5)
+    # 32 um is 192 detector px at 1/6 um/px: 128 level-0 px, as at the slide's own scale.
+    assert plan.overlap == 128
+
+
 def test_overlap_is_in_the_pixels_the_detector_sees(smear: tuple[Path, pd.DataFrame]) -> None:
     """``overlap_um`` in the tiles' own pixels, also for a detector trained finer than the slide.
 
-    Tiles are never upsampled: a 0.25 um/px slide goes to a 0.15 um/px detector at
-    0.25 um/px, so 32 um of overlap is 128 px, not the 213 px it would be at 0.15 um/px
+    A slide coarser than the detector is not upsampled unless its cells would be drawn at
+    under ``min_cell_scale`` of their trained size: a 0.25 um/px slide goes to a 0.15 um/px
+    detector at 0.25 um/px, so 32 um of overlap is 128 px, not the 213 px it would be at 0.15 um/px
     (25 % more tiles on a large slide for nothing).
     """
     path, _ = smear
@@ -131,3 +158,34 @@ def test_overlap_is_in_the_pixels_the_detector_sees(smear: tuple[Path, pd.DataFr
     assert len(finer.tasks) == len(same.tasks)
     # Downsampled tiles: 32 um at 0.4 um/px is 80 detector px, 128 level-0 px.
     assert coarser.overlap == 128
+
+
+def test_the_chain_finds_the_wbcs_of_a_coarse_slide(tmp_path: Path) -> None:
+    """A smear at 0.55 um/px (cells at 0.27x the detector's 0.15): found once upsampled.
+
+    Cut at its own pixels (``min_cell_scale`` 0) the shipped detector found none of its
+    10 WBCs; upsampled to 0.25 um/px (the default 0.6) it finds nearly all, each once.
+    """
+    import pyarrow as pa
+
+    from batch.config import load_config
+    from batch.run.local import chain_cells
+
+    (path,) = synth_slides(tmp_path, slides=1, width=900, height=700, seed=3, mpp=0.55)
+    truth = pd.read_parquet(tmp_path / "ground_truth.parquet")
+    wbcs = truth[truth["class"] == "WBC"]
+    assert len(wbcs) >= 8
+
+    def found(min_cell_scale: float) -> set[int]:
+        config = load_config(None, [f"tiling.min_cell_scale={min_cell_scale}"])
+        cells = pa.concat_tables([t for _, t in chain_cells([path], config)]).to_pandas()
+        hits: list[int] = []
+        for c in cells[cells.det_class == "WBC"].itertuples():
+            cx, cy = (c.x0 + c.x1) / 2, (c.y0 + c.y1) / 2
+            inside = wbcs[(wbcs.x0 <= cx) & (cx <= wbcs.x1) & (wbcs.y0 <= cy) & (cy <= wbcs.y1)]
+            hits += inside.object_id.tolist()
+        assert len(hits) == len(set(hits))  # no WBC twice
+        return set(hits)
+
+    assert len(found(0.0)) <= len(wbcs) // 2
+    assert len(found(0.6)) >= len(wbcs) - 2, len(wbcs)

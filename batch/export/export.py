@@ -99,10 +99,12 @@ def _export_slide(
         return
     margin = source.config.segmentation.crop_margin
     with open_slide(ref.uri, storage_options=source.storage_options) as slide:
-        # The pipeline's scale: the level and resize the planner picks for the detector (it
-        # never upsamples, so a slide coarser than the detector's mpp is cut at its own).
+        # The pipeline's scale: the level and resize the planner picks for the detector (a
+        # slide coarser than the detector's mpp is cut at its own, or upsampled when very coarse).
         downsamples = [lv.downsample for lv in slide.info.levels]
-        level, scale = choose_level(downsamples, ref.mpp, detector_mpp)
+        level, scale = choose_level(
+            downsamples, ref.mpp, detector_mpp, min_cell_scale=source.config.tiling.min_cell_scale
+        )
         factor = downsamples[level] / scale
         level0 = slide.info.levels[0]
         if writer.unit == "fields":

@@ -225,8 +225,10 @@ def read_tiles(batch: Batch, config: Config) -> Batch:
                 int(batch["x"][i]), int(batch["y"][i]), int(batch["w"][i]), int(batch["h"][i]),
                 level=int(batch["level"][i]),
             )  # fmt: skip
-            if region.shape[:2] != (size, size):
-                region = cv2.resize(region, (size, size), interpolation=cv2.INTER_AREA)
+            if region.shape[:2] != (size, size):  # area down; linear up (a coarse slide)
+                up = region.shape[1] < size
+                interp = cv2.INTER_LINEAR if up else cv2.INTER_AREA
+                region = cv2.resize(region, (size, size), interpolation=interp)
             images[i] = region
         except Exception as e:  # this tile's slide fails; the batch's other slides go on
             set_error(batch, i, "read", e)

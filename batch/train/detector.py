@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from batch.config import load_config
 from batch.datasets.detection import LabeledImage, read_detection_dataset
 from batch.errors import ConfigError
 from batch.eval.detector import evaluate_images
@@ -368,9 +369,11 @@ def _fields_from_labels(cfg: TrainDetectorConfig, out: Path) -> list[LabeledImag
     labels = read_labels_table(cfg.labels or "")
     run = RunSource(cfg.labels_run) if cfg.labels_run else None
     slides = labelled_slides(labels["slide_id"], cfg.slides, run=run)
+    tiling = (run.config if run is not None else load_config(None, [])).tiling
     images = fields_from_labels(
-        labels, slides, out, detector_mpp=cfg.target_mpp, field_px=cfg.field_px
-    )
+        labels, slides, out, detector_mpp=cfg.target_mpp, field_px=cfg.field_px,
+        min_cell_scale=tiling.min_cell_scale,
+    )  # fmt: skip
     log.info("fields from %s: %d (%s)", cfg.labels, len(images), out)
     return images
 
@@ -516,7 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=TrainDetectorConfig.scale_aug,
         help="ultralytics' random zoom (gain): fields are shown at 1 +- SCALE_AUG of the trained "
         "mpp; 0.5 also covers slides up to 1.5x coarser (a 0.15 um/px detector on 0.25 um/px "
-        "scans, which the pipeline never upsamples)",
+        "scans, which the pipeline does not upsample; coarser than tiling.min_cell_scale allows, it does)",
     )
     p.add_argument(
         "--eval-mpp",

@@ -10,7 +10,8 @@ records for that id. A label whose slide is not given is a
 
 Pixels are cut at the pipeline's detector scale (the level and resize the
 tile planner picks, `batch.tiling.choose_level`: the detector's mpp, or the
-slide's own where that is coarser, the pipeline never upsamples), with the
+slide's own where that is coarser, upsampled where it is coarser than
+``tiling.min_cell_scale`` allows), with the
 export's code (`batch.export.fields`), which cuts what the pipeline cuts
 pixel for pixel:
 
@@ -196,10 +197,12 @@ def pipeline_detector_mpp(config: Config | None = None) -> float:
     return float(mpp) if mpp else float(config.tiling.fallback_mpp)
 
 
-def _pipeline_factor(slide: Slide, mpp: float, detector_mpp: float) -> float:
+def _pipeline_factor(
+    slide: Slide, mpp: float, detector_mpp: float, min_cell_scale: float
+) -> float:
     """Level-0 pixels per pixel of the detector's input for this slide (what the planner picks)."""
     downsamples = [lv.downsample for lv in slide.info.levels]
-    level, scale = choose_level(downsamples, mpp, detector_mpp)
+    level, scale = choose_level(downsamples, mpp, detector_mpp, min_cell_scale=min_cell_scale)
     return float(downsamples[level] / scale)
 
 
@@ -220,12 +223,14 @@ def crops_from_labels(
     margin: float,
     group_by: str = "slide",
     storage_options: dict[str, Any] | None = None,
+    min_cell_scale: float = 0.0,
 ) -> dict[str, Any]:
     """The pipeline's crop of every labelled WBC type, as an ImageFolder under ``out`` (replaced).
 
     Writes ``<out>/<wbc_type>/<slide>_<cell>.png`` and ``<out>/groups.csv``
     (``labels:<slide>``, or ``labels:<slide>:<cell>`` with ``group_by="cell"``).
-    Returns crops per label and each slide's crop mpp.
+    Returns crops per label and each slide's crop mpp. ``min_cell_scale`` is the
+    run's ``tiling.min_cell_scale`` (a very coarse slide is upsampled, as the planner does).
     """
     if group_by not in GROUP_BY:
         raise ConfigError(f"--group-by must be one of {', '.join(GROUP_BY)}, got {group_by!r}")
@@ -242,7 +247,7 @@ def crops_from_labels(
         ref = slides[str(sid)]
         boxes = group[["x0", "y0", "x1", "y1"]].to_numpy(np.float64)
         with open_slide(ref.uri, storage_options=storage_options) as slide:
-            factor = _pipeline_factor(slide, ref.mpp, detector_mpp)
+            factor = _pipeline_factor(slide, ref.mpp, detector_mpp, min_cell_scale)
             crop_mpp[str(sid)] = ref.mpp * factor
             for label, cell_id, box in zip(group["wbc_type"], _ids(group), boxes, strict=True):
                 cell = SimpleNamespace(label=str(label), cell_id=cell_id)
@@ -267,6 +272,7 @@ def fields_from_labels(
     detector_mpp: float,
     field_px: int,
     storage_options: dict[str, Any] | None = None,
+    min_cell_scale: float = 0.0,
 ) -> list[LabeledImage]:
     """Fields around the labelled objects with YOLO labels, as a YOLO folder under ``out`` (replaced).
 
@@ -290,7 +296,7 @@ def fields_from_labels(
         cells["cell_id"] = _ids(cells)
         cells = cells.reset_index(drop=True)
         with open_slide(ref.uri, storage_options=storage_options) as slide:
-            factor = _pipeline_factor(slide, ref.mpp, detector_mpp)
+            factor = _pipeline_factor(slide, ref.mpp, detector_mpp, min_cell_scale)
             level0 = slide.info.levels[0]
             for fld in plan_fields(
                 str(sid), cells, cells, factor=factor, size=field_px,
@@ -343,7 +349,7 @@ def classifier_config_from_labels(
     data = Path(cfg.out) / LABELS_DATA_DIR
     report = crops_from_labels(
         typed, slides, data, detector_mpp=detector_mpp, margin=margin, group_by=cfg.group_by,
-        storage_options=storage_options,
+        storage_options=storage_options, min_cell_scale=config.tiling.min_cell_scale,
     )  # fmt: skip
     log.info("crops from %s: %s", cfg.labels, report)
     coarse = {s: m for s, m in report["crop_mpp"].items() if m > detector_mpp * 1.001}
