@@ -27,8 +27,13 @@ from batch.train.weak_labels import (  # noqa: E402
     DEFAULT_MIN_NUCLEUS_A,
     DEFAULT_MIN_NUCLEUS_UM2,
     DEFAULT_MPP_SAMPLES,
+    PER_IMAGE,
     weak_crops,
 )
+
+
+def _mpp_arg(text: str) -> float | str:
+    return PER_IMAGE if text == PER_IMAGE else float(text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,7 +45,13 @@ def main(argv: list[str] | None = None) -> int:
         "--detector", help="detector .pt (default: the shipped batch/models/detector.pt)"
     )
     p.add_argument("--device", default="auto")
-    p.add_argument("--mpp", type=float, help="microns per pixel of the images (default: estimate)")
+    p.add_argument(
+        "--mpp",
+        type=_mpp_arg,
+        help="microns per pixel of the images (default: one estimate for the set); 'image': "
+        "each image's own estimate, as hemaray run makes it (needs --crop-mpp)",
+    )
+    p.add_argument("--crop-mpp", type=float, help="resample every crop to this mpp")
     p.add_argument("--mpp-samples", type=int, default=DEFAULT_MPP_SAMPLES)
     p.add_argument("--margin", type=float, default=SegmentationConfig.crop_margin)
     p.add_argument("--min-conf", type=float, default=DEFAULT_MIN_CONF)
@@ -78,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out,
         detector,
         mpp=args.mpp,
+        crop_mpp=args.crop_mpp,
         mpp_samples=args.mpp_samples,
         margin=args.margin,
         min_conf=args.min_conf,

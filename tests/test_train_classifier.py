@@ -321,6 +321,44 @@ def test_weak_crops_label_by_image_and_group_by_source(image_folder: Path, tmp_p
     assert {r.group for r in records} == {g["group"] for g in groups}
 
 
+class _PerImageDetector(_FakeDetector):
+    """Estimates each image's mpp in turn from ``estimates`` (None: no estimate)."""
+
+    def __init__(self, estimates: list[float | None]) -> None:
+        super().__init__()
+        self.estimates = iter(estimates)
+
+    def estimate_mpp(self, image: np.ndarray) -> float | None:
+        return next(self.estimates)
+
+
+def test_weak_crops_per_image_mpp_resamples_each_crop_to_one_scale(
+    image_folder: Path, tmp_path: Path
+) -> None:
+    """``mpp="image"``: each image detected at its own estimate, its crops resampled to ``crop_mpp``."""
+    from batch.train.weak_labels import PER_IMAGE, weak_crops
+
+    # Images go in label order: 8 Benign (the first without an estimate), then 12 Pro.
+    detector = _PerImageDetector([None] + [0.3] * 7 + [0.6] * 12)
+    out = tmp_path / "weak"
+    report = weak_crops(
+        image_folder, out, detector, mpp=PER_IMAGE, crop_mpp=0.3,
+        rename={"Benign": "benign", "Pro": "pro_b"},
+    )  # fmt: skip
+    assert report.images == 19 and report.images_without_mpp == 1
+    assert report.mpp_percentiles == [0.3, 0.6, 0.6]
+    assert [m for batch in detector.mpps for m in batch] == [0.3] * 7 + [0.6] * 12
+    assert report.crops_per_label == {"benign": 7, "pro_b": 12}
+    with open(out / "crops.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert {float(r["mpp"]) for r in rows} == {0.3}
+    sizes = {r["label"]: cv2.imread(str(out / r["file"])).shape[:2] for r in rows}
+    # The 48 px crop of a 0.3 um/px image as it is; of a 0.6 um/px image, twice the pixels.
+    assert sizes == {"benign": (48, 48), "pro_b": (96, 96)}
+    with pytest.raises(ValueError, match="crop_mpp"):
+        weak_crops(image_folder, tmp_path / "w2", _FakeDetector(), mpp=PER_IMAGE)
+
+
 @pytest.mark.parametrize("box", [(10.0, 20.0, 46.0, 52.0), (3.3, 4.7, 30.1, 21.9)])
 def test_inner_box_recovers_the_detector_box(box: tuple[float, float, float, float]) -> None:
     from batch.stages.crop import crop_regions

@@ -42,7 +42,7 @@ import numpy.typing as npt
 
 from batch.config import CallsConfig, SegmentationConfig
 from batch.datasets.folders import class_dirs, list_images, read_rgb
-from batch.stages.crop import crop_regions, crop_wbcs
+from batch.stages.crop import crop_regions, crop_wbcs, resize_by
 from batch.stages.segment import segment_wbc
 
 __all__ = [
@@ -51,6 +51,7 @@ __all__ = [
     "DEFAULT_MIN_NUCLEUS_UM2",
     "DEFAULT_MPP_SAMPLES",
     "DetectorLike",
+    "PER_IMAGE",
     "WeakCropReport",
     "estimate_dataset_mpp",
     "weak_crops",
@@ -68,6 +69,8 @@ DEFAULT_MIN_NUCLEUS_A = CallsConfig.min_nucleus_a
 DEFAULT_MPP_SAMPLES = 8
 #: Detector class name of white blood cells.
 WBC = "WBC"
+#: ``mpp`` value for one estimate per image.
+PER_IMAGE = "image"
 
 
 class DetectorLike(Protocol):
@@ -86,9 +89,13 @@ class WeakCropReport:
     """What `weak_crops` wrote."""
 
     out: Path
-    mpp: float | None
+    mpp: float | str | None
     images: int = 0
     images_without_wbc: int = 0
+    #: Per-image mpp only: images whose scale could not be estimated (skipped).
+    images_without_mpp: int = 0
+    #: Per-image mpp only: 10th / 50th / 90th percentile of the images' estimates.
+    mpp_percentiles: list[float] = field(default_factory=list)
     rejected_no_nucleus: int = 0
     crops_per_label: dict[str, int] = field(default_factory=dict)
     unreadable: list[str] = field(default_factory=list)
@@ -100,6 +107,8 @@ class WeakCropReport:
             "mpp": self.mpp,
             "images": self.images,
             "images_without_wbc": self.images_without_wbc,
+            "images_without_mpp": self.images_without_mpp,
+            "mpp_percentiles": list(self.mpp_percentiles),
             "rejected_no_nucleus": self.rejected_no_nucleus,
             "crops_per_label": dict(self.crops_per_label),
             "unreadable": list(self.unreadable),
@@ -145,7 +154,8 @@ def weak_crops(
     out: str | Path,
     detector: DetectorLike,
     *,
-    mpp: float | None = None,
+    mpp: float | str | None = None,
+    crop_mpp: float | None = None,
     mpp_samples: int = DEFAULT_MPP_SAMPLES,
     margin: float = SegmentationConfig.crop_margin,
     min_conf: float = DEFAULT_MIN_CONF,
@@ -170,7 +180,13 @@ def weak_crops(
     detector
         A `batch.stages.detect.CellDetector` (or anything with its methods).
     mpp
-        Microns per pixel of the images; None: estimated (see the module docstring).
+        Microns per pixel of the images; None: one estimate for the set (see the
+        module docstring); ``"image"`` (:data:`PER_IMAGE`): each image's own
+        estimate, as ``hemaray run`` makes it for an image without an mpp (sets
+        such as ALL 4-class mix magnifications); images without one are skipped.
+    crop_mpp
+        Resample every crop from its image's mpp to this one (the crops'
+        ``mpp`` in crops.csv); needed with per-image mpps, so one set has one scale.
     mpp_samples
         Images used to estimate the mpp.
     margin
@@ -212,20 +228,26 @@ def weak_crops(
             for label in sorted(by_label)
             for p in sorted(rng.sample(by_label[label], min(max_per_class, len(by_label[label]))))
         ]
+    per_image = mpp == PER_IMAGE
+    if isinstance(mpp, str) and not per_image:
+        raise ValueError(f"mpp must be a number, None or {PER_IMAGE!r}, got {mpp!r}")
+    if per_image and crop_mpp is None:
+        raise ValueError("per-image mpps need crop_mpp: one scale for the crops")
     if mpp is None:
         mpp = estimate_dataset_mpp(detector, [p for _, p in items], samples=mpp_samples, seed=seed)
         if mpp is None:
             log.warning("could not estimate the images' mpp; detecting at their given scale")
+    if crop_mpp is not None and mpp is None:
+        raise ValueError("crop_mpp needs the images' mpp")
     if WBC not in detector.class_names:
         raise ValueError(f"the detector has no {WBC!r} class; its classes: {detector.class_names}")
     wbc_id = detector.class_names.index(WBC)
     # (mpp, min area, min a*) when crops are checked for a nucleus.
-    nucleus_check: tuple[float, float, float] | None = None
-    if min_nucleus_um2 is not None and mpp is not None:
-        nucleus_check = (mpp, min_nucleus_um2, min_nucleus_a)
-    elif min_nucleus_um2 is not None:
+    check_nucleus = min_nucleus_um2 is not None and mpp is not None
+    if min_nucleus_um2 is not None and mpp is None:
         log.warning("unknown mpp: the nucleus check on crops is skipped")
     report = WeakCropReport(out=out, mpp=mpp)
+    estimates: list[float] = []
     counts: Counter[str] = Counter()
     out.mkdir(parents=True, exist_ok=True)
     folders = {label for label, _ in items} | ({rejected_label} if rejected_label else set())
@@ -240,10 +262,18 @@ def weak_crops(
             if rgb is None:
                 report.unreadable.append(str(p))
         ok = [(label, p, rgb) for label, p, rgb in loaded if rgb is not None]
+        if per_image:
+            scales = [detector.estimate_mpp(rgb) for _, _, rgb in ok]
+            report.images_without_mpp += sum(m is None for m in scales)
+            ok = [item for item, m in zip(ok, scales, strict=True) if m is not None]
+            mpps = [float(m) for m in scales if m is not None]
+            estimates += mpps
+        else:
+            mpps = [mpp] * len(ok)  # type: ignore[list-item]
         if not ok:
             continue
-        dets = detector.detect([rgb for _, _, rgb in ok], mpp)
-        for (label, p, rgb), d in zip(ok, dets, strict=True):
+        dets = detector.detect([rgb for _, _, rgb in ok], mpps if per_image else mpp)
+        for (label, p, rgb), d, image_mpp in zip(ok, dets, mpps, strict=True):
             report.images += 1
             keep = (np.asarray(d.class_ids) == wbc_id) & (np.asarray(d.scores) >= min_conf)
             boxes = np.asarray(d.boxes, dtype=np.float64)[keep]
@@ -259,13 +289,15 @@ def weak_crops(
                 zip(crops, boxes, regions, scores, strict=True)
             ):
                 crop_label = label
-                if nucleus_check is not None and not _has_nucleus(
-                    crop, box, region, *nucleus_check
+                if check_nucleus and not _has_nucleus(
+                    crop, box, region, image_mpp, min_nucleus_um2, min_nucleus_a  # type: ignore[arg-type]
                 ):
                     report.rejected_no_nucleus += 1
                     if rejected_label is None:
                         continue
                     crop_label = rejected_label
+                if crop_mpp is not None:
+                    crop = resize_by(crop, image_mpp / crop_mpp)
                 rel = f"{crop_label}/{stem}__wbc{k}.png"
                 if not cv2.imwrite(str(out / rel), np.ascontiguousarray(crop[..., ::-1])):
                     raise OSError(f"could not write {out / rel}")
@@ -281,10 +313,12 @@ def weak_crops(
                         "x1": round(float(box[2]), 1),
                         "y1": round(float(box[3]), 1),
                         "confidence": round(float(score), 4),
-                        "mpp": mpp,
+                        "mpp": crop_mpp if crop_mpp is not None else image_mpp,
                     }
                 )
     report.crops_per_label = dict(sorted(counts.items()))
+    if estimates:
+        report.mpp_percentiles = [round(float(v), 4) for v in np.percentile(estimates, [10, 50, 90])]
     _write_csv(out / "groups.csv", ["file", "group"], group_rows)
     _write_csv(
         out / "crops.csv",
