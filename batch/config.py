@@ -63,10 +63,11 @@ class TilingConfig:
     #: A slide coarser than ``target_mpp / min_cell_scale`` is upsampled to that mpp; finer
     #: but coarser than the target, it is cut at its own pixels; 0 never upsamples. 0.6 (0.25
     #: um/px for the shipped 0.15 um/px detector, trained with cells at 0.5-1.5x): it finds
-    #: cells on 0.25 um/px slides as on photos at its own scale, but on the ALL set's ~0.55
-    #: um/px fields (cells at 0.27x) it found no counted WBC on 43 of 153 Pro images; upsampled
-    #: to 0.25 um/px, 4 of 40 (`hemaray eval images`, 40 images per class, 0.6875 -> 0.8125;
-    #: to 0.15, 0.2, 0.3, 0.35 um/px: 0.794, 0.775, 0.788, 0.713).
+    #: cells on 0.25 um/px slides as on photos at its own scale, but on the ALL set's fields
+    #: (RBC-estimated 0.29-0.38 um/px, cells at 0.4-0.5x) it found no counted WBC on 43 of 153
+    #: test-split Pro images, upsampled to 0.25 um/px on 5 (`hemaray eval images` on the 590:
+    #: accuracy 0.736 -> 0.836; on 40 per class, upsampling to 0.15 / 0.2 / 0.25 / 0.3 / 0.35
+    #: um/px gave 0.794 / 0.775 / 0.813 / 0.788 / 0.713, none 0.688).
     min_cell_scale: float = 0.6
     #: A tile whose read region has less foreground than this fraction is skipped.
     min_foreground_fraction: float = 0.001
