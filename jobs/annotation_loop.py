@@ -2,8 +2,8 @@
 
 1. ``hemaray synth``: ``--train-slides`` training slides and one evaluation
    slide of another seed (``--kind``, default leukemia; ``--mpp``). At the
-   default 0.4 um/px the pipeline cuts its WBC crops at 0.4 um/px (it never
-   upsamples), coarser than the 0.2 um/px the shipped ``wbc_type`` was
+   default 0.4 um/px the pipeline cuts its WBC crops at 0.4 um/px (the loop
+   sets ``tiling.min_cell_scale=0``: no upsampling), coarser than the 0.2 um/px the shipped ``wbc_type`` was
    trained on, and the shipped model is weak there (it calls about half the
    blasts lymphocytes; at 0.25 um/px it is right on 92-97 % of the WBCs):
    room for corrections to help.
@@ -65,6 +65,10 @@ from batch.train.crop_sets import truth_labels  # noqa: E402
 SHIPPED_WBC_TYPE = Path(__file__).resolve().parent.parent / "batch" / "models" / "wbc_type.pt"
 #: Who the scripted annotations are by (Label Studio ``completed_by``).
 ANNOTATOR = "scripted-from-truth"
+
+
+#: Every ``hemaray run`` of the loop: tiles at the slides' own mpp (see `run_loop`).
+LOOP_RUN_SETS = ("tiling.min_cell_scale=0",)
 
 
 @dataclass
@@ -195,7 +199,10 @@ def run_loop(cfg: LoopConfig) -> dict[str, Any]:
         synth_slides(folder, slides=n, width=size, height=size, seed=seed, mpp=cfg.mpp,
                      kind=cfg.kind, prefix=prefix)  # type: ignore[arg-type]  # fmt: skip
     log.append({"command": "synth", "seconds": round(time.perf_counter() - t0, 1)})
-    sets = [a for s in cfg.run_set for a in ("--set", s)]
+    # The slides stay at cfg.mpp for the detector (no upsampling to 0.25 um/px, which the
+    # planner does for slides this coarse by default), so the crops are the coarse ones the
+    # shipped wbc_type is weak on: what annotation is there to fix.
+    sets = [a for s in (*LOOP_RUN_SETS, *cfg.run_set) for a in ("--set", s)]
     run = out / "run"
     _cli(["run", str(train_dir), str(eval_dir), "--out", str(run), *sets], log)
     # the generator names slides by file stem; the run's ids are <stem>-<hash of the URI>

@@ -531,3 +531,22 @@ def test_export_writes_to_s3(
     argv[5] = "s3://no-such-bucket/x"
     assert main(argv) == 1
     assert "no-such-bucket" in capsys.readouterr().err
+
+
+def test_a_run_from_before_min_cell_scale_is_cut_without_upsampling(tmp_path: Path) -> None:
+    """A saved run config without ``tiling.min_cell_scale`` gets 0 (that run never upsampled)."""
+    import yaml
+
+    from batch.export.source import RunSource
+
+    def source(tiling: dict[str, Any]) -> RunSource:
+        out = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
+        (out / "runs" / "20260101T000000Z-abc123").mkdir(parents=True)
+        (out / "slides").mkdir()
+        saved = {"tiling": tiling, "execution": {"a key of another version": 1}}
+        (out / "runs" / "20260101T000000Z-abc123" / "config.yaml").write_text(yaml.safe_dump(saved))
+        return RunSource(str(out))
+
+    assert source({"tile_size": 512}).config.tiling.min_cell_scale == 0.0
+    assert source({"tile_size": 512, "min_cell_scale": 0.5}).config.tiling.min_cell_scale == 0.5
+    assert source({"tile_size": 512}).config.tiling.tile_size == 512

@@ -81,8 +81,12 @@ class RunSource:
         # Only the sections an export needs are read: a run written by another version of
         # hemaray may carry execution keys this one does not know.
         saved = latest_run_config(self.out, storage_options=self.storage_options)
+        tree = {k: v for k, v in saved.items() if k in RUN_CONFIG_SECTIONS}
+        if isinstance(tree.get("tiling"), dict) and "min_cell_scale" not in tree["tiling"]:
+            # A run from before tiling.min_cell_scale never upsampled: cut its pixels as it did.
+            tree["tiling"] = {**tree["tiling"], "min_cell_scale": 0.0}
         try:
-            return config_from_tree({k: v for k, v in saved.items() if k in RUN_CONFIG_SECTIONS})
+            return config_from_tree(tree)
         except ConfigError as e:
             log.warning("%s: saved run config not readable (%s); using defaults", self.out, e)
             return load_config(None, [])

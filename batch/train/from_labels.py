@@ -13,7 +13,8 @@ tile planner picks, `batch.tiling.choose_level`: the detector's mpp, or the
 slide's own where that is coarser, upsampled where it is coarser than
 ``tiling.min_cell_scale`` allows), with the
 export's code (`batch.export.fields`), which cuts what the pipeline cuts
-pixel for pixel:
+pixel for pixel (on an upsampled slide: the same scale and box, interpolated
+on the export's own grid rather than the tile's):
 
 - `crops_from_labels`: each WBC with a ``wbc_type`` becomes the pipeline's
   crop (`batch.stages.crop.crop_wbcs`, the run's ``segmentation.crop_margin``)
