@@ -52,16 +52,19 @@ def main(argv: list[str] | None = None) -> int:
     import pandas as pd
 
     from batch.eval.run import align_truth_ids
+    from batch.export.source import RunSource
     from batch.run.sink import read_table
 
     for i, (run, truth) in enumerate(zip(args.run, args.truth, strict=True)):
         cells = read_table(run, "cells").to_pandas()
         slides = read_table(run, "slides").to_pandas()
+        source = RunSource(run)
+        crop_mpp = {ref.slide_id: source.crop_mpp(ref) for ref in source.slides()}
         report["sources"][f"synthetic_{i}"] = crops_from_run(
             cells, align_truth_ids(pd.read_parquet(truth), slides), args.out, source=f"synthetic{i}",
             max_per_class=args.run_max_per_class, seed=args.seed, label_column=args.run_label,
             unmatched=None if args.run_unmatched == "skip" else args.run_unmatched,
-            target_mpp=args.target_mpp,
+            target_mpp=args.target_mpp, crop_mpp=crop_mpp,
         )  # fmt: skip
     (args.out / "sources.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     print(json.dumps(report, indent=2, default=str))

@@ -60,30 +60,30 @@ def test_run_crops_take_the_type_of_the_wbc_they_box(tmp_path: Path) -> None:
 def test_run_crops_are_resampled_to_the_sets_mpp(tmp_path: Path) -> None:
     """A run's crops are at their tile's pixel size; with ``target_mpp`` they come out at the set's.
 
-    The crop's mpp is the slide's times the level-0 box over the tile box: 0.25 um/px
-    for a tile read as is, 0.125 for one the run upsampled 2x.
+    ``crop_mpp`` (per slide, `RunSource.crop_mpp`): 0.25 um/px for a slide read as is,
+    0.125 for one the run upsampled 2x.
     """
     truth = pd.DataFrame(
-        {"slide_id": ["s", "s"], "class": ["WBC", "WBC"], "wbc_type": ["blast", "monocyte"],
+        {"slide_id": ["s", "u"], "class": ["WBC", "WBC"], "wbc_type": ["blast", "monocyte"],
          "x0": [0, 200], "y0": [0, 0], "x1": [100, 300], "y1": [100, 100]}
     )  # fmt: skip
     cells = pd.DataFrame(
         {
-            "slide_id": ["s", "s"], "cell_id": ["c0", "c1"], "det_class": ["WBC", "WBC"],
+            "slide_id": ["s", "u"], "cell_id": ["c0", "c1"], "det_class": ["WBC", "WBC"],
             "x0": [0, 200], "y0": [0, 0], "x1": [100, 300], "y1": [100, 100],
-            "mpp": [0.25, 0.25], "tx0": [0.0, 0.0], "tx1": [100.0, 200.0],
-            "crop_png": [_png(10), _png(20)],
+            "crop_png": [_png(10), _png(8)],
         }
     )  # fmt: skip
-    crops_from_run(cells, truth, tmp_path, source="syn", target_mpp=0.2)
+    crop_mpp = {"s": 0.25, "u": 0.125}
+    crops_from_run(cells, truth, tmp_path, source="syn", target_mpp=0.2, crop_mpp=crop_mpp)
     blast = cv2.imread(str(tmp_path / "blast" / "syn__c0.png"))
     mono = cv2.imread(str(tmp_path / "monocyte" / "syn__c1.png"))
     assert blast.shape == (10, 10, 3) and (blast == 10).all()  # 0.25 -> 0.2 um/px: x1.25
     assert mono.shape == (5, 5, 3)  # 0.125 -> 0.2 um/px: x0.625
     crops_from_run(cells, truth, tmp_path / "as_cut", source="syn")
     assert cv2.imread(str(tmp_path / "as_cut" / "blast" / "syn__c0.png")).shape == (8, 8, 3)
-    with pytest.raises(ValueError, match="mpp"):
-        crops_from_run(cells.assign(mpp=np.nan), truth, tmp_path / "x", target_mpp=0.2)
+    with pytest.raises(ValueError, match="crop mpp"):
+        crops_from_run(cells, truth, tmp_path / "x", target_mpp=0.2, crop_mpp={"s": 0.25})
 
 
 def test_sources_are_cut_renamed_capped_and_grouped(tmp_path: Path) -> None:

@@ -550,3 +550,44 @@ def test_a_run_from_before_min_cell_scale_is_cut_without_upsampling(tmp_path: Pa
     assert source({"tile_size": 512}).config.tiling.min_cell_scale == 0.0
     assert source({"tile_size": 512, "min_cell_scale": 0.5}).config.tiling.min_cell_scale == 0.5
     assert source({"tile_size": 512}).config.tiling.tile_size == 512
+
+
+def test_crop_mpp_is_the_scale_the_run_cut_its_crops_at(run_out: Path) -> None:
+    """``RunSource.crop_mpp``: the planner's scale for each slide, upsampled ones included."""
+    import dataclasses
+
+    from batch.export.source import RunSource
+
+    source = RunSource(str(run_out))
+    ref = source.slides()[0]
+    assert ref.mpp == pytest.approx(0.25) and source.detector_mpp() == pytest.approx(0.15)
+    assert source.crop_mpp(ref) == pytest.approx(0.25)  # coarser than 0.15: read as is
+    # The same file said to be 0.1 um/px: downsampled to the detector's 0.15; said to be
+    # 0.55: upsampled to 0.15 / min_cell_scale (0.25); unknown: None.
+    assert source.crop_mpp(dataclasses.replace(ref, mpp=0.1)) == pytest.approx(0.15)
+    assert source.crop_mpp(dataclasses.replace(ref, mpp=0.55)) == pytest.approx(0.25)
+    assert source.crop_mpp(dataclasses.replace(ref, mpp=None)) is None
+
+
+def test_build_crop_set_takes_a_real_runs_crops_to_the_sets_mpp(run_out: Path, tmp_path: Path) -> None:
+    """``jobs/build_crop_set.py --run``: a run's own crops, each resampled 0.25 -> 0.2 um/px."""
+    import importlib.util
+
+    import cv2
+
+    job = Path(__file__).resolve().parent.parent / "jobs" / "build_crop_set.py"
+    spec = importlib.util.spec_from_file_location("build_crop_set", job)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "set"
+    truth = run_out.parent / "slides" / "ground_truth.parquet"
+    assert module.main(["--out", str(out), "--target-mpp", "0.2", "--run", str(run_out),
+                        "--truth", str(truth), "--run-label", "wbc_type"]) == 0  # fmt: skip
+    stored = read_table(str(run_out), "cells").to_pandas().set_index("cell_id")["crop_png"]
+    written = sorted(out.glob("*/*.png"))
+    assert len(written) >= 5
+    for path in written:
+        crop = cv2.imdecode(np.frombuffer(stored[path.stem.split("__", 1)[1]], np.uint8), 1)
+        h, w = crop.shape[:2]
+        assert cv2.imread(str(path)).shape[:2] == (round(h * 1.25), round(w * 1.25)), path.name

@@ -30,7 +30,8 @@ from batch.errors import ConfigError
 from batch.export.where import CellFilter
 from batch.run.provenance import label_sets, trained_mpp
 from batch.run.sink import latest_run_config, read_table
-from batch.slides import Slide
+from batch.slides import Slide, open_slide
+from batch.tiling import choose_level
 
 __all__ = ["RUN_CONFIG_SECTIONS", "RunSource", "SlideRef", "read_scaled"]
 
@@ -97,6 +98,24 @@ class RunSource:
             return float(self.config.tiling.target_mpp)
         mpp, _ = trained_mpp(self.config)
         return float(mpp) if mpp else float(self.config.tiling.fallback_mpp)
+
+    def crop_mpp(self, ref: SlideRef) -> float | None:
+        """Microns per pixel of the pixels the run's detector saw on ``ref`` (its WBC crops').
+
+        The planner's choice (`batch.tiling.choose_level` under the run's tiling):
+        the detector's mpp, the slide's own where that is coarser, or
+        ``detector / min_cell_scale`` where the slide was upsampled. None
+        without a slide mpp.
+        """
+        if ref.mpp is None:
+            return None
+        with open_slide(ref.uri, storage_options=self.storage_options) as slide:
+            downsamples = [float(lv.downsample) for lv in slide.info.levels]
+        level, scale = choose_level(
+            downsamples, ref.mpp, self.detector_mpp(),
+            min_cell_scale=self.config.tiling.min_cell_scale,
+        )  # fmt: skip
+        return ref.mpp * downsamples[level] / scale
 
     def label_sets(self) -> dict[str, list[str]]:
         """Each classifier's label set (from its model card)."""

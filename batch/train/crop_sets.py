@@ -25,17 +25,17 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import random
 import re
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
-import numpy.typing as npt
 import pandas as pd
 
 from batch.config import SegmentationConfig
@@ -222,6 +222,7 @@ def crops_from_run(
     label_column: str = "wbc_type",
     unmatched: str | None = OTHER_LABEL,
     target_mpp: float | None = None,
+    crop_mpp: Mapping[str, float | None] | None = None,
 ) -> dict[str, int]:
     """Label a run's WBC crops with a synthetic ground truth and write them as an ImageFolder.
 
@@ -232,11 +233,12 @@ def crops_from_run(
     ``label_column`` value are skipped). Writes ``<out>/<label>/<source>__<cell_id>.png`` and appends
     to ``<out>/groups.csv`` (group: the slide). Returns crops per label.
 
-    A run's crops are at the pixel size of the tile they were cut from (the
-    slide level's, ``mpp`` x level-0 box width / tile box width), not the
-    set's: with ``target_mpp`` each is resampled to it as `build_crop_set`
-    resamples its sources (and as the classifier's ``field`` input scale
-    expects every training crop to be). Without, crops are written as cut.
+    A run's crops are at the pixel size of the tiles they were cut from
+    (``crop_mpp``: slide id -> the mpp the run's detector saw there,
+    `batch.export.source.RunSource.crop_mpp`), not the set's: with
+    ``target_mpp`` each is resampled to it as `build_crop_set` resamples its
+    sources (and as the classifier's ``field`` input scale expects every
+    training crop to be). Without, crops are written as cut.
     """
     out = Path(out)
     wbc = cells[(cells["det_class"] == "WBC") & cells["crop_png"].notna()]
@@ -246,12 +248,10 @@ def crops_from_run(
             dets[["x0", "y0", "x1", "y1"]].to_numpy(np.float64), truth[truth["slide_id"] == sid],
             iou=iou, label_column=label_column, unmatched=unmatched,
         )  # fmt: skip
-        scales = _run_crop_scales(dets, target_mpp)
-        for label, cell_id, png, scale in zip(
-            labels, dets["cell_id"], dets["crop_png"], scales, strict=True
-        ):
+        scale = _run_crop_scale(str(sid), crop_mpp, target_mpp)
+        for label, cell_id, png in zip(labels, dets["cell_id"], dets["crop_png"], strict=True):
             if label is not None:  # None: an ambiguous overlap, or a truth WBC without this label
-                picked[label].append((str(sid), str(cell_id), bytes(png), float(scale)))
+                picked[label].append((str(sid), str(cell_id), bytes(png), scale))
     counts: dict[str, int] = {}
     rows = []
     for label, items in sorted(picked.items()):
@@ -268,20 +268,19 @@ def crops_from_run(
     return counts
 
 
-def _run_crop_scales(dets: pd.DataFrame, target_mpp: float | None) -> npt.NDArray[np.float64]:
-    """Per detection, the factor that takes its crop to ``target_mpp`` (1 without one)."""
+def _run_crop_scale(
+    slide_id: str, crop_mpp: Mapping[str, float | None] | None, target_mpp: float | None
+) -> float:
+    """The factor that takes one slide's run crops to ``target_mpp`` (1 without one)."""
     if target_mpp is None:
-        return np.ones(len(dets))
-    missing = {"mpp", "tx0", "tx1"} - set(dets.columns)
-    if missing:
-        raise ValueError(f"resampling run crops needs the cells' {sorted(missing)} columns")
-    tile_w = (dets["tx1"] - dets["tx0"]).to_numpy(np.float64)
-    level0_w = (dets["x1"] - dets["x0"]).to_numpy(np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        crop_mpp = dets["mpp"].to_numpy(np.float64) * level0_w / tile_w
-    if not np.isfinite(crop_mpp).all() or (crop_mpp <= 0).any():
-        raise ValueError("run crops without a known mpp cannot be resampled to target_mpp")
-    return crop_mpp / target_mpp
+        return 1.0
+    mpp = (crop_mpp or {}).get(slide_id)
+    if mpp is None or not math.isfinite(mpp) or mpp <= 0:
+        raise ValueError(
+            f"run crops of slide {slide_id} without a known crop mpp cannot be resampled to "
+            f"target_mpp (give crop_mpp: RunSource.crop_mpp)"
+        )
+    return float(mpp) / target_mpp
 
 
 def _rescaled_png(png: bytes, scale: float) -> bytes:
