@@ -420,3 +420,61 @@ def test_ultralytics_first_import_keeps_stdout_clean(tmp_path: Path) -> None:
     )  # fmt: skip
     assert "Settings" in done.stderr  # the first import did write its settings file, and said so
     assert done.stdout == ""
+
+
+def test_keep_uncontained_drops_wbc_boxes_inside_better_ones() -> None:
+    from batch.stages.detect import keep_uncontained
+
+    boxes = np.array(
+        [
+            [0, 0, 40, 40],  # a neutrophil, 0.6
+            [5, 5, 30, 30],  # a lobe cluster inside it, 0.4: dropped
+            [38, 0, 78, 40],  # the next WBC, touching (5 % of it overlaps): kept
+            [100, 100, 110, 110],  # a small box, 0.9 ...
+            [95, 95, 130, 130],  # ... inside this larger, lower-scoring one: the larger goes
+            [2, 2, 20, 20],  # an RBC inside the neutrophil: not a WBC, kept
+        ],
+        dtype=np.float64,
+    )
+    scores = np.array([0.6, 0.4, 0.5, 0.9, 0.3, 0.8], np.float32)
+    wbc = np.array([True, True, True, True, True, False])
+    assert keep_uncontained(boxes, scores, wbc, 0.7).tolist() == [True, False, True, True, False, True]
+    # 0.7 of the smaller box: the lobe is 25 x 25 inside, 100 %; at a threshold above that, kept.
+    assert keep_uncontained(boxes[:2], scores[:2], wbc[:2], 1.0).tolist() == [True, False]
+    half_in = np.array([[0, 0, 40, 40], [20, 0, 60, 40]], np.float64)  # half of each in the other
+    assert keep_uncontained(half_in, scores[:2], wbc[:2], 0.7).all()
+    assert not keep_uncontained(half_in, scores[:2], wbc[:2], 0.5).all()
+
+
+@pytest.mark.slow
+def test_a_neutrophil_is_one_wbc_row(tmp_path: Path) -> None:
+    """The synthetic blood slides where NMS kept lobe clusters inside their neutrophils.
+
+    On slide 3 of seed 31 the shipped detector boxed five neutrophils twice (a
+    lobe cluster inside the whole cell, IoU ~0.6); ``detect.wbc_contained``
+    keeps one row per cell, and 0 shows the duplicates are there to remove.
+    """
+    import pandas as pd
+    import pyarrow as pa
+
+    from batch.config import load_config
+    from batch.run.local import chain_cells
+    from batch.synth import synth_slides
+
+    paths = synth_slides(tmp_path, slides=4, width=4096, height=4096, seed=31, kind="blood")
+    truth = pd.read_parquet(tmp_path / "ground_truth.parquet")
+    wbcs = truth[(truth.slide_id == "slide_0003") & (truth["class"] == "WBC")]
+
+    def hits(contained: float) -> list[int]:
+        config = load_config(None, [f"detect.wbc_contained={contained}"])
+        cells = pa.concat_tables([t for _, t in chain_cells([paths[3]], config)]).to_pandas()
+        out: list[int] = []
+        for c in cells[cells.det_class == "WBC"].itertuples():
+            cx, cy = (c.x0 + c.x1) / 2, (c.y0 + c.y1) / 2
+            inside = wbcs[(wbcs.x0 <= cx) & (cx <= wbcs.x1) & (wbcs.y0 <= cy) & (cy <= wbcs.y1)]
+            out += inside.object_id.tolist()
+        return out
+
+    before, after = hits(0.0), hits(DetectConfig.wbc_contained)
+    assert len(before) - len(set(before)) >= 3  # cells boxed twice without the rule
+    assert len(after) == len(set(after)) and set(after) == set(before)

@@ -109,6 +109,7 @@ class PlanStage:
             self._detector = load_detector(
                 d.model, storage_options=self.config.storage.storage_options(), device="cpu",
                 sha256=d.sha256, conf=d.conf, iou=d.iou, max_det=d.max_det,
+                wbc_contained=d.wbc_contained,
             )  # fmt: skip
         info = slide.info
         side = MPP_PROBE_SIDE
@@ -240,7 +241,7 @@ def read_tiles(batch: Batch, config: Config) -> Batch:
 
 #: Detector settings that change which boxes come out (placement settings such as actors,
 #: device or batch size do not, so they do not change cell ids).
-_RESULT_DETECT_FIELDS = ("conf", "iou", "max_det", "agnostic_nms")
+_RESULT_DETECT_FIELDS = ("conf", "iou", "max_det", "agnostic_nms", "wbc_contained")
 
 
 def model_key(config: Config, detector_sha: str, runtime: str | None = None) -> str:
@@ -277,7 +278,7 @@ class DetectStage:
         self.detector = load_detector(
             d.model, storage_options=config.storage.storage_options(), device=d.device,
             sha256=d.sha256, conf=d.conf, iou=d.iou, max_det=d.max_det, batch_size=d.batch_size,
-            agnostic_nms=d.agnostic_nms, runtime=d.runtime,
+            agnostic_nms=d.agnostic_nms, runtime=d.runtime, wbc_contained=d.wbc_contained,
             threads={rt: _runtime_threads(d.runtime_threads.get(rt, 0), threads) for rt in RUNTIMES},
         )  # fmt: skip
         torch_threads_if_loaded(threads)

@@ -69,6 +69,8 @@ STRIDE = 32
 PAD_VALUE = 114
 #: ``quantize`` value of half precision in ultralytics >= 8.4.
 HALF_BITS = 16
+#: Detector class name of white blood cells (the class `keep_uncontained` dedupes).
+WBC = "WBC"
 #: Assumed scales tried by ``CellDetector.estimate_mpp`` (um/px): 100x oil to 20x,
 #: a factor ~1.4 apart, so any true scale is within ~1.2x of one of them.
 MPP_CANDIDATES: tuple[float, ...] = (0.045, 0.065, 0.09, 0.125, 0.18, 0.25, 0.35, 0.5)
@@ -231,9 +233,12 @@ class CellDetector:
         agnostic_nms: bool = True,
         runtime: str = "torch",
         threads: int | Mapping[str, int] = 0,
+        wbc_contained: float = DetectConfig.wbc_contained,
     ) -> None:
         if not 0 <= conf <= 1 or not 0 < iou <= 1:
             raise ValueError(f"conf must be in [0, 1] and iou in (0, 1]; got {conf}, {iou}")
+        if not 0 <= wbc_contained <= 1:
+            raise ValueError(f"wbc_contained must be in [0, 1]; got {wbc_contained}")
         if max_det < 1 or batch_size < 1:
             raise ValueError(f"max_det and batch_size must be >= 1; got {max_det}, {batch_size}")
         self.weights_path = resolve_model(model_path, storage_options=storage_options)
@@ -258,6 +263,7 @@ class CellDetector:
         # One object is one cell: suppress overlapping boxes across classes too, so a cell the
         # network half-believes is a WBC and half an RBC gives one row, not two.
         self.agnostic_nms = agnostic_nms
+        self.wbc_contained = wbc_contained
         self.runtime_choice: RuntimeChoice | None = None
         if runtime == "auto":
             self.runtime_choice = choose_runtime(self.weights_path, self.device)
@@ -358,14 +364,14 @@ class CellDetector:
             mapped[:, [1, 3]] *= tile.shape[0] / r.shape[0]
             mapped[:, [0, 2]] = mapped[:, [0, 2]].clip(0, tile.shape[1])
             mapped[:, [1, 3]] = mapped[:, [1, 3]].clip(0, tile.shape[0])
-            out.append(
-                Detections(
-                    mapped.astype(np.float32),
-                    np.asarray(cls, dtype=np.int64).reshape(-1),
-                    np.asarray(score, dtype=np.float32).reshape(-1),
-                    self._names,
+            ids = np.asarray(cls, dtype=np.int64).reshape(-1)
+            scores = np.asarray(score, dtype=np.float32).reshape(-1)
+            if self.wbc_contained > 0 and WBC in self._names:
+                keep = keep_uncontained(
+                    mapped, scores, ids == self._names.index(WBC), self.wbc_contained
                 )
-            )
+                mapped, ids, scores = mapped[keep], ids[keep], scores[keep]
+            out.append(Detections(mapped.astype(np.float32), ids, scores, self._names))
         return out
 
     def _load(self) -> tuple[Any, list[str]]:
@@ -516,6 +522,39 @@ class CellDetector:
             return math.exp(log_m + gap)
         final = estimate(crossing)
         return final if final is not None else crossing
+
+
+def keep_uncontained(
+    boxes: npt.NDArray[np.float64],
+    scores: npt.NDArray[np.float32],
+    among: npt.NDArray[np.bool_],
+    threshold: float,
+) -> npt.NDArray[np.bool_]:
+    """Rows to keep: each box of ``among`` mostly inside a higher-scoring one of ``among`` goes.
+
+    Greedy in score order (ties by row): a box is dropped when its intersection
+    with a box already kept covers at least ``threshold`` of the smaller of the
+    two. Rows outside ``among`` are always kept.
+    """
+    keep = np.ones(len(boxes), dtype=bool)
+    idx = np.flatnonzero(among)
+    if len(idx) < 2:
+        return keep
+    idx = idx[np.argsort(-scores[idx], kind="stable")]
+    b = boxes[idx]
+    area = np.maximum(b[:, 2] - b[:, 0], 0) * np.maximum(b[:, 3] - b[:, 1], 0)
+    iw = np.clip(np.minimum(b[:, None, 2], b[None, :, 2]) - np.maximum(b[:, None, 0], b[None, :, 0]), 0, None)
+    ih = np.clip(np.minimum(b[:, None, 3], b[None, :, 3]) - np.maximum(b[:, None, 1], b[None, :, 1]), 0, None)
+    smaller = np.minimum(area[:, None], area[None, :])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        covered = np.where(smaller > 0, iw * ih / smaller, 0.0) >= threshold
+    kept: list[int] = []
+    for i in range(len(idx)):
+        if any(covered[i, j] for j in kept):
+            keep[idx[i]] = False
+        else:
+            kept.append(i)
+    return keep
 
 
 def load_detector(
