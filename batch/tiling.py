@@ -29,6 +29,7 @@ __all__ = [
     "TilePlan",
     "plan_tiles",
     "choose_level",
+    "detector_factor",
     "foreground_mask",
 ]
 
@@ -152,6 +153,18 @@ def choose_level(
         if level_mpp > coarsest * MPP_TOLERANCE:
             return best, level_mpp / coarsest
     return best, min(1.0, level_mpp / target_mpp)
+
+
+def detector_factor(
+    downsamples: list[float],
+    mpp: float | None,
+    target_mpp: float | None,
+    *,
+    min_cell_scale: float = 0.0,
+) -> float:
+    """Level-0 pixels per pixel of the detector's input: the level and resize `choose_level` picks."""
+    level, scale = choose_level(downsamples, mpp, target_mpp, min_cell_scale=min_cell_scale)
+    return float(downsamples[level]) / scale
 
 
 def _axis_grid(extent: int, tile: int, overlap: int) -> tuple[list[int], list[int]]:

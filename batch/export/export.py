@@ -36,7 +36,7 @@ from batch.export.target import ExportTarget
 from batch.export.where import parse_where
 from batch.models import DEFAULT_DETECTOR, read_model_card, resolve_model
 from batch.slides import open_slide
-from batch.tiling import choose_level
+from batch.tiling import detector_factor
 
 __all__ = ["FORMATS", "ExportOptions", "export_run"]
 
@@ -101,11 +101,10 @@ def _export_slide(
     with open_slide(ref.uri, storage_options=source.storage_options) as slide:
         # The pipeline's scale: the level and resize the planner picks for the detector (a
         # slide coarser than the detector's mpp is cut at its own, or upsampled when very coarse).
-        downsamples = [lv.downsample for lv in slide.info.levels]
-        level, scale = choose_level(
-            downsamples, ref.mpp, detector_mpp, min_cell_scale=source.config.tiling.min_cell_scale
-        )
-        factor = downsamples[level] / scale
+        factor = detector_factor(
+            [lv.downsample for lv in slide.info.levels], ref.mpp, detector_mpp,
+            min_cell_scale=source.config.tiling.min_cell_scale,
+        )  # fmt: skip
         level0 = slide.info.levels[0]
         if writer.unit == "fields":
             for fld in plan_fields(

@@ -31,7 +31,7 @@ from batch.export.where import CellFilter
 from batch.run.provenance import label_sets, trained_mpp
 from batch.run.sink import latest_run_config, read_table
 from batch.slides import Slide, open_slide
-from batch.tiling import choose_level
+from batch.tiling import detector_factor
 
 __all__ = ["RUN_CONFIG_SECTIONS", "RunSource", "SlideRef", "read_scaled"]
 
@@ -102,7 +102,7 @@ class RunSource:
     def crop_mpp(self, ref: SlideRef) -> float | None:
         """Microns per pixel of the pixels the run's detector saw on ``ref`` (its WBC crops').
 
-        The planner's choice (`batch.tiling.choose_level` under the run's tiling):
+        The planner's choice (`batch.tiling.detector_factor` under the run's tiling):
         the detector's mpp, the slide's own where that is coarser, or
         ``detector / min_cell_scale`` where the slide was upsampled. None
         without a slide mpp.
@@ -111,11 +111,10 @@ class RunSource:
             return None
         with open_slide(ref.uri, storage_options=self.storage_options) as slide:
             downsamples = [float(lv.downsample) for lv in slide.info.levels]
-        level, scale = choose_level(
+        return ref.mpp * detector_factor(
             downsamples, ref.mpp, self.detector_mpp(),
             min_cell_scale=self.config.tiling.min_cell_scale,
         )  # fmt: skip
-        return ref.mpp * downsamples[level] / scale
 
     def label_sets(self) -> dict[str, list[str]]:
         """Each classifier's label set (from its model card)."""

@@ -58,9 +58,9 @@ from batch.export.source import RunSource
 from batch.inputs import SlideInput, resolve_inputs
 from batch.models import read_model_card
 from batch.run.provenance import trained_mpp
-from batch.slides import Slide, open_slide
+from batch.slides import open_slide
 from batch.stages.detect import DETECTOR_CLASSES
-from batch.tiling import choose_level
+from batch.tiling import detector_factor
 from batch.train.classifier_data import TrainClassifierConfig
 
 __all__ = [
@@ -198,15 +198,6 @@ def pipeline_detector_mpp(config: Config | None = None) -> float:
     return float(mpp) if mpp else float(config.tiling.fallback_mpp)
 
 
-def _pipeline_factor(
-    slide: Slide, mpp: float, detector_mpp: float, min_cell_scale: float
-) -> float:
-    """Level-0 pixels per pixel of the detector's input for this slide (what the planner picks)."""
-    downsamples = [lv.downsample for lv in slide.info.levels]
-    level, scale = choose_level(downsamples, mpp, detector_mpp, min_cell_scale=min_cell_scale)
-    return float(downsamples[level] / scale)
-
-
 def _ids(frame: pd.DataFrame) -> list[str]:
     """Each label's cell id; a new object (no matched cell) is named by its row."""
     return [
@@ -248,7 +239,10 @@ def crops_from_labels(
         ref = slides[str(sid)]
         boxes = group[["x0", "y0", "x1", "y1"]].to_numpy(np.float64)
         with open_slide(ref.uri, storage_options=storage_options) as slide:
-            factor = _pipeline_factor(slide, ref.mpp, detector_mpp, min_cell_scale)
+            factor = detector_factor(
+                [lv.downsample for lv in slide.info.levels], ref.mpp, detector_mpp,
+                min_cell_scale=min_cell_scale,
+            )  # fmt: skip
             crop_mpp[str(sid)] = ref.mpp * factor
             for label, cell_id, box in zip(group["wbc_type"], _ids(group), boxes, strict=True):
                 cell = SimpleNamespace(label=str(label), cell_id=cell_id)
@@ -297,7 +291,10 @@ def fields_from_labels(
         cells["cell_id"] = _ids(cells)
         cells = cells.reset_index(drop=True)
         with open_slide(ref.uri, storage_options=storage_options) as slide:
-            factor = _pipeline_factor(slide, ref.mpp, detector_mpp, min_cell_scale)
+            factor = detector_factor(
+                [lv.downsample for lv in slide.info.levels], ref.mpp, detector_mpp,
+                min_cell_scale=min_cell_scale,
+            )  # fmt: skip
             level0 = slide.info.levels[0]
             for fld in plan_fields(
                 str(sid), cells, cells, factor=factor, size=field_px,
