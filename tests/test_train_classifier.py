@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import socket
 from collections import defaultdict
@@ -417,3 +418,36 @@ def test_labels_flags_go_together(tmp_path: Path) -> None:
         config_from_args(labels)  # --labels without --slides
     with pytest.raises(SystemExit):
         config_from_args(["--data", "d", "--labels", "l", "--slides", "s", "--out", "o"])
+
+
+def test_a_groups_csv_mpp_puts_every_crop_at_one_field_scale(tmp_path: Path) -> None:
+    """One cell drawn at 0.2 and at 0.4 um/px: with each crop's ``mpp`` in groups.csv the
+    ``field`` input renders both at the same size; read as one set at ``--mpp`` it cannot."""
+    from batch.train.classifier_data import render_dataset
+
+    root = tmp_path / "crops"
+    (root / "a").mkdir(parents=True)
+    for name, side in (("fine", 96), ("coarse", 48)):  # 0.2 and 0.4 um/px
+        img = np.full((side, side, 3), BACKGROUND, np.uint8)
+        k = side / 48
+        cv2.circle(img, (side // 2, side // 2), round(18 * k), CYTOPLASM, -1)
+        cv2.circle(img, (side // 2, side // 2), round(10 * k), NUCLEUS, -1)
+        cv2.imwrite(str(root / "a" / f"{name}.png"), img[..., ::-1])
+    table = root / "groups.csv"
+    table.write_text("file,group,mpp\na/fine.png,g1,0.2\na/coarse.png,g2,0.4\n")
+
+    def rendered(groups_csv: Path | None) -> dict[str, np.ndarray]:
+        cfg = TrainClassifierConfig(data=root, out=tmp_path / "out", input_mode="crop",
+                                    input_scale="field", imgsz=64, mpp=0.2, target_mpp=0.2)  # fmt: skip
+        records = [dataclasses.replace(r, split="train") for r in discover_images(root)]
+        if groups_csv is not None:
+            records = assign_groups(records, root, groups_csv=groups_csv)
+        work = tmp_path / f"work{groups_csv is not None}"
+        rows = render_dataset(records, work, cfg)
+        return {Path(r["source"]).stem: cv2.imread(str(work / r["file"])).astype(float) for r in rows}
+
+    own = rendered(table)
+    assert {r.mpp for r in assign_groups(discover_images(root), root, groups_csv=table)} == {0.2, 0.4}
+    assert np.abs(own["fine"] - own["coarse"]).mean() < 4
+    one = rendered(None)  # every crop taken to be at 0.2 um/px: the coarse cell is half the size
+    assert np.abs(one["fine"] - one["coarse"]).mean() > 15

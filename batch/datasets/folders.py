@@ -53,12 +53,17 @@ FOLDER_ALIASES = {
 
 @dataclass(frozen=True)
 class ImageRecord:
-    """One source image: where it is, its label, its group and (once split) its split."""
+    """One source image: where it is, its label, its group, (once split) its split and its mpp.
+
+    ``mpp`` is the image's own microns per pixel where the images of a set
+    differ (crops cut from slides of several scales); None: the set's ``--mpp``.
+    """
 
     path: Path
     label: str
     group: str
     split: str | None = None
+    mpp: float | None = None
 
 
 def folder_label(name: str) -> str:

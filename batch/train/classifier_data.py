@@ -19,6 +19,7 @@ rendering reads it.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import logging
 import math
@@ -157,6 +158,14 @@ class TrainClassifierConfig:
             return 1.0
         return self.mpp / self.target_mpp
 
+    def record_scale(self, record: ImageRecord) -> tuple[float, float | None]:
+        """One image's resize factor and its mpp after that resize (its own `ImageRecord.mpp`, else ``mpp``)."""
+        if record.mpp is None:
+            return self.scale, self.work_mpp
+        if self.target_mpp is None:
+            return 1.0, record.mpp
+        return record.mpp / self.target_mpp, self.target_mpp
+
     @property
     def work_mpp(self) -> float | None:
         """Microns per pixel of the images after resampling."""
@@ -174,7 +183,7 @@ def assign_groups(
     """Give every record its group from a ``file,group`` CSV or a regex on the file name.
 
     CSV ``file`` entries match the path relative to ``root`` or the bare file
-    name. The regex's first capture group (or whole match) is the group.
+    name; an optional ``mpp`` column gives an image its own mpp (`ImageRecord.mpp`). The regex's first capture group (or whole match) is the group.
     Without either, records keep their own path as the group.
 
     Raises
@@ -186,6 +195,7 @@ def assign_groups(
         return list(records)
     if groups_csv is not None:
         table: dict[str, str] = {}
+        mpps: dict[str, float] = {}
         with open(groups_csv, newline="") as fh:
             reader = csv.DictReader(fh)
             if reader.fieldnames is None or not {"file", "group"} <= set(reader.fieldnames):
@@ -194,6 +204,8 @@ def assign_groups(
                 )
             for row in reader:
                 table[row["file"]] = row["group"]
+                if row.get("mpp"):
+                    mpps[row["file"]] = float(row["mpp"])
         out = []
         missing = []
         for r in records:
@@ -202,7 +214,7 @@ def assign_groups(
             if g is None:
                 missing.append(rel)
                 continue
-            out.append(ImageRecord(r.path, r.label, g, r.split))
+            out.append(dataclasses.replace(r, group=g, mpp=mpps.get(rel, mpps.get(r.path.name, r.mpp))))
         if missing:
             raise ValueError(
                 f"{groups_csv}: {len(missing)} image(s) have no group, e.g. {missing[:3]}; "
@@ -217,7 +229,7 @@ def assign_groups(
             raise ValueError(
                 f"--group-regex {group_regex!r} does not match file name {r.path.name!r}"
             )
-        out.append(ImageRecord(r.path, r.label, m.group(1) if m.groups() else m.group(0), r.split))
+        out.append(dataclasses.replace(r, group=m.group(1) if m.groups() else m.group(0)))
     return out
 
 
@@ -280,7 +292,7 @@ def group_split(
                 best, best_gap = s, gap
         assigned[g] = best
         counts[best].update(labels)
-    return [ImageRecord(r.path, r.label, r.group, assigned[r.group]) for r in records]
+    return [dataclasses.replace(r, split=assigned[r.group]) for r in records]
 
 
 def _write_png(path: Path, rgb: npt.NDArray[np.uint8]) -> None:
@@ -316,19 +328,22 @@ def render_dataset(
             log.warning("cannot read image %r", str(r.path))
             skipped += 1
             continue
+        scale, mpp = cfg.record_scale(r)
         crop, mask, found = prepare_crop(
             image,
-            scale=cfg.scale,
-            mpp=cfg.work_mpp,
+            scale=scale,
+            mpp=mpp,
             recrop=cfg.recrop,
             margin=cfg.margin,
             box_margin=cfg.box_margin,
             needs_mask=needs_mask,
         )
+        field_scale = None
+        if cfg.input_scale == "field":  # the window is imgsz px at work_mpp, as in the pipeline
+            field_scale = 1.0 if mpp is None or cfg.work_mpp is None else mpp / cfg.work_mpp
         views = render_input(
-            crop, mask, cfg.input_mode, cfg.imgsz, fill=MASK_FILL,
-            field_scale=1.0 if cfg.input_scale == "field" else None,  # images at work_mpp
-        )  # fmt: skip
+            crop, mask, cfg.input_mode, cfg.imgsz, fill=MASK_FILL, field_scale=field_scale
+        )
         stem = _safe_stem(r)
         for view, img in zip(view_names(cfg.input_mode), views, strict=True):
             name = f"{stem}{NAME_SEP}{view}.png"

@@ -220,7 +220,8 @@ def crops_from_labels(
     """The pipeline's crop of every labelled WBC type, as an ImageFolder under ``out`` (replaced).
 
     Writes ``<out>/<wbc_type>/<slide>_<cell>.png`` and ``<out>/groups.csv``
-    (``labels:<slide>``, or ``labels:<slide>:<cell>`` with ``group_by="cell"``).
+    (group ``labels:<slide>``, or ``labels:<slide>:<cell>`` with ``group_by="cell"``;
+    ``mpp``, the crop's own: the slide's detector scale).
     Returns crops per label and each slide's crop mpp. ``min_cell_scale`` is the
     run's ``tiling.min_cell_scale`` (a very coarse slide is upsampled, as the planner does).
     """
@@ -251,9 +252,9 @@ def crops_from_labels(
                 if not (out / rel).is_file():
                     raise OSError(f"{out / rel}: expected the crop the ImageFolder writer wrote")
                 group_of = f"{LABELS_SOURCE}:{sid}" + (f":{cell_id}" if group_by == "cell" else "")
-                rows.append({"file": rel, "group": group_of})
+                rows.append({"file": rel, "group": group_of, "mpp": crop_mpp[str(sid)]})
     with open(out / "groups.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["file", "group"])
+        w = csv.DictWriter(f, fieldnames=["file", "group", "mpp"])
         w.writeheader()
         w.writerows(rows)
     return {**writer.finish(), "crop_mpp": crop_mpp}
@@ -321,8 +322,10 @@ def classifier_config_from_labels(
     """Cut ``cfg.labels``' WBC crops from ``cfg.slides`` and point the training at them.
 
     The crops go to ``<out>/labels_data`` (`crops_from_labels`); the returned
-    config reads them as pipeline crops (``mpp`` the detector's, no resample
-    or re-crop; ``box_margin`` the crop margin, so ``mask`` segmentation
+    config reads them as pipeline crops (each at its own mpp, the slide's
+    detector scale, from ``groups.csv``; no re-crop; resampled only by the
+    ``field`` input scale, to ``cfg.target_mpp`` or the fine-tuned card's
+    trained mpp; ``box_margin`` the crop margin, so ``mask`` segmentation
     gets the cell's box as the pipeline's does), split by ``cfg.group_by``,
     and, fine-tuning a ``.pt`` with a card, keeps every class of the
     model's head (``head_classes``) even when the labels hold only some.
@@ -350,19 +353,19 @@ def classifier_config_from_labels(
         storage_options=storage_options, min_cell_scale=config.tiling.min_cell_scale,
     )  # fmt: skip
     log.info("crops from %s: %s", cfg.labels, report)
-    coarse = {s: m for s, m in report["crop_mpp"].items() if m > detector_mpp * 1.001}
-    if coarse and cfg.input_mode != "crop":
-        log.warning(
-            "slides %s are coarser than the detector's %.3f um/px: their crops are segmented "
-            "as if at %.3f", sorted(coarse), detector_mpp, detector_mpp,
-        )  # fmt: skip
     head = _model_classes(cfg.model)
-    if head:
-        card = read_model_card(Path(cfg.model))
-        theirs = (card.extra.get("input_mode"), card.imgsz) if card is not None else (None, None)
-        if theirs != (cfg.input_mode, cfg.imgsz):
-            log.warning("fine-tuning %s (input %s, imgsz %s) with --input %s --imgsz %s",
-                        cfg.model, *theirs, cfg.input_mode, cfg.imgsz)  # fmt: skip
+    card = read_model_card(Path(cfg.model)) if head else None
+    if card is not None:
+        theirs = (card.extra.get("input_mode"), card.extra.get("input_scale", "fit"), card.imgsz)
+        if theirs != (cfg.input_mode, cfg.input_scale, cfg.imgsz):
+            log.warning("fine-tuning %s (input %s, scale %s, imgsz %s) with --input %s "
+                        "--input-scale %s --imgsz %s", cfg.model, *theirs, cfg.input_mode,
+                        cfg.input_scale, cfg.imgsz)  # fmt: skip
+    # Each crop is segmented at its own mpp (groups.csv). The field input resamples every
+    # crop to one scale: the one the fine-tuned model was trained at, else the detector's.
+    target_mpp = None
+    if cfg.input_scale == "field":
+        target_mpp = cfg.target_mpp or (card.trained_mpp if card is not None else None) or detector_mpp
     new_classes = sorted(set(typed["wbc_type"].astype(str)) - set(head))
     if head and new_classes:
         log.warning("labels bring classes %s that %s lacks: its head is rebuilt", new_classes, cfg.model)
@@ -377,7 +380,7 @@ def classifier_config_from_labels(
             "slide" if cfg.group_by == "slide" else "cell (cells of one slide can sit in two splits)"
         ),
         mpp=detector_mpp,
-        target_mpp=None,
+        target_mpp=target_mpp,
         recrop=False,
         margin=margin,
         box_margin=margin,
