@@ -91,6 +91,7 @@ def test_stages_one_by_one_and_fused_write_the_same_cells(slide: Path, config: C
         subtyped = cells.column("all_subtype_label").is_valid().to_numpy(zero_copy_only=False)
         assert (subtyped == blast).all()
         assert not np.isnan(cells.column("nucleus_area_um2").to_numpy(zero_copy_only=False)[is_wbc]).any()
+        assert isinstance(fused["cells"][i], bytes)  # objects inside the worker, bytes out
         assert unpack(fused["cells"][i]).equals(cells)
     assert n_wbc > 0
     all_ids = pa.concat_tables([unpack(c) for c in staged["cells"]]).column("cell_id").to_pylist()

@@ -27,8 +27,10 @@ classification).
 
 from __future__ import annotations
 
+import io
 import math
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -47,9 +49,13 @@ __all__ = [
     "STAGE_COLUMNS",
     "TILE_COLUMNS",
     "TILE_BOX_COLUMNS",
+    "as_arrays",
+    "as_table",
     "batch_error",
     "complete_row",
     "error_row",
+    "has_value",
+    "npz_bytes",
     "object_array",
     "pack",
     "row_at",
@@ -186,3 +192,30 @@ def pack(table: pa.Table) -> bytes:
 def unpack(data: bytes) -> pa.Table:
     """The table `pack` wrote."""
     return pa.ipc.open_stream(pa.py_buffer(data)).read_all()
+
+
+def has_value(value: Any) -> bool:
+    """A ``cells`` / crops entry holds something: non-empty bytes, or an object (a live table
+    of any length, a dict of arrays with entries) handed on within one process."""
+    if value is None:
+        return False
+    if isinstance(value, (bytes, bytearray, dict)):
+        return len(value) > 0
+    return True
+
+
+def as_table(value: bytes | pa.Table) -> pa.Table:
+    """A ``cells`` entry as a table: `pack` bytes unpacked, a live table as it is."""
+    return value if isinstance(value, pa.Table) else unpack(value)
+
+
+def npz_bytes(arrays: Mapping[str, npt.NDArray[Any]]) -> bytes:
+    """Named arrays (a tile's crops, masks, rows) as ``.npz`` bytes, for the object store."""
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)  # type: ignore[arg-type]
+    return buf.getvalue()
+
+
+def as_arrays(value: bytes | Mapping[str, npt.NDArray[Any]]) -> Mapping[str, npt.NDArray[Any]]:
+    """A crops entry as named arrays: `npz_bytes` loaded, a live dict as it is."""
+    return value if isinstance(value, Mapping) else np.load(io.BytesIO(value))

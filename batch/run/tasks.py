@@ -23,7 +23,6 @@ error outside the per-tile work fails every tile of the batch (`isolation.batch_
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -41,13 +40,16 @@ from batch.models import file_sha256, resolve_model, shipped_or_path
 from batch.run.columns import (
     TILE_BOX_COLUMNS,
     Batch,
+    as_arrays,
+    as_table,
     complete_row,
     error_row,
+    has_value,
+    npz_bytes,
     object_array,
     pack,
     set_error,
     task_at,
-    unpack,
 )
 from batch.run.faults import inject_fault
 from batch.run.isolation import batch_guard, by_tile
@@ -272,9 +274,10 @@ def _runtime_threads(configured: int, share: int) -> int:
 class DetectStage:
     """Run the detector over the tile images; keep boxes whose centre the tile's core owns."""
 
-    def __init__(self, config: Config, threads: int = 0) -> None:
+    def __init__(self, config: Config, threads: int = 0, *, live: bool = False) -> None:
         d = config.detect
         self.config = config
+        self.live = live  # hand cells and crops on as objects (one process: `CellStage`)
         self.detector = load_detector(
             d.model, storage_options=config.storage.storage_options(), device=d.device,
             sha256=d.sha256, conf=d.conf, iou=d.iou, max_det=d.max_det, batch_size=d.batch_size,
@@ -307,16 +310,17 @@ class DetectStage:
         planned = [
             i for i, n in enumerate(batch["n_tiles"]) if n > 0 and batch["kind"][i] != "empty"
         ]
-        packed: list[bytes] = [b""] * len(batch["kind"])
+        packed: list[Any] = [b""] * len(batch["kind"])
         dets = by_tile(batch, planned, "detect", lambda rows, blank: self._run(batch, rows, blank))
         for i, det in dets.items():
             if batch["kind"][i] != "tile":
                 continue
             try:
-                packed[i] = pack(self._cells(batch, i, det))
+                table = self._cells(batch, i, det)
+                packed[i] = table if self.live else pack(table)
             except Exception as e:
                 set_error(batch, i, "detect", e)
-        return crop_tiles({**batch, "cells": object_array(packed)}, self.config)
+        return crop_tiles({**batch, "cells": object_array(packed)}, self.config, live=self.live)
 
     def _cells(self, batch: Batch, i: int, det: Any) -> pa.Table:
         t = task_at(batch, i)
@@ -364,68 +368,75 @@ def _detector_mpp(batch: Batch, i: int) -> float | None:
 
 
 @timed("crop")
-def crop_tiles(batch: Batch, config: Config) -> Batch:
+def crop_tiles(batch: Batch, config: Config, *, live: bool = False) -> Batch:
     """Cut every WBC's crop from its tile image; the tile image goes no further.
 
     Adds ``wbc_crops`` per tile (``.npz`` bytes: ``crop0, crop1, ...`` in WBC
-    row order, ``rows`` and the tile's background colour ``bg``) and drops
-    ``image``, so only crops (kilobytes), not decoded tiles (megabytes), travel
-    on to segmentation.
+    row order, ``rows`` and the tile's background colour ``bg``; with ``live``,
+    the same arrays as a dict) and drops ``image``, so only crops (kilobytes),
+    not decoded tiles (megabytes), travel on to segmentation.
     """
-    out: list[bytes] = [b""] * len(batch["kind"])
+    out: list[Any] = [b""] * len(batch["kind"])
     for i, kind in enumerate(batch["kind"]):
-        if kind != "tile" or not batch["cells"][i]:
+        if kind != "tile" or not has_value(batch["cells"][i]):
             continue
         try:
             inject_fault(config, "crop", batch, i)
-            out[i] = _crop_tile(batch, i, config)
+            arrays = _crop_tile(batch, i, config)
+            out[i] = arrays if live else (npz_bytes(arrays) if arrays else b"")
         except Exception as e:  # this tile's slide fails; the batch's other tiles go on
             set_error(batch, i, "crop", e)
     rest = {k: v for k, v in batch.items() if k != "image"}
     return {**rest, "wbc_crops": object_array(out)}
 
 
-def _crop_tile(batch: Batch, i: int, config: Config) -> bytes:
-    cells = unpack(batch["cells"][i])
+def _crop_tile(batch: Batch, i: int, config: Config) -> dict[str, npt.NDArray[Any]]:
+    cells = as_table(batch["cells"][i])
     wbc = np.flatnonzero(np.asarray(cells.column("det_class").to_pylist()) == "WBC")
     if not len(wbc):
-        return b""
+        return {}
     image = batch["image"][i]
     boxes = np.stack([cells.column(c).to_numpy()[wbc] for c in TILE_BOX_COLUMNS], axis=1)
     bg = estimate_background(image)  # for segmenting; past the slide's edge is white glass
     crops = crop_wbcs(image, boxes, margin=config.segmentation.crop_margin, background=(WHITE,) * 3)
-    buf = io.BytesIO()
     arrays: dict[str, npt.NDArray[Any]] = {f"crop{j}": c for j, c in enumerate(crops)}
     arrays["rows"] = wbc
     arrays["bg"] = np.asarray(bg, np.int64)
-    np.savez(buf, **arrays)  # type: ignore[arg-type]
-    return buf.getvalue()
+    return arrays
 
 
 @timed("segment")
-def segment_tiles(batch: Batch, config: Config) -> Batch:
-    """Segment every WBC crop (from `crop_tiles`); adds morphometrics, packs crops + masks."""
-    crops_out: list[bytes] = [b""] * len(batch["kind"])
+def segment_tiles(batch: Batch, config: Config, *, live: bool = False) -> Batch:
+    """Segment every WBC crop (from `crop_tiles`); adds morphometrics, packs crops + masks.
+
+    With ``live`` the cells stay Arrow tables and the crops + masks a dict of
+    arrays (`CellStage`: the next stage runs in the same process).
+    """
+    crops_out: list[Any] = [b""] * len(batch["kind"])
     cells_out = list(batch["cells"])
     for i, kind in enumerate(batch["kind"]):
-        if kind != "tile" or not batch["cells"][i]:
+        if kind != "tile" or not has_value(batch["cells"][i]):
             continue
         try:
             inject_fault(config, "segment", batch, i)
-            cells_out[i], crops_out[i] = _segment_tile(batch, i, config)
+            cells, arrays = _segment_tile(batch, i, config)
+            cells_out[i] = cells if live else pack(cells)
+            crops_out[i] = arrays if live else (npz_bytes(arrays) if arrays else b"")
         except Exception as e:  # this tile's slide fails; the batch's other tiles go on
             set_error(batch, i, "segment", e)
     out = {k: v for k, v in batch.items() if k != "wbc_crops"}
     return {**out, "cells": object_array(cells_out), "crops": object_array(crops_out)}
 
 
-def _segment_tile(batch: Batch, i: int, config: Config) -> tuple[bytes, bytes]:
-    """Row ``i``'s cells with morphometrics, and its crops + masks (``b""``: no WBC)."""
-    cells = unpack(batch["cells"][i])
+def _segment_tile(
+    batch: Batch, i: int, config: Config
+) -> tuple[pa.Table, dict[str, npt.NDArray[Any]]]:
+    """Row ``i``'s cells with morphometrics, and its crops + masks (empty: no WBC)."""
+    cells = as_table(batch["cells"][i])
     morph = {k: np.full(cells.num_rows, np.nan) for k in MORPHOMETRIC_KEYS}
-    packed_crops = b""
-    if batch["wbc_crops"][i]:
-        z = np.load(io.BytesIO(batch["wbc_crops"][i]))
+    arrays: dict[str, npt.NDArray[Any]] = {}
+    if has_value(batch["wbc_crops"][i]):
+        z = as_arrays(batch["wbc_crops"][i])
         wbc = z["rows"]
         r, g, b = (int(v) for v in z["bg"])
         bg = (r, g, b)
@@ -445,16 +456,13 @@ def _segment_tile(batch: Batch, i: int, config: Config) -> tuple[bytes, bytes]:
                     morph[k][wbc[j]] = v
             masks.append(seg.cell_mask)
             masks.append(seg.nucleus_mask)
-        buf = io.BytesIO()
-        arrays: dict[str, npt.NDArray[Any]] = {f"crop{j}": c for j, c in enumerate(crops)}
+        arrays = {f"crop{j}": c for j, c in enumerate(crops)}
         arrays.update({f"cell{j}": m for j, m in enumerate(masks[0::2])})
         arrays.update({f"nucleus{j}": m for j, m in enumerate(masks[1::2])})
         arrays["rows"] = wbc
-        np.savez(buf, **arrays)  # type: ignore[arg-type]
-        packed_crops = buf.getvalue()
     for k, values in morph.items():
         cells = cells.append_column(k, pa.array(values, pa.float64(), mask=np.isnan(values)))
-    return pack(cells), packed_crops
+    return cells, arrays
 
 
 class SegmentStage:
@@ -502,7 +510,7 @@ class ClassifyStage:
         cells_out = list(batch["cells"])
         tiles: dict[int, _TileCrops] = {}
         for i, kind in enumerate(batch["kind"]):
-            if kind != "tile" or not batch["cells"][i]:
+            if kind != "tile" or not has_value(batch["cells"][i]):
                 continue
             try:
                 tiles[i] = _TileCrops.of(batch, i)
@@ -600,13 +608,13 @@ class _TileCrops:
     @classmethod
     def of(cls, batch: Batch, i: int) -> _TileCrops:
         data = batch["crops"][i]
-        z = np.load(io.BytesIO(data)) if data else None
+        z = as_arrays(data) if has_value(data) else None
         rows = z["rows"] if z is not None else np.zeros(0, np.int64)
 
         def pick(key: str) -> list[Any]:
             return [] if z is None else [z[f"{key}{j}"] for j in range(len(rows))]
 
-        return cls(unpack(batch["cells"][i]), rows, pick("crop"), pick("cell"), pick("nucleus"))
+        return cls(as_table(batch["cells"][i]), rows, pick("crop"), pick("cell"), pick("nucleus"))
 
 
 class CellStage:
@@ -623,7 +631,7 @@ class CellStage:
     def __init__(self, config: Config, threads: int = 0, *, read: bool = False) -> None:
         self.config = config
         self.read = read
-        self.detect = DetectStage(config, threads)
+        self.detect = DetectStage(config, threads, live=True)
         self.classify = ClassifyStage(config, threads)
 
     def __call__(self, batch: Batch) -> Batch:
@@ -635,4 +643,8 @@ class CellStage:
     def _chain(self, batch: Batch) -> Batch:
         if self.read:  # planned rows in: decode the tiles here, so pixels never leave the worker
             batch = read_tiles(batch, self.config)
-        return self.classify(segment_tiles(self.detect(batch), self.config))
+        # Cells and crops go from stage to stage as objects (no Arrow IPC or .npz in between);
+        # what leaves the worker is bytes, also where a stage failed with objects in hand.
+        out = self.classify(segment_tiles(self.detect(batch), self.config, live=True))
+        cells = [pack(c) if isinstance(c, pa.Table) else c for c in out["cells"]]
+        return {**out, "cells": object_array(cells)}

@@ -24,7 +24,6 @@ Telemetry never fails a tile: a count that cannot be taken is logged and left at
 from __future__ import annotations
 
 import functools
-import io
 import json
 import logging
 import os
@@ -36,10 +35,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ParamSpec, TypeVar
 
-import numpy as np
-
 import schemas
-from batch.run.columns import Batch, object_array, unpack
+from batch.run.columns import Batch, as_arrays, as_table, has_value, object_array
 
 __all__ = [
     "COLUMN", "SCHEMA_VERSION", "STAGES", "Telemetry", "gpu_sample", "schema", "table_lines",
@@ -104,11 +101,11 @@ def _tile_rows(out: Any) -> list[int]:
 
 
 def _table_rows(batch: Batch, column: str, rows: list[int]) -> int:
-    return sum(unpack(batch[column][i]).num_rows for i in rows if batch[column][i])
+    return sum(as_table(batch[column][i]).num_rows for i in rows if has_value(batch[column][i]))
 
 
 def _npz_rows(batch: Batch, column: str, rows: list[int]) -> int:
-    return sum(len(np.load(io.BytesIO(batch[column][i]))["rows"]) for i in rows if batch[column][i])
+    return sum(len(as_arrays(batch[column][i])["rows"]) for i in rows if has_value(batch[column][i]))
 
 
 #: Cells a stage call handled, from its input and output batch and its output tile rows:
