@@ -126,7 +126,8 @@ TILE_BOX_COLUMNS = ("tx0", "ty0", "tx1", "ty1")
 def object_array(values: list[Any]) -> npt.NDArray[Any]:
     """A 1-D object array of ``values`` (numpy would otherwise stack arrays into 2-D)."""
     out = np.empty(len(values), dtype=object)
-    out[:] = values
+    for i, value in enumerate(values):  # one by one: numpy would look into sequences (tables)
+        out[i] = value
     return out
 
 
