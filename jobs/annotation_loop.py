@@ -3,10 +3,10 @@
 1. ``hemaray synth``: ``--train-slides`` training slides and one evaluation
    slide of another seed (``--kind``, default leukemia; ``--mpp``). At the
    default 0.6 um/px the pipeline cuts its WBC crops at 0.6 um/px (the loop
-   sets ``tiling.min_cell_scale=0``: no upsampling), three times coarser
-   than the 0.2 um/px the shipped ``wbc_type`` was trained on, and the
-   shipped model is weak there (it calls about half the blasts lymphocytes;
-   at 0.4 um/px it is right on 94 % of the WBCs): room for corrections to help.
+   sets ``tiling.min_cell_scale=0``: no upsampling), four times coarser
+   than the 0.15 um/px the shipped ``wbc_type`` was trained on, and the
+   shipped model is weak there (it calls most blasts lymphocytes; v5 was
+   right on 94 % of the WBCs at 0.4 um/px): room for corrections to help.
 2. ``hemaray run`` on all slides with the shipped models.
 3. ``hemaray export --format labelstudio --select least-confident:N --classes WBC``
    over the training slides.

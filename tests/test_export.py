@@ -354,6 +354,18 @@ def test_import_round_trips_an_export(
                            [cell.x0, cell.y0, cell.x1, cell.y1], atol=atol / 0.8 + 1e-6)
         assert got.label == cell.wbc_type_label and got.det_class == "WBC"
         assert got.wbc_type == cell.wbc_type_label and got.source == fmt
+    # Every other cell of the fields too, also those a field's edge cut: an untouched box
+    # comes back as the run's box (the file holds the cut one).
+    from batch.export.importer import read_labels
+
+    run_boxes = cells.set_index("cell_id").loc[labels.cell_id, ["x0", "y0", "x1", "y1"]]
+    atol = 0.02 / 0.8 + 1e-6 if fmt == "cvat" else 1e-3
+    assert np.allclose(labels[["x0", "y0", "x1", "y1"]].to_numpy(), run_boxes.to_numpy(), atol=atol)
+    raw = read_labels(files, fmt).set_index("source_cell_id")
+    cut = ~np.isclose(raw[["x0", "y0", "x1", "y1"]].to_numpy(),
+                      cells.set_index("cell_id").loc[raw.index, ["x0", "y0", "x1", "y1"]].to_numpy(),
+                      atol=atol).all(axis=1)  # fmt: skip
+    assert cut.sum() >= (0 if fmt == "qupath" else 1)
 
 
 def test_import_matches_corrections_by_iou_or_as_new(

@@ -22,6 +22,7 @@ feature, image or task.
 from __future__ import annotations
 
 import json
+import math
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from datetime import datetime, timezone
@@ -46,25 +47,37 @@ MATCH_IOU = 0.5
 #: Detector classes; any other label is a WBC type.
 DETECTOR_CLASSES = ("RBC", "WBC", "platelet")
 
-_COLUMNS = ("slide_id", "x0", "y0", "x1", "y1", "label", "source_cell_id", "annotator")
+_COLUMNS = ("slide_id", "x0", "y0", "x1", "y1", "label", "source_cell_id", "annotator",
+            "fx0", "fy0", "fx1", "fy1")  # fx*: the level-0 bounds of the field drawn on
 
 
 class LabelImportError(HemarayError):
     """An annotation file is not what its format says (names the file and the item)."""
 
 
-def _row(slide_id: Any, box: Sequence[float], label: Any, cell_id: Any, annotator: Any) -> dict[str, Any]:
+def _row(
+    slide_id: Any, box: Sequence[float], label: Any, cell_id: Any, annotator: Any,
+    field: Sequence[float] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """One label; ``field``: the level-0 bounds of the image it was drawn on (None: the slide)."""
     x0, y0, x1, y1 = (float(v) for v in box)
+    fx0, fy0, fx1, fy1 = (float(v) for v in field) if field is not None else (math.nan,) * 4
     return {
         "slide_id": str(slide_id), "x0": x0, "y0": y0, "x1": x1, "y1": y1, "label": str(label),
         "source_cell_id": None if cell_id in (None, "") else str(cell_id),
         "annotator": None if annotator in (None, "") else str(annotator),
+        "fx0": fx0, "fy0": fy0, "fx1": fx1, "fy1": fy1,
     }
 
 
 def _origin(meta: dict[str, Any], box: Sequence[float]) -> list[float]:
     f, x0, y0 = float(meta["downsample"]), float(meta["x0"]), float(meta["y0"])
     return [x0 + box[0] * f, y0 + box[1] * f, x0 + box[2] * f, y0 + box[3] * f]
+
+
+def _field(meta: dict[str, Any], width: Any, height: Any) -> list[float]:
+    """Level-0 bounds of an exported field image of ``width`` x ``height`` pixels."""
+    return _origin(meta, [0.0, 0.0, float(width), float(height)])
 
 
 def _qupath(path: Path) -> list[dict[str, Any]]:
@@ -103,7 +116,8 @@ def _coco(path: Path) -> list[dict[str, Any]]:
             x, y, w, h = ann["bbox"]
             box = _origin(image, [x, y, x + w, y + h])
             label = (ann.get("attributes") or {}).get("label") or cats[ann["category_id"]]
-            rows.append(_row(image["slide_id"], box, label, ann.get("cell_id"), None))
+            rows.append(_row(image["slide_id"], box, label, ann.get("cell_id"), None,
+                             _field(image, image["width"], image["height"])))
         except (KeyError, TypeError, ValueError) as e:
             raise LabelImportError(
                 f"{path}: annotation {ann.get('id')!r}: needs bbox, a known category and an image "
@@ -135,7 +149,7 @@ def _labelstudio(path: Path) -> list[dict[str, Any]]:
                 box = [v["x"] * w / 100, v["y"] * h / 100,
                        (v["x"] + v["width"]) * w / 100, (v["y"] + v["height"]) * h / 100]
                 rows.append(_row(data["slide_id"], _origin(data, box), v["rectanglelabels"][0],
-                                 r.get("id"), annotator))
+                                 r.get("id"), annotator, _field(data, w, h)))
         except (KeyError, TypeError, ValueError, IndexError) as e:
             raise LabelImportError(
                 f"{path}: task {task.get('id', i) if isinstance(task, dict) else i}: not a Label "
@@ -168,7 +182,8 @@ def _cvat(path: Path) -> list[dict[str, Any]]:
                 raise LabelImportError(f"{path}: image {name!r}: a box without coordinates") from e
             attrs = {a.get("name"): a.text for a in b.iter("attribute")}
             rows.append(_row(index[name]["slide_id"], _origin(index[name], box), b.get("label"),
-                             attrs.get("cell_id"), None))
+                             attrs.get("cell_id"), None,
+                             _field(index[name], im.get("width", "nan"), im.get("height", "nan"))))
     return rows
 
 
@@ -206,6 +221,7 @@ def _match(labels: pd.DataFrame, source: RunSource | None) -> pd.DataFrame:
     how = np.full(len(labels), "new", dtype=object)
     run_class = np.full(len(labels), None, dtype=object)
     ious = np.full(len(labels), np.nan, dtype=np.float64)
+    restored = labels[["x0", "y0", "x1", "y1"]].to_numpy(np.float64, copy=True)
     for slide_id, group in labels.groupby("slide_id", sort=True):
         cells = (
             source.cells(str(slide_id), ["cell_id", "x0", "y0", "x1", "y1", "det_class"])
@@ -218,10 +234,15 @@ def _match(labels: pd.DataFrame, source: RunSource | None) -> pd.DataFrame:
         boxes = cells[["x0", "y0", "x1", "y1"]].to_numpy(np.float64)
         group_boxes = group[["x0", "y0", "x1", "y1"]].to_numpy(np.float64)
         given = [None if pd.isna(c) else str(c) for c in group["source_cell_id"]]
-        for i, box, known in zip(group.index.to_numpy(np.int64), group_boxes, given, strict=True):
+        fields = group[["fx0", "fy0", "fx1", "fy1"]].to_numpy(np.float64)
+        for i, box, known, fld in zip(
+            group.index.to_numpy(np.int64), group_boxes, given, fields, strict=True
+        ):
             if known is not None and known in pos:
                 k = pos[known]
                 cell_id[i], how[i], run_class[i] = known, "id", classes[k]
+                box = _unclip(box, boxes[k], fld)
+                restored[i] = box
                 ious[i] = float(_iou(box, boxes[k : k + 1])[0])
             elif len(boxes):
                 overlap = _iou(box, boxes)
@@ -229,7 +250,30 @@ def _match(labels: pd.DataFrame, source: RunSource | None) -> pd.DataFrame:
                 if overlap[k] >= MATCH_IOU:
                     cell_id[i], how[i], ious[i] = ids[k], "iou", float(overlap[k])
                     run_class[i] = classes[k]
-    return labels.assign(cell_id=cell_id, match=how, match_iou=ious, run_class=run_class)
+    return labels.assign(
+        x0=restored[:, 0], y0=restored[:, 1], x1=restored[:, 2], y1=restored[:, 3],
+        cell_id=cell_id, match=how, match_iou=ious, run_class=run_class,
+    )
+
+
+def _unclip(box: np.ndarray, cell: np.ndarray, field: np.ndarray) -> np.ndarray:
+    """A label's box with the sides its field's edge cut restored to its run cell's.
+
+    An exported field shows a cell reaching past its edge cut there, and the
+    tool gives the cut box back. A side of the label at the field's edge
+    (within a hundredth of a level-0 pixel and a thousandth of the field), where the
+    run's cell goes on past it, is the cell's side; the other sides are the
+    annotator's.
+    """
+    if np.isnan(field).any():
+        return box
+    tol = 1e-2 + 1e-3 * float(max(field[2] - field[0], field[3] - field[1]))
+    out = box.copy()
+    for side, edge, beyond in ((0, field[0], cell[0] < field[0]), (1, field[1], cell[1] < field[1]),
+                               (2, field[2], cell[2] > field[2]), (3, field[3], cell[3] > field[3])):  # fmt: skip
+        if beyond and abs(box[side] - edge) <= tol:
+            out[side] = cell[side]
+    return out
 
 
 def import_labels(
@@ -244,7 +288,8 @@ def import_labels(
     labels = read_labels(files, fmt).reset_index(drop=True)
     source = RunSource(run, storage_options=storage_options) if run else None
     labels = _match(labels, source)
-    # Overlapping fields show a cell more than once: keep its least clipped copy.
+    # Overlapping fields show a cell more than once: keep its least clipped copy (a copy cut
+    # by its field's edge is whole again when it kept its id, see `_unclip`).
     matched = labels["cell_id"].notna()
     best = (
         labels[matched]
