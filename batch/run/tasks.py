@@ -316,8 +316,7 @@ class DetectStage:
             if batch["kind"][i] != "tile":
                 continue
             try:
-                table = self._cells(batch, i, det)
-                packed[i] = table if self.live else pack(table)
+                packed[i] = _hand_on(self._cells(batch, i, det), self.live)
             except Exception as e:
                 set_error(batch, i, "detect", e)
         return crop_tiles({**batch, "cells": object_array(packed)}, self.config, live=self.live)
@@ -360,6 +359,17 @@ class DetectStage:
 # --- crop + segment ----------------------------------------------------------------------
 
 
+def _hand_on(value: pa.Table | dict[str, npt.NDArray[Any]], live: bool) -> Any:
+    """A stage's per-tile output for the next stage: as it is when that stage runs in this
+    process (``live``), else bytes for the object store (cells `pack`ed, crops `npz_bytes`,
+    no crops ``b""``)."""
+    if live:
+        return value
+    if isinstance(value, pa.Table):
+        return pack(value)
+    return npz_bytes(value) if value else b""
+
+
 def _detector_mpp(batch: Batch, i: int) -> float | None:
     mpp = float(batch["mpp"][i])
     if math.isnan(mpp):
@@ -382,8 +392,7 @@ def crop_tiles(batch: Batch, config: Config, *, live: bool = False) -> Batch:
             continue
         try:
             inject_fault(config, "crop", batch, i)
-            arrays = _crop_tile(batch, i, config)
-            out[i] = arrays if live else (npz_bytes(arrays) if arrays else b"")
+            out[i] = _hand_on(_crop_tile(batch, i, config), live)
         except Exception as e:  # this tile's slide fails; the batch's other tiles go on
             set_error(batch, i, "crop", e)
     rest = {k: v for k, v in batch.items() if k != "image"}
@@ -420,8 +429,7 @@ def segment_tiles(batch: Batch, config: Config, *, live: bool = False) -> Batch:
         try:
             inject_fault(config, "segment", batch, i)
             cells, arrays = _segment_tile(batch, i, config)
-            cells_out[i] = cells if live else pack(cells)
-            crops_out[i] = arrays if live else (npz_bytes(arrays) if arrays else b"")
+            cells_out[i], crops_out[i] = _hand_on(cells, live), _hand_on(arrays, live)
         except Exception as e:  # this tile's slide fails; the batch's other tiles go on
             set_error(batch, i, "segment", e)
     out = {k: v for k, v in batch.items() if k != "wbc_crops"}

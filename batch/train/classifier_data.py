@@ -159,7 +159,11 @@ class TrainClassifierConfig:
         return self.mpp / self.target_mpp
 
     def record_scale(self, record: ImageRecord) -> tuple[float, float | None]:
-        """One image's resize factor and its mpp after that resize (its own `ImageRecord.mpp`, else ``mpp``)."""
+        """One image's resize factor and its mpp after that resize.
+
+        The image's own `ImageRecord.mpp` where it has one, else ``mpp``;
+        resized to ``target_mpp`` when that is set.
+        """
         if record.mpp is None:
             return self.scale, self.work_mpp
         if self.target_mpp is None:
@@ -183,7 +187,8 @@ def assign_groups(
     """Give every record its group from a ``file,group`` CSV or a regex on the file name.
 
     CSV ``file`` entries match the path relative to ``root`` or the bare file
-    name; an optional ``mpp`` column gives an image its own mpp (`ImageRecord.mpp`). The regex's first capture group (or whole match) is the group.
+    name; an optional ``mpp`` column gives an image its own mpp
+    (`ImageRecord.mpp`). The regex's first capture group (or whole match) is the group.
     Without either, records keep their own path as the group.
 
     Raises
