@@ -20,7 +20,13 @@ import pytest
 from batch.config import DetectConfig
 from batch.errors import ModelLoadError
 from batch.eval.detector import eval_detector
-from batch.eval.metrics import average_precision, box_iou, detection_metrics, match_detections
+from batch.eval.metrics import (
+    average_precision,
+    box_iou,
+    detection_errors,
+    detection_metrics,
+    match_detections,
+)
 from batch.models import (
     CARD_KEY,
     DEFAULT_DETECTOR,
@@ -359,6 +365,45 @@ def test_shipped_detector_is_scale_aware(shipped: CellDetector, synth_field: dic
     assert est == pytest.approx(SYNTH_MPP / 2, rel=0.2)
 
 
+def test_detection_errors_lists_each_missed_label_and_false_box() -> None:
+    names = ["RBC", "WBC", "platelet"]
+    gt = (np.array([[0, 0, 10, 10], [20, 20, 30, 30], [40, 40, 50, 50], [60, 60, 70, 70]], float),
+          np.array([0, 1, 0, 2]))
+    pred = (
+        np.array([
+            [0, 0, 10, 10],  # RBC on the RBC: right
+            [20, 20, 30, 29],  # RBC on the WBC (IoU 0.9): the WBC is missed, this box is false
+            [40, 40, 50, 50],  # WBC on the second RBC at 0.1, under the operating threshold
+            [80, 80, 90, 90],  # platelet on nothing: false, nothing near
+        ], float),
+        np.array([0, 0, 1, 2]),
+        np.array([0.9, 0.8, 0.1, 0.6]),
+    )  # fmt: skip
+    errors = detection_errors([pred], [gt], names, conf=0.25)
+    got = {(e["kind"], e["class"], tuple(e["box"])): e for e in errors}
+    assert set(got) == {
+        ("missed", "WBC", (20, 20, 30, 30)),
+        ("missed", "RBC", (40, 40, 50, 50)),  # its only box scored under 0.25
+        ("missed", "platelet", (60, 60, 70, 70)),
+        ("false", "RBC", (20, 20, 30, 29)),
+        ("false", "platelet", (80, 80, 90, 90)),
+    }
+    assert got["missed", "WBC", (20, 20, 30, 30)]["nearest"] == {"class": "RBC", "iou": 0.9,
+                                                                 "score": 0.8}
+    assert got["false", "RBC", (20, 20, 30, 29)]["nearest"] == {"class": "WBC", "iou": 0.9,
+                                                                "score": None}
+    assert got["false", "RBC", (20, 20, 30, 29)]["score"] == 0.8
+    assert got["missed", "RBC", (40, 40, 50, 50)]["nearest"] is None  # the 0.1 box is not kept
+    assert got["false", "platelet", (80, 80, 90, 90)]["nearest"] is None
+    assert {e["image"] for e in errors} == {0}
+    # The counts agree with detection_metrics' precision and recall at the same threshold.
+    m = detection_metrics([pred], [gt], names, conf=0.25)["per_class"]
+    assert m["RBC"]["recall"] == 0.5 and m["RBC"]["precision"] == 0.5
+    assert detection_errors([(np.zeros((0, 4)), [], [])], [gt], names)[0]["kind"] == "missed"
+    assert detection_errors([pred], [(np.zeros((0, 4)), np.zeros(0, int))], names, conf=0.25)[
+        0]["kind"] == "false"
+
+
 def test_eval_detector_on_a_voc_set(shipped: CellDetector, synth_field: dict[str, Any],
                                     tmp_path: Path) -> None:
     import cv2
@@ -377,12 +422,55 @@ def test_eval_detector_on_a_voc_set(shipped: CellDetector, synth_field: dict[str
     (root / "ImageSets" / "val.txt").write_text("a\n")
     m = eval_detector(root, shipped, mpp=SYNTH_MPP)
     assert m["split"] == "val" and m["n_images"] == 1
+    assert "errors" not in m
     for key in ("map50", "map50_95", "precision", "recall", "f1"):
         assert 0.0 <= m[key] <= 1.0
     assert set(m["per_class"]) == {"RBC", "WBC", "platelet"}
     assert set(m["per_class"]["RBC"]) >= {"ap50", "ap50_95", "precision", "recall", "f1"}
     assert m["per_class"]["RBC"]["ap50"] > 0.3
     assert m["model_sha256"] == shipped.sha256
+
+    # A label turned wrong: an RBC the detector finds, labelled WBC. With errors_dir the run lists
+    # it twice (a missed WBC label, a false RBC box, each naming the other) and draws the sheets.
+    import cv2
+
+    first = eval_detector(root, shipped, mpp=SYNTH_MPP, errors_dir=tmp_path / "errors0")
+    missed0 = json.loads((tmp_path / "errors0" / "errors.json").read_text())
+    assert first["per_class"] == m["per_class"]
+    found = [
+        i for i, (b, c) in enumerate(zip(synth_field["boxes"], synth_field["classes"], strict=True))
+        if c == "RBC" and not any(x["kind"] == "missed" and x["box"] == [round(float(v), 2) for v in b]
+                                  for x in missed0)
+    ]  # fmt: skip
+    k = found[len(found) // 2]
+    classes = list(synth_field["classes"])
+    classes[k] = "WBC"
+    objs = "".join(
+        f"<object><name>{'Platelets' if c == 'platelet' else c}</name><bndbox><xmin>{b[0]}</xmin>"
+        f"<ymin>{b[1]}</ymin><xmax>{b[2]}</xmax><ymax>{b[3]}</ymax></bndbox></object>"
+        for b, c in zip(synth_field["boxes"], classes, strict=True)
+    )
+    (root / "Annotations" / "a.xml").write_text(f"<annotation><filename>a.png</filename>{objs}</annotation>")
+    out = tmp_path / "errors"
+    e = eval_detector(root, shipped, mpp=SYNTH_MPP, errors_dir=out)
+    listed = json.loads((out / "errors.json").read_text())
+    box = np.asarray(synth_field["boxes"][k], float)
+    [missed] = [x for x in listed if x["kind"] == "missed" and x["class"] == "WBC"]
+    assert box_iou([missed["box"]], [box])[0, 0] > 0.99
+    assert missed["nearest"]["class"] == "RBC" and missed["nearest"]["iou"] >= 0.5
+    [false] = [x for x in listed if x["kind"] == "false" and x["class"] == "RBC"
+               and box_iou([x["box"]], [box])[0, 0] >= 0.5]
+    assert false["nearest"]["class"] == "WBC" and false["score"] == missed["nearest"]["score"]
+    # Everything else is as before: the one relabelled box adds exactly these two errors.
+    key = lambda x: (x["kind"], x["class"], tuple(x["box"]))  # noqa: E731
+    assert {key(x) for x in listed} == {key(x) for x in missed0} | {key(missed), key(false)}
+    assert {x["path"] for x in listed} == {str(root / "JPEGImages" / "a.png")}
+    assert e["errors"]["WBC"] == {"missed": 1, "false": 0}
+    assert sum(c["missed"] + c["false"] for c in e["errors"].values()) == len(listed)
+    sheets = sorted(p.name for p in out.glob("*.png"))
+    assert sheets == sorted({f"{x['class']}_{x['kind']}.png" for x in listed})
+    sheet = cv2.imread(str(out / "WBC_missed.png"))
+    assert sheet is not None and sheet.shape == (192, 8 * 192, 3)
 
 
 def test_predict_keeps_the_processes_torch_threads() -> None:

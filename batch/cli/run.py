@@ -107,7 +107,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
         result = eval_detector(
             args.data, args.model, mpp=args.mpp, split=args.split, max_images=args.limit,
-            runtime=args.runtime,
+            runtime=args.runtime, errors_dir=args.errors,
         )  # fmt: skip
     elif args.what == "classifier":
         from batch.eval.classifier import eval_classifier
@@ -214,6 +214,12 @@ def add_commands(sub: Any) -> None:
     )
     e.add_argument(
         "--png", help="classifier: write a reliability diagram (before / after calibration) here"
+    )
+    e.add_argument(
+        "--errors",
+        metavar="DIR",
+        help="detector: write every missed label and false box at the operating threshold "
+        "here (errors.json, one contact sheet per class and kind), each with what overlaps it",
     )
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.set_defaults(func=_cmd_eval)

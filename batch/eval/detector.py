@@ -5,11 +5,17 @@ resampling to the trained mpp, over a YOLO or Pascal VOC set
 (`batch.datasets.detection`) and reports, overall and per class, precision,
 recall, F1, AP50 and AP50-95 (definitions: `batch.eval.metrics`).
 ``evaluate_images`` does the scoring on already-read images; detector
-training reports its validation metrics with it.
+training reports its validation metrics with it. With ``errors_dir``,
+``eval_detector`` also writes every error at the operating point
+(``detection_errors``: missed labels and false boxes, each with what
+overlaps it from the other side) to ``errors.json`` and one contact sheet per
+class and kind (``WBC_missed.png`` ...), where a person tells the model's
+errors from the labels'.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,10 +25,10 @@ import numpy as np
 
 from batch.config import DetectConfig
 from batch.datasets.detection import LabeledImage, read_detection_dataset
-from batch.eval.metrics import AP_CONF, detection_metrics
+from batch.eval.metrics import AP_CONF, detection_errors, detection_metrics
 from batch.stages.detect import CellDetector, Detections, estimate_mpp_from_rbc
 
-__all__ = ["eval_detector", "evaluate_images"]
+__all__ = ["eval_detector", "evaluate_images", "write_error_sheets"]
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +39,7 @@ def evaluate_images(
     *,
     mpp: float | str | None = None,
     conf: float | None = None,
+    errors: bool = False,
 ) -> dict[str, Any]:
     """Detection metrics of ``detector`` on labelled images.
 
@@ -51,6 +58,9 @@ def evaluate_images(
         experimental: see its docstring).
     conf
         Operating threshold for precision / recall / F1 (default: the detector's).
+    errors
+        Also list every error at that threshold (``detection_errors``, each
+        with its image's ``path``) under ``errors``.
 
     Returns
     -------
@@ -95,7 +105,13 @@ def evaluate_images(
         log.warning(
             "ground-truth classes unknown to the model ignored: %s", sorted(skipped_classes)
         )
-    result = detection_metrics(preds, gts, names, conf=detector.conf if conf is None else conf)
+    operating = detector.conf if conf is None else conf
+    result = detection_metrics(preds, gts, names, conf=operating)
+    if errors:
+        result["errors"] = [
+            {**e, "path": str(images[e["image"]].path)}
+            for e in detection_errors(preds, gts, names, conf=operating)
+        ]
     result["mpp_mode"] = "labels" if mpp is None else mpp
     result["mpp_median"] = float(np.median(used_mpp)) if used_mpp else None
     result["mpp_unresolved"] = unresolved
@@ -126,6 +142,7 @@ def eval_detector(
     max_images: int | None = None,
     storage_options: dict[str, Any] | None = None,
     runtime: str = DetectConfig.runtime,
+    errors_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate a detector on a labelled YOLO or Pascal VOC set.
 
@@ -154,6 +171,9 @@ def eval_detector(
         Evaluate only the first N images of the split (sorted by path).
     storage_options
         fsspec options for a remote ``model``.
+    errors_dir
+        Write every error at the operating threshold here: ``errors.json``
+        and contact sheets (``write_error_sheets``).
 
     Returns
     -------
@@ -162,7 +182,9 @@ def eval_detector(
         ``per_class.{RBC,WBC,platelet}.{ap50, ap50_95, precision, recall, f1,
         n_gt, n_pred}``, ``n_images``, ``split``, ``data``, ``model``,
         ``model_sha256``, ``trained_mpp``, ``mpp_mode``, ``runtime`` (the one
-        that ran) and ``runtime_choice`` (why, when ``auto`` chose it).
+        that ran) and ``runtime_choice`` (why, when ``auto`` chose it); with
+        ``errors_dir``, ``errors`` (``{class: {missed, false}}`` counts) and
+        ``errors_dir``.
     """
     detector = (
         model
@@ -176,7 +198,16 @@ def eval_detector(
     images = sorted(images, key=lambda im: str(im.path))
     if max_images is not None:
         images = images[:max_images]
-    result = evaluate_images(detector, images, mpp=mpp, conf=conf)
+    result = evaluate_images(detector, images, mpp=mpp, conf=conf, errors=errors_dir is not None)
+    if errors_dir is not None:
+        listed = result.pop("errors")
+        write_error_sheets(listed, images, errors_dir)
+        result["errors"] = {
+            name: {kind: sum(e["class"] == name and e["kind"] == kind for e in listed)
+                   for kind in ("missed", "false")}
+            for name in detector.class_names
+        }  # fmt: skip
+        result["errors_dir"] = str(errors_dir)
     result.update(
         {
             "split": split,
@@ -191,3 +222,76 @@ def eval_detector(
         }
     )
     return result
+
+
+#: Context around an error in its contact-sheet cell: the box's size times this on each side.
+SHEET_CONTEXT = 0.6
+#: Contact-sheet cell side (px) and cells per row; at most SHEET_MAX cells per sheet.
+SHEET_CELL, SHEET_COLUMNS, SHEET_MAX = 192, 8, 96
+
+
+def write_error_sheets(
+    errors: Sequence[dict[str, Any]], images: Sequence[LabeledImage], out_dir: str | Path
+) -> list[Path]:
+    """``errors.json`` and one PNG per class and kind (``WBC_missed.png``, ``WBC_false.png`` ...).
+
+    Each cell shows the error in its context, its box in green, and a
+    caption naming the nearest box of the other side: "box RBC iou 0.87 p
+    0.76" under a missed label (a kept prediction, its score), "p 0.84, label
+    RBC iou 0.89" under a false box (its score, then the label). Errors are listed by image path in the JSON; the sheets hold
+    the first :data:`SHEET_MAX` of each kind.
+    """
+    import cv2
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "errors.json").write_text(json.dumps(list(errors), indent=1))
+    written = []
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for e in errors:
+        groups.setdefault((e["class"], e["kind"]), []).append(e)
+    pixels: dict[int, Any] = {}
+    for (name, kind), group in sorted(groups.items()):
+        cells = []
+        for e in group[:SHEET_MAX]:
+            if e["image"] not in pixels:
+                pixels[e["image"]] = images[e["image"]].read_rgb()
+            cells.append(_sheet_cell(pixels[e["image"]], e))
+        rows = [cells[i : i + SHEET_COLUMNS] for i in range(0, len(cells), SHEET_COLUMNS)]
+        blank = np.full_like(cells[0], 255)
+        sheet = np.concatenate(
+            [np.concatenate(r + [blank] * (SHEET_COLUMNS - len(r)), axis=1) for r in rows], axis=0
+        )
+        path = out / f"{name}_{kind}.png"
+        cv2.imwrite(str(path), cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR))
+        written.append(path)
+    return written
+
+
+def _sheet_cell(rgb: np.ndarray, error: dict[str, Any]) -> np.ndarray:
+    """The error's box and its context, scaled to a square cell, with a caption."""
+    import cv2
+
+    x0, y0, x1, y1 = error["box"]
+    pad = SHEET_CONTEXT * max(x1 - x0, y1 - y0)
+    h, w = rgb.shape[:2]
+    cx0, cy0 = int(max(0, x0 - pad)), int(max(0, y0 - pad))
+    cx1, cy1 = int(min(w, x1 + pad)), int(min(h, y1 + pad))
+    crop = np.ascontiguousarray(rgb[cy0:cy1, cx0:cx1])
+    scale = (SHEET_CELL - 24) / max(crop.shape[0], crop.shape[1], 1)
+    crop = cv2.resize(crop, (max(1, round(crop.shape[1] * scale)), max(1, round(crop.shape[0] * scale))))
+    p0 = (round((x0 - cx0) * scale), round((y0 - cy0) * scale))
+    p1 = (round((x1 - cx0) * scale), round((y1 - cy0) * scale))
+    cv2.rectangle(crop, p0, p1, (0, 200, 0), 2)
+    cell = np.full((SHEET_CELL, SHEET_CELL, 3), 255, np.uint8)
+    cell[: crop.shape[0], : crop.shape[1]] = crop
+    near = error["nearest"]
+    other = "label" if error["kind"] == "false" else "box"
+    text = f"no {other} near" if near is None else f"{other} {near['class']} iou {near['iou']:.2f}"
+    if near is not None and near["score"] is not None:
+        text += f" p {near['score']:.2f}"
+    if error["score"] is not None:
+        text = f"p {error['score']:.2f}, " + text
+    cv2.putText(cell, text, (3, SHEET_CELL - 7), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1,
+                cv2.LINE_AA)  # fmt: skip
+    return cell

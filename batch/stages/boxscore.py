@@ -17,6 +17,10 @@ project's detector metrics use:
 - Precision, recall, F1: at the detector's operating confidence threshold
   (``conf``, what the pipeline keeps), IoU 0.5. Overall values are the
   unweighted means over classes (like mAP), F1 the harmonic mean of those.
+- Errors (``detection_errors``): at the same operating point, each labelled
+  box no prediction claimed ("missed") and each prediction that claimed no
+  label ("false"), with what overlaps it most from the other side, so a
+  person can see which errors are the model's and which are the labels'.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ __all__ = [
     "IOU_THRESHOLDS",
     "RECALL_POINTS",
     "average_precision",
+    "detection_errors",
     "detection_metrics",
     "f1_score",
     "match_detections",
@@ -115,14 +120,92 @@ def match_detections(
     iou[pc[:, None] != gc[None, :]] = -1.0
     order = np.argsort(-ps, kind="stable")
     for t, threshold in enumerate(thr):
-        taken = np.zeros(len(gb), dtype=bool)
-        for i in order:
-            cand = np.where(taken, -1.0, iou[i])
-            j = int(np.argmax(cand))
-            if cand[j] >= threshold:
-                taken[j] = True
-                tp[i, t] = True
+        tp[:, t] = _claim(iou, order, float(threshold))[0]
     return tp
+
+
+def _claim(
+    iou: npt.NDArray[np.float64], order: npt.NDArray[np.int64], threshold: float
+) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.bool_]]:
+    """COCO's greedy claim: (predictions that claimed a label, labels claimed)."""
+    hit = np.zeros(iou.shape[0], dtype=bool)
+    taken = np.zeros(iou.shape[1], dtype=bool)
+    if not iou.size:
+        return hit, taken
+    for i in order:
+        cand = np.where(taken, -1.0, iou[i])
+        j = int(np.argmax(cand))
+        if cand[j] >= threshold:
+            taken[j] = True
+            hit[i] = True
+    return hit, taken
+
+
+def detection_errors(
+    predictions: Sequence[tuple[npt.ArrayLike, npt.ArrayLike, npt.ArrayLike]],
+    ground_truth: Sequence[tuple[npt.ArrayLike, npt.ArrayLike]],
+    class_names: Sequence[str],
+    *,
+    conf: float = DetectConfig.conf,
+    iou_threshold: float = 0.5,
+) -> list[dict[str, Any]]:
+    """Every error of a detector at its operating point, box by box.
+
+    The matching is ``match_detections``' at ``iou_threshold`` over the
+    predictions with score >= ``conf`` (what ``detection_metrics`` counts
+    for precision and recall).
+
+    Returns
+    -------
+    list of dict
+        One per error: ``image`` (index), ``kind`` (``"missed"``: a labelled
+        box no prediction of its class claimed; ``"false"``: a prediction
+        that claimed no label), ``class``, ``box`` (xyxy), ``score`` (false
+        ones), and ``nearest``: the box of the other side (a kept prediction
+        of any class for a missed label, a label of any class for a false
+        prediction) with the highest IoU, as ``{"class", "iou", "score"}``,
+        or None when nothing overlaps. A missed WBC whose nearest is an RBC
+        prediction at IoU 0.9 was boxed but called RBC; a false WBC whose
+        nearest is an RBC label at 0.9 is a cell the labels call RBC.
+    """
+    errors: list[dict[str, Any]] = []
+    for index, ((pb, pc, ps), (gb, gc)) in enumerate(zip(predictions, ground_truth, strict=True)):
+        scores = np.asarray(ps, dtype=np.float64).reshape(-1)
+        keep = scores >= conf
+        pbox = np.asarray(pb, dtype=np.float64).reshape(-1, 4)[keep]
+        pcls = np.asarray(pc, dtype=np.int64).reshape(-1)[keep]
+        scores = scores[keep]
+        gbox = np.asarray(gb, dtype=np.float64).reshape(-1, 4)
+        gcls = np.asarray(gc, dtype=np.int64).reshape(-1)
+        overlap = (
+            box_iou(pbox, gbox) if len(pbox) and len(gbox) else np.zeros((len(pbox), len(gbox)))
+        )
+        same = np.where(pcls[:, None] == gcls[None, :], overlap, -1.0)
+        hit, taken = _claim(same, np.argsort(-scores, kind="stable"), iou_threshold)
+
+        def nearest(row: npt.NDArray[np.float64], names: Any, score: Any) -> dict[str, Any] | None:
+            if not row.size or row.max() <= 0:
+                return None
+            j = int(np.argmax(row))
+            return {
+                "class": class_names[int(names[j])],
+                "iou": round(float(row[j]), 4),
+                "score": None if score is None else round(float(score[j]), 4),
+            }
+
+        for j in np.flatnonzero(~taken):
+            errors.append({
+                "image": index, "kind": "missed", "class": class_names[int(gcls[j])],
+                "box": [round(float(v), 2) for v in gbox[j]], "score": None,
+                "nearest": nearest(overlap[:, j], pcls, scores),
+            })  # fmt: skip
+        for i in np.flatnonzero(~hit):
+            errors.append({
+                "image": index, "kind": "false", "class": class_names[int(pcls[i])],
+                "box": [round(float(v), 2) for v in pbox[i]], "score": round(float(scores[i]), 4),
+                "nearest": nearest(overlap[i], gcls, None),
+            })  # fmt: skip
+    return errors
 
 
 def average_precision(tp: npt.ArrayLike, scores: npt.ArrayLike, n_gt: int) -> float:
