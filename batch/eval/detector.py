@@ -238,8 +238,9 @@ def write_error_sheets(
     Each cell shows the error in its context, its box in green, and a
     caption naming the nearest box of the other side: "box RBC iou 0.87 p
     0.76" under a missed label (a kept prediction, its score), "p 0.84, label
-    RBC iou 0.89" under a false box (its score, then the label). Errors are listed by image path in the JSON; the sheets hold
-    the first :data:`SHEET_MAX` of each kind.
+    RBC iou 0.89" under a false box (its score, then the label). The JSON
+    lists every error with its image path; each sheet holds the first
+    :data:`SHEET_MAX` of its kind.
     """
     import cv2
 

@@ -177,9 +177,7 @@ def detection_errors(
         scores = scores[keep]
         gbox = np.asarray(gb, dtype=np.float64).reshape(-1, 4)
         gcls = np.asarray(gc, dtype=np.int64).reshape(-1)
-        overlap = (
-            box_iou(pbox, gbox) if len(pbox) and len(gbox) else np.zeros((len(pbox), len(gbox)))
-        )
+        overlap = box_iou(pbox, gbox)  # (0, M) / (N, 0) when a side is empty
         same = np.where(pcls[:, None] == gcls[None, :], overlap, -1.0)
         hit, taken = _claim(same, np.argsort(-scores, kind="stable"), iou_threshold)
 
