@@ -63,7 +63,7 @@ class FakeNetDetector(CellDetector):
         return None, ["RBC", "WBC", "Platelets"]
 
     def _predict(
-        self, batch: list[npt.NDArray[np.uint8]], conf: float
+        self, batch: list[npt.NDArray[np.uint8]], conf: float, per_class: bool = False
     ) -> list[tuple[npt.NDArray[np.float32], npt.NDArray[np.int64], npt.NDArray[np.float32]]]:
         self.seen.append(batch)
         return [
@@ -302,6 +302,24 @@ def test_detection_metrics_operating_threshold() -> None:
     c = m["per_class"]["RBC"]
     assert (c["precision"], c["recall"], c["n_pred"]) == (0.5, 0.5, 2)
     assert c["ap50"] == pytest.approx((51 + 50 * 2 / 3) / 101)
+
+
+def test_ap_on_every_class_a_box_scores() -> None:
+    """A WBC whose box the network calls RBC (0.6) but also scores WBC (0.3): the WBC AP counts it
+    at 0.3 (``candidates``); the run's one label per box misses it at any threshold."""
+    names = ["RBC", "WBC"]
+    gt = (np.array([[0, 0, 40, 40], [100, 100, 108, 108]], float), np.array([1, 0]))
+    one_label = (gt[0], np.array([0, 0]), np.array([0.6, 0.9]))
+    every = (np.concatenate([gt[0], gt[0][:1]]), np.array([0, 0, 1]), np.array([0.6, 0.9, 0.3]))
+    m = detection_metrics([one_label], [gt], names, conf=0.25, candidates=[every])
+    wbc, rbc = m["per_class"]["WBC"], m["per_class"]["RBC"]
+    assert wbc["ap50"] == 1.0 and wbc["ap50_one_label"] == 0.0
+    assert (wbc["recall"], wbc["n_pred"], rbc["precision"]) == (0.0, 0, 0.5)  # the operating point
+    assert rbc["ap50"] == rbc["ap50_one_label"] == 1.0  # the false RBC box ranks below the true
+    assert (m["map50"], m["map50_one_label"]) == (1.0, 0.5)
+    assert "map50_one_label" not in detection_metrics([one_label], [gt], names)
+    with pytest.raises(ValueError, match="candidate sets"):
+        detection_metrics([one_label], [gt], names, candidates=[])
 
 
 # ----------------------------------------------------------------------------- shipped weights

@@ -32,15 +32,16 @@ def _head_output(seed: int, images: int = 3, anchors: int = 2000, classes: int =
 
 
 def _ultralytics(
-    pred: npt.NDArray[np.float32], *, conf: float, iou: float, max_det: int, agnostic: bool
-) -> list[tuple[npt.NDArray[np.float32], npt.NDArray[np.int64], npt.NDArray[np.float32]]]:
+    pred: npt.NDArray[np.float32], *, conf: float, iou: float, max_det: int, agnostic: bool,
+    multi_label: bool = False,
+) -> list[tuple[npt.NDArray[np.float32], npt.NDArray[np.int64], npt.NDArray[np.float32]]]:  # fmt: skip
     import torch
     import torchvision  # noqa: F401  (ultralytics uses torchvision's NMS kernel when imported)
     from ultralytics.utils.nms import non_max_suppression
 
     found = non_max_suppression(
         torch.from_numpy(pred), conf, iou, agnostic=agnostic, max_det=max_det,
-        max_time_img=float("inf"),
+        max_time_img=float("inf"), multi_label=multi_label,
     )  # fmt: skip
     return [
         (f[:, :4].numpy(), f[:, 5].numpy().astype(np.int64), f[:, 4].numpy()) for f in found
@@ -67,6 +68,23 @@ def test_yolo_nms_keeps_ultralytics_boxes(
         other = yolo_nms(pred, conf=conf, iou=iou, max_det=max_det, agnostic=not agnostic)
         aware, merged = (other, ours) if agnostic else (ours, other)
         assert all(len(a[2]) > len(m[2]) for a, m in zip(aware, merged, strict=True))
+
+
+@pytest.mark.parametrize(("conf", "max_det"), [(0.25, 3000), (0.001, 300)])
+def test_per_class_nms_keeps_ultralytics_validation_boxes(conf: float, max_det: int) -> None:
+    """``per_class`` is ultralytics' validator's NMS: every class above ``conf``, class-aware."""
+    pred = _head_output(seed=7)
+    ours = yolo_nms(pred, conf=conf, iou=0.7, max_det=max_det, agnostic=True, per_class=True)
+    theirs = _ultralytics(pred, conf=conf, iou=0.7, max_det=max_det, agnostic=False, multi_label=True)
+    one_label = yolo_nms(pred, conf=conf, iou=0.7, max_det=max_det, agnostic=False)
+    for (xyxy, cls, score), (ref_xyxy, ref_cls, ref_score), (_, _, single) in zip(
+        ours, theirs, one_label, strict=True
+    ):
+        assert np.array_equal(cls, ref_cls) and np.array_equal(score, ref_score)
+        assert np.allclose(xyxy, ref_xyxy, atol=1e-4)
+        # A box's second and third classes are candidates of their own.
+        assert len(score) > len(single) or len(score) == max_det
+        assert set(cls.tolist()) == {0, 1, 2}
 
 
 def test_yolo_nms_with_nothing_above_the_threshold() -> None:

@@ -206,12 +206,26 @@ def test_bench_gpu_without_a_gpu_says_so() -> None:
 def test_exported_runtime_gives_torch_boxes(
     runtime: str, tiles: list[object], cache: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    reference = CellDetector(device="cpu").detect(tiles, 0.25)
+    torch_detector = CellDetector(device="cpu")
+    reference = torch_detector.detect(tiles, 0.25)
     exported = CellDetector(device="cpu", runtime=runtime)
     parity = detection_parity(reference, exported.detect(tiles, 0.25))
     assert parity["n_reference"] > 100
     assert parity["matched_fraction"] == 1.0 and parity["n_other"] == parity["n_reference"]
     assert parity["worst_iou"] >= PARITY_IOU and parity["max_conf_diff"] <= PARITY_CONF
+    # The candidates AP is measured on (every class a box scores: ultralytics' validator NMS in
+    # torch, `yolo_nms(per_class=True)` around the export) agree too, and outnumber one label
+    # per box; torch then runs its one-label predictor again.
+    every = detection_parity(
+        torch_detector.detect(tiles, 0.25, conf=0.01, per_class=True),
+        exported.detect(tiles, 0.25, conf=0.01, per_class=True),
+    )
+    assert every["matched_fraction"] == 1.0 and every["n_other"] == every["n_reference"]
+    assert every["max_conf_diff"] <= PARITY_CONF
+    one_label = torch_detector.detect(tiles, 0.25, conf=0.01)
+    assert every["n_reference"] > sum(len(d.boxes) for d in one_label)
+    again = detection_parity(reference, torch_detector.detect(tiles, 0.25))
+    assert again["matched_fraction"] == 1.0 and again["n_other"] == again["n_reference"]
     # Exported once: the second detector loads the cached export, untouched; on one thread
     # (detect.runtime_threads) it gives the same boxes.
     path = exported_model(DEFAULT_DETECTOR, runtime)

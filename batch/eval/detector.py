@@ -43,6 +43,14 @@ def evaluate_images(
 ) -> dict[str, Any]:
     """Detection metrics of ``detector`` on labelled images.
 
+    AP is measured the way ultralytics validates and COCO scores detectors:
+    on every class each box scores (``CellDetector.detect(per_class=True)``),
+    so a cell the network ranks second as a WBC still counts on the WBC
+    precision-recall curve at that score. Precision, recall, F1 and the
+    errors are the operating point of a run: one label per box, at ``conf``.
+    The one-label AP is reported beside (``map50_one_label``,
+    ``per_class.*.ap50_one_label``).
+
     Parameters
     ----------
     detector
@@ -71,6 +79,7 @@ def evaluate_images(
     """
     names = list(detector.class_names)
     preds: list[tuple[Any, Any, Any]] = []
+    candidates: list[tuple[Any, Any, Any]] = []
     gts: list[tuple[Any, Any]] = []
     used_mpp: list[float] = []
     unresolved = 0
@@ -96,6 +105,8 @@ def evaluate_images(
             used_mpp.append(image_mpp)
         det: Detections = detector.detect([rgb], image_mpp, conf=AP_CONF)[0]
         preds.append((det.boxes, det.class_ids, det.scores))
+        every = detector.detect([rgb], image_mpp, conf=AP_CONF, per_class=True)[0]
+        candidates.append((every.boxes, every.class_ids, every.scores))
         keep = [i for i, c in enumerate(im.classes) if c in names]
         skipped_classes.update(c for c in im.classes if c not in names)
         gts.append(
@@ -106,7 +117,7 @@ def evaluate_images(
             "ground-truth classes unknown to the model ignored: %s", sorted(skipped_classes)
         )
     operating = detector.conf if conf is None else conf
-    result = detection_metrics(preds, gts, names, conf=operating)
+    result = detection_metrics(preds, gts, names, conf=operating, candidates=candidates)
     if errors:
         result["errors"] = [
             {**e, "path": str(images[e["image"]].path)}

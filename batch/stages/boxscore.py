@@ -9,6 +9,11 @@ project's detector metrics use:
 - Matching, per image, class and IoU threshold, COCO-style: predictions in
   descending confidence each take the unmatched ground-truth box of the same
   class with the highest IoU, if that IoU is >= the threshold.
+- AP candidates: what ``detection_metrics`` is given as ``candidates``, in
+  `batch.eval.detector` every class a box scores above ``AP_CONF``, each
+  suppressed only within its class (ultralytics' validation protocol, whose
+  AP is what YOLO figures are quoted in). A run keeps one label per box; its
+  own AP (``*_one_label``) is reported beside.
 - AP: COCO 101-point interpolated average precision: the precision envelope
   (running maximum from the right) sampled at recall 0, 0.01, ..., 1 (0 past
   the highest recall reached), averaged. AP50 at IoU 0.5; AP50-95 the mean
@@ -241,6 +246,7 @@ def detection_metrics(
     class_names: Sequence[str],
     *,
     conf: float = DetectConfig.conf,
+    candidates: Sequence[tuple[npt.ArrayLike, npt.ArrayLike, npt.ArrayLike]] | None = None,
 ) -> dict[str, Any]:
     """Overall and per-class detection metrics over a set of images.
 
@@ -255,42 +261,39 @@ def detection_metrics(
         Names by id.
     conf
         Operating threshold for precision, recall and F1.
+    candidates
+        Per image, the boxes the AP is measured on instead of ``predictions``:
+        every class a box scores (``CellDetector.detect(per_class=True)``),
+        ultralytics' and COCO's protocol. ``predictions`` (one label per box,
+        as a run keeps cells) still give precision, recall and F1, and their
+        own AP as ``map50_one_label`` and ``ap50_one_label``.
 
     Returns
     -------
     dict
         ``map50``, ``map50_95``, ``precision``, ``recall``, ``f1``, ``conf``,
         ``n_images`` and ``per_class.{name}.{ap50, ap50_95, precision,
-        recall, f1, n_gt, n_pred}``.
+        recall, f1, n_gt, n_pred}``; with ``candidates`` also
+        ``map50_one_label`` and ``per_class.{name}.ap50_one_label``.
     """
     if len(predictions) != len(ground_truth):
         raise ValueError(f"{len(predictions)} prediction sets for {len(ground_truth)} images")
-    tps, scores, classes = [], [], []
-    gt_counts = np.zeros(len(class_names), dtype=np.int64)
-    for (pb, pc, ps), (gb, gc) in zip(predictions, ground_truth, strict=True):
-        pc_arr = np.asarray(pc, dtype=np.int64).reshape(-1)
-        gc_arr = np.asarray(gc, dtype=np.int64).reshape(-1)
-        tps.append(match_detections(pb, pc_arr, ps, gb, gc_arr))
-        scores.append(np.asarray(ps, dtype=np.float64).reshape(-1))
-        classes.append(pc_arr)
-        gt_counts += np.bincount(gc_arr, minlength=len(class_names))[: len(class_names)]
-    tp = np.concatenate(tps) if tps else np.zeros((0, len(IOU_THRESHOLDS)), bool)
-    sc = np.concatenate(scores) if scores else np.zeros(0)
-    cl = np.concatenate(classes) if classes else np.zeros(0, np.int64)
+    tp, sc, cl, gt_counts = _scored(predictions, ground_truth, len(class_names))
+    ranked = None
+    if candidates is not None:
+        if len(candidates) != len(ground_truth):
+            raise ValueError(f"{len(candidates)} candidate sets for {len(ground_truth)} images")
+        ranked = _scored(candidates, ground_truth, len(class_names))[:3]
     per_class: dict[str, dict[str, Any]] = {}
     for k, name in enumerate(class_names):
-        sel = cl == k
         n_gt = int(gt_counts[k])
-        kept = sel & (sc >= conf)
+        kept = (cl == k) & (sc >= conf)
         n_tp = int(tp[kept, 0].sum())
         n_pred = int(kept.sum())
         precision = n_tp / n_pred if n_pred else 0.0
         recall = n_tp / n_gt if n_gt else 0.0
-        ap50: float | None = None
-        ap50_95: float | None = None
-        if n_gt:
-            aps = [average_precision(tp[sel, t], sc[sel], n_gt) for t in range(tp.shape[1])]
-            ap50, ap50_95 = aps[0], float(np.mean(aps))
+        one_label = _class_aps(tp, sc, cl, k, n_gt)
+        ap50, ap50_95 = one_label if ranked is None else _class_aps(*ranked, k, n_gt)
         per_class[name] = {
             "ap50": ap50,
             "ap50_95": ap50_95,
@@ -300,13 +303,15 @@ def detection_metrics(
             "n_gt": n_gt,
             "n_pred": n_pred,
         }
+        if ranked is not None:
+            per_class[name]["ap50_one_label"] = one_label[0]
     present = [c for c in per_class.values() if c["n_gt"] > 0]
 
     def mean(key: str) -> float:
         return float(np.mean([c[key] for c in present])) if present else 0.0
 
     p, r = mean("precision"), mean("recall")
-    return {
+    out = {
         "map50": mean("ap50"),
         "map50_95": mean("ap50_95"),
         "precision": p,
@@ -316,3 +321,44 @@ def detection_metrics(
         "n_images": len(ground_truth),
         "per_class": per_class,
     }
+    if ranked is not None:
+        out["map50_one_label"] = mean("ap50_one_label")
+    return out
+
+
+def _scored(
+    predictions: Sequence[tuple[npt.ArrayLike, npt.ArrayLike, npt.ArrayLike]],
+    ground_truth: Sequence[tuple[npt.ArrayLike, npt.ArrayLike]],
+    n_classes: int,
+) -> tuple[
+    npt.NDArray[np.bool_], npt.NDArray[np.float64], npt.NDArray[np.int64], npt.NDArray[np.int64]
+]:
+    """Every prediction's matches (``match_detections``), score and class; labels per class."""
+    tps, scores, classes = [], [], []
+    gt_counts = np.zeros(n_classes, dtype=np.int64)
+    for (pb, pc, ps), (gb, gc) in zip(predictions, ground_truth, strict=True):
+        pc_arr = np.asarray(pc, dtype=np.int64).reshape(-1)
+        gc_arr = np.asarray(gc, dtype=np.int64).reshape(-1)
+        tps.append(match_detections(pb, pc_arr, ps, gb, gc_arr))
+        scores.append(np.asarray(ps, dtype=np.float64).reshape(-1))
+        classes.append(pc_arr)
+        gt_counts += np.bincount(gc_arr, minlength=n_classes)[:n_classes]
+    tp = np.concatenate(tps) if tps else np.zeros((0, len(IOU_THRESHOLDS)), bool)
+    sc = np.concatenate(scores) if scores else np.zeros(0)
+    cl = np.concatenate(classes) if classes else np.zeros(0, np.int64)
+    return tp, sc, cl, gt_counts
+
+
+def _class_aps(
+    tp: npt.NDArray[np.bool_],
+    sc: npt.NDArray[np.float64],
+    cl: npt.NDArray[np.int64],
+    k: int,
+    n_gt: int,
+) -> tuple[float | None, float | None]:
+    """Class ``k``'s AP50 and AP50-95 (None for a class without ground truth)."""
+    if not n_gt:
+        return None, None
+    sel = cl == k
+    aps = [average_precision(tp[sel, t], sc[sel], n_gt) for t in range(tp.shape[1])]
+    return aps[0], float(np.mean(aps))

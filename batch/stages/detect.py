@@ -19,6 +19,7 @@ used on CUDA only (``half="auto"``). The same code path runs on both.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -69,6 +70,8 @@ STRIDE = 32
 PAD_VALUE = 114
 #: ``quantize`` value of half precision in ultralytics >= 8.4.
 HALF_BITS = 16
+#: NMS time limit per image of a per-class prediction (ultralytics' 0.05 s cuts a CPU's AP short).
+NMS_SECONDS_PER_IMAGE = 5.0
 #: Detector class name of white blood cells (the class `keep_uncontained` dedupes).
 WBC = "WBC"
 #: Assumed scales tried by ``CellDetector.estimate_mpp`` (um/px): 100x oil to 20x,
@@ -302,6 +305,7 @@ class CellDetector:
         mpp: float | Sequence[float | None] | None = None,
         *,
         conf: float | None = None,
+        per_class: bool = False,
     ) -> list[Detections]:
         """Detect cells on RGB tiles.
 
@@ -314,6 +318,11 @@ class CellDetector:
             or None (tiles are already at ``trained_mpp``).
         conf
             Override the confidence threshold for this call (e.g. 0.001 for mAP).
+        per_class
+            Every class a box scores above ``conf`` is a box of its own,
+            suppressed only within its class: the candidates AP is measured on
+            (ultralytics' validation; `batch.eval.detector`). Default: one
+            label per box, the detector's NMS, as a run keeps cells.
 
         Returns
         -------
@@ -331,11 +340,17 @@ class CellDetector:
         for start in range(0, n, self.batch_size):
             batch = tiles[start : start + self.batch_size]
             scales = [self.scale_for(m) for m in mpps[start : start + self.batch_size]]
-            out.extend(self._detect_batch(batch, scales, self.conf if conf is None else conf))
+            out.extend(
+                self._detect_batch(batch, scales, self.conf if conf is None else conf, per_class)
+            )
         return out
 
     def _detect_batch(
-        self, tiles: Sequence[npt.NDArray[np.uint8]], scales: Sequence[float], conf: float
+        self,
+        tiles: Sequence[npt.NDArray[np.uint8]],
+        scales: Sequence[float],
+        conf: float,
+        per_class: bool = False,
     ) -> list[Detections]:
         resized: list[npt.NDArray[np.uint8]] = []
         for i, tile in enumerate(tiles):
@@ -353,7 +368,7 @@ class CellDetector:
             canvas[: r.shape[0], : r.shape[1]] = r if rgb else r[..., ::-1]
         out = []
         for tile, r, (xyxy, cls, score) in zip(
-            tiles, resized, self._predict(batch, conf), strict=True
+            tiles, resized, self._predict(batch, conf, per_class), strict=True
         ):
             if not len(xyxy):
                 out.append(Detections.empty(self._names))
@@ -416,21 +431,25 @@ class CellDetector:
         return {"quantize": HALF_BITS} if "quantize" in DEFAULT_CFG_DICT else {"half": True}
 
     def _predict(
-        self, batch: npt.NDArray[np.uint8], conf: float
+        self, batch: npt.NDArray[np.uint8], conf: float, per_class: bool = False
     ) -> list[tuple[npt.NDArray[np.float32], npt.NDArray[np.int64], npt.NDArray[np.float32]]]:
         """Run the network on same-shape images (BGR; RGB for an `ExportedDetector`), in their pixels.
 
         ``imgsz`` equals the images' shape (a multiple of ``STRIDE``), so
-        ultralytics' letterbox neither resizes nor pads them.
+        ultralytics' letterbox neither resizes nor pads them. ``per_class``:
+        see `detect`.
         """
         if isinstance(self._model, ExportedDetector):
             return self._model.predict(
-                batch, conf=conf, iou=self.iou, max_det=self.max_det, agnostic=self.agnostic_nms
-            )
+                batch, conf=conf, iou=self.iou, max_det=self.max_det,
+                agnostic=self.agnostic_nms, per_class=per_class,
+            )  # fmt: skip
         height, width = batch[0].shape[:2]
         with keep_torch_threads():
             results = self._model.predict(
                 list(batch),  # a list of images (ultralytics reads one array as one image)
+                # Always named: ultralytics keeps the last predictor when none is given.
+                predictor=_predictor_class(per_class),
                 imgsz=[height, width],
                 conf=conf,
                 iou=self.iou,
@@ -522,6 +541,33 @@ class CellDetector:
             return math.exp(log_m + gap)
         final = estimate(crossing)
         return final if final is not None else crossing
+
+
+@functools.cache  # one class each: ultralytics rebuilds its predictor when the class changes
+def _predictor_class(per_class: bool) -> type:
+    """Ultralytics' detection predictor, or one with its validator's NMS (``per_class``).
+
+    The validator's NMS (``multi_label=True``, class-aware) makes every class
+    a box scores above ``conf`` a candidate of its own; the predictor's keeps
+    one label per box. ``max_time_img`` is raised so a CPU never cuts the
+    many low-confidence candidates of an AP short.
+    """
+    from ultralytics.models.yolo.detect import DetectionPredictor
+
+    if not per_class:
+        return DetectionPredictor
+    from ultralytics.utils import nms
+
+    class PerClassPredictor(DetectionPredictor):  # type: ignore[misc]
+        def postprocess(self, preds: Any, img: Any, orig_imgs: Any, **kwargs: Any) -> Any:
+            kept = nms.non_max_suppression(
+                preds, self.args.conf, self.args.iou, multi_label=True, agnostic=False,
+                max_det=self.args.max_det, max_time_img=NMS_SECONDS_PER_IMAGE,
+                end2end=getattr(self.model, "end2end", False),
+            )  # fmt: skip
+            return self.construct_results(kept, img, orig_imgs)
+
+    return PerClassPredictor
 
 
 def keep_uncontained(

@@ -186,34 +186,49 @@ def exported_net(
 
 
 def yolo_nms(
-    pred: npt.NDArray[np.float32], *, conf: float, iou: float, max_det: int, agnostic: bool
+    pred: npt.NDArray[np.float32],
+    *,
+    conf: float,
+    iou: float,
+    max_det: int,
+    agnostic: bool,
+    per_class: bool = False,
 ) -> list[Detected]:
-    """Ultralytics' ``non_max_suppression`` (one label per box) on a YOLO head's output.
+    """Ultralytics' ``non_max_suppression`` on a YOLO head's output.
 
     ``pred`` is ``(N, 4 + classes, anchors)``: centre x, centre y, width,
     height in input pixels, then class scores. Per image: the best class of
-    each anchor, kept when its score is above ``conf``; the most confident
-    :data:`MAX_NMS`; greedy NMS by descending score, a box dropped when its
-    IoU with a kept one is above ``iou`` (across classes when ``agnostic``,
-    else classes are offset apart by :data:`MAX_WH`, as ultralytics does);
-    the first ``max_det``. Returns ``(xyxy, class ids, scores)`` per image,
-    most confident first.
+    each anchor (one label per box), kept when its score is above ``conf``;
+    the most confident :data:`MAX_NMS`; greedy NMS by descending score, a box
+    dropped when its IoU with a kept one is above ``iou`` (across classes
+    when ``agnostic``, else classes are offset apart by :data:`MAX_WH`, as
+    ultralytics does); the first ``max_det``. ``per_class``: every class an
+    anchor scores above ``conf`` is a candidate, suppressed only within its
+    class (ultralytics' validation, ``multi_label=True``, what AP is measured
+    on; ``agnostic`` is then ignored). Returns ``(xyxy, class ids, scores)``
+    per image, most confident first.
     """
     out: list[Detected] = []
     for p in pred:
         scores_all = p[4:].T  # (anchors, classes)
-        cls = scores_all.argmax(1)
-        score = scores_all[np.arange(len(cls)), cls]
-        keep = np.flatnonzero(score > conf)
-        if len(keep) > MAX_NMS:
-            keep = keep[np.argsort(-score[keep], kind="stable")[:MAX_NMS]]
-        xywh = p[:4, keep].T
+        if per_class:
+            anchor, cls = np.nonzero(scores_all > conf)
+            score = scores_all[anchor, cls]
+        else:
+            cls = scores_all.argmax(1)
+            score = scores_all[np.arange(len(cls)), cls]
+            anchor = np.flatnonzero(score > conf)
+            cls, score = cls[anchor], score[anchor]
+        if len(anchor) > MAX_NMS:
+            top = np.argsort(-score, kind="stable")[:MAX_NMS]
+            anchor, cls, score = anchor[top], cls[top], score[top]
+        xywh = p[:4, anchor].T
         xyxy = np.empty_like(xywh)
         half = xywh[:, 2:] / 2
         xyxy[:, :2] = xywh[:, :2] - half
         xyxy[:, 2:] = xywh[:, :2] + half
-        cls, score = cls[keep], score[keep]
-        kept = _greedy_nms(xyxy, score, iou, None if agnostic else cls)[:max_det]
+        kept = _greedy_nms(xyxy, score, iou, None if agnostic and not per_class else cls)
+        kept = kept[:max_det]
         out.append((xyxy[kept], cls[kept].astype(np.int64), score[kept]))
     return out
 
@@ -344,10 +359,12 @@ class ExportedDetector:
         iou: float,
         max_det: int,
         agnostic: bool,
+        per_class: bool = False,
     ) -> list[Detected]:
         """Boxes on same-shape RGB images (sides multiples of the stride), in their pixels.
 
-        ``images`` may be one ``(N, H, W, 3)`` uint8 array (not copied for OpenVINO).
+        ``images`` may be one ``(N, H, W, 3)`` uint8 array (not copied for
+        OpenVINO). ``per_class``: see `yolo_nms`.
         """
         height, width = images[0].shape[:2]
         if isinstance(self.net, OpenVinoNet):  # makes its float input itself
@@ -360,8 +377,9 @@ class ExportedDetector:
             np.divide(x, np.float32(255), out=x)  # as ultralytics does: / 255, not * (1 / 255)
         out = []
         for xyxy, cls, score in yolo_nms(
-            self.net(x), conf=conf, iou=iou, max_det=max_det, agnostic=agnostic
-        ):
+            self.net(x), conf=conf, iou=iou, max_det=max_det, agnostic=agnostic,
+            per_class=per_class,
+        ):  # fmt: skip
             xyxy[:, [0, 2]] = xyxy[:, [0, 2]].clip(0, width)
             xyxy[:, [1, 3]] = xyxy[:, [1, 3]].clip(0, height)
             out.append((xyxy, cls, score))
