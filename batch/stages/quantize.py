@@ -14,7 +14,9 @@ not stored. The quantization itself follows ultralytics' own INT8 OpenVINO
 export: the MIXED preset (symmetric weights, asymmetric activations) with the
 detection head (its sigmoid and distribution-focal-loss decoding, whose
 outputs are box coordinates and confidences) left in floating point, since
-quantizing it costs box accuracy for little speed.
+quantizing it costs box accuracy for little speed. One departure: activation
+ranges span every calibration tile (``ACTIVATION_RANGES``), since the tiles
+are synthetic and real stains drive some activations further.
 """
 
 from __future__ import annotations
@@ -61,12 +63,18 @@ def _calibration(default: tuple[int, int]) -> tuple[int, int]:
 #: and ultralytics recommend for INT8 calibration (unless CALIBRATION_ENV says otherwise).
 CALIBRATION_SLIDES, CALIBRATION_SIDE = _calibration((5, 5120))
 CALIBRATION_SEED = 8
+#: Activation ranges: the min and max over every calibration tile (NNCF's ``MINMAX``), not its
+#: default mean of each tile's (``MEAN_MINMAX``), which clips activations stronger than the
+#: synthetic tiles' average: real stains. `hemaray eval detector --runtime openvino-int8` on BCCD
+#: val, map50 / WBC AP50: 0.855 / 0.971 with the mean, 0.864 / 0.991 with the whole range
+#: (PyTorch 0.865 / 0.990); TXL-PBC val 0.947 either way (PyTorch 0.948).
+ACTIVATION_RANGES = "minmax"
 
 
 def quantize_settings() -> dict[str, object]:
     """What changes the quantized model (part of its export cache key)."""
     return {
-        "preset": "mixed", "keep_head_fp32": True,
+        "preset": "mixed", "keep_head_fp32": True, "activations": ACTIVATION_RANGES,
         "calibration": [CALIBRATION_SLIDES, CALIBRATION_SIDE, CALIBRATION_SEED],
     }  # fmt: skip
 
@@ -113,6 +121,7 @@ def quantize_openvino(
     """
     import nncf
     import openvino as ov
+    from nncf.quantization.range_estimator import RangeEstimatorParametersSet
 
     from batch.models import logs_to_stderr
 
@@ -138,6 +147,11 @@ def quantize_openvino(
             calibration_dataset=nncf.Dataset(_Tiles(), _to_input),
             preset=nncf.QuantizationPreset.MIXED,
             subset_size=n_tiles,
+            advanced_parameters=nncf.AdvancedQuantizationParameters(
+                activations_range_estimator_params=getattr(
+                    RangeEstimatorParametersSet, ACTIVATION_RANGES.upper()
+                )
+            ),
             ignored_scope=nncf.IgnoredScope(names=ignored) if ignored else None,
         )
     out_folder.mkdir(parents=True, exist_ok=True)
